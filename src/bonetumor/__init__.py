@@ -1,0 +1,29 @@
+"""bonetumor: train, evaluate and explain CNN classifiers of bone-tumour images.
+
+Python API (the CLI is a thin layer over these)::
+
+    from bonetumor import TrainConfig, fit, evaluate, predict, load_checkpoint
+    result = fit(TrainConfig(data="data/", weights="none", epochs=5), out="runs/r1")
+    metrics = evaluate(result.run_dir / "best.pt", "data/", out="runs/r1/eval")
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("bonetumor")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+from bonetumor.checkpoint import load_checkpoint
+from bonetumor.config import TrainConfig, load_config
+from bonetumor.data.synth import create_synthetic_dataset
+from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.evaluate import compute_metrics, evaluate
+from bonetumor.models import create_model
+from bonetumor.predict import predict
+from bonetumor.train import fit
+
+__all__ = [
+    "BadImageError", "BonetumorError", "TrainConfig", "compute_metrics", "create_model",
+    "create_synthetic_dataset", "evaluate", "fit", "load_checkpoint", "load_config", "predict",
+]

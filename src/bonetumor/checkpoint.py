@@ -1,0 +1,113 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` (a file never runs code)."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
+from bonetumor.errors import BonetumorError
+from bonetumor.utils import atomic_path
+
+FORMAT = "bonetumor-checkpoint"
+FORMAT_VERSION = 1
+
+
+def is_bonetumor_checkpoint(obj: Any) -> bool:
+    """True for a dict written by ``save_checkpoint``."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load`` with weights_only=True on CPU, with one-line errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise BonetumorError(f"{p}: file not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise BonetumorError(f"{p}: refused to load: holds objects other than tensors and plain data ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise BonetumorError(f"{p}: not a readable PyTorch file ({str(e).splitlines()[0][:160]})") from None
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
+                    optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
+                    epoch: int = 0, threshold: float = 0.5, extra: dict | None = None) -> None:
+    """Write everything needed to predict, evaluate or resume, atomically.
+
+    Holds: model weights, optimizer state, epoch, config, class names, image size,
+    normalisation and the decision threshold (plus ``extra``: history, early-stopping state).
+    """
+    from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler_state,
+        "epoch": int(epoch),
+        "config": config_to_dict(cfg),
+        "classes": list(classes),
+        "backbone": cfg.backbone,
+        "image_size": int(cfg.image_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "threshold": float(threshold),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for inference plus what the checkpoint says about it."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    threshold: float
+    epoch: int
+    raw: dict
+
+    @property
+    def positive_class(self) -> str:
+        """The class whose probability a binary model outputs."""
+        return self.classes[-1]
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Load a bonetumor checkpoint and rebuild its model (eval mode) on ``device``.
+
+    Raises:
+        BonetumorError: missing, foreign, tampered or incompatible file.
+    """
+    from bonetumor.models import create_model
+
+    obj = read_torch_file(path)
+    if not is_bonetumor_checkpoint(obj):
+        raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise BonetumorError(f"{path}: written by a newer bonetumor (format {obj['format_version']}); upgrade")
+    try:
+        cfg = config_from_dict(obj["config"])
+        classes = list(obj["classes"])
+        n_out = 1 if len(classes) == 2 else len(classes)
+        model = create_model(cfg.backbone, "none", "backbone", (), n_out, cfg.hidden, cfg.dropout)
+        model.load_state_dict(obj["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({str(e).splitlines()[0][:160]})") from None
+    model.to(device).eval()
+    norm = obj.get("normalization", {})
+    return LoadedCheckpoint(model, cfg, classes, int(obj["image_size"]), tuple(norm.get("mean", ())),
+                            tuple(norm.get("std", ())), float(obj.get("threshold", 0.5)), int(obj.get("epoch", 0)), obj)

@@ -1,0 +1,201 @@
+"""Command line: one thin function per command over the Python API.
+
+A BonetumorError becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bonetumor.errors import BonetumorError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Train, evaluate and explain CNN classifiers of bone-tumour images.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Turn user-fixable errors into one line and exit code 2."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BonetumorError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@app.command()
+@_friendly
+def synth(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
+    n_patients: int = typer.Option(100, help="Synthetic patients (half with cancer)."),
+    size: int = typer.Option(128, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Same seed, same bytes."),
+    modality: str = typer.Option("mri", help="mri (axial limb slices) or xray (long-bone projections)."),
+    slices: int = typer.Option(4, help="Images per patient."),
+    bit_depth: int = typer.Option(8, help="PNG bit depth: 8 or 16."),
+):
+    """Write a synthetic data set with tumour masks: OUT/{train,valid,test}/{cancer,normal}/ + manifest.csv."""
+    from bonetumor.data.synth import create_synthetic_dataset
+
+    r = create_synthetic_dataset(out_dir, n_patients, size, seed, modality, slices, bit_depth)
+    out.print(f"wrote {r.n_images} images of {r.n_patients} patients to {r.root} (manifest: {r.manifest})")
+
+
+@app.command()
+@_friendly
+def train(
+    data: Optional[str] = typer.Argument(None, help="Data folder (any supported layout)."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder to create."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of options (flags override it)."),
+    manifest: Optional[str] = typer.Option(None, help="CSV with path,label[,patient_id][,split]."),
+    train_dir: Optional[str] = typer.Option(None, help="Training folder of <class>/ subfolders."),
+    val_dir: Optional[str] = typer.Option(None, help="Validation folder of <class>/ subfolders."),
+    test_dir: Optional[str] = typer.Option(None, help="Test folder of <class>/ subfolders."),
+    positive_class: Optional[str] = typer.Option(None, help="Positive class when none is named 'cancer'."),
+    epochs: Optional[int] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
+    weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights/checkpoint file."),
+    backbone: Optional[str] = typer.Option(None, help="resnet50, densenet121 or efficientnet_b0."),
+    freeze: Optional[str] = typer.Option(None, help="backbone (train the head only) or none."),
+    unfreeze: Optional[str] = typer.Option(None, help="Blocks to fine-tune, e.g. layer4,layer3."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced"),
+    skip_bad_files: Optional[bool] = typer.Option(None, "--skip-bad-files/--no-skip-bad-files"),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
+):
+    """Train a classifier; writes best.pt, last.pt, history.csv, curves.png and the run record."""
+    from bonetumor.config import load_config
+    from bonetumor.train import fit
+
+    overrides = {k: v for k, v in dict(
+        data=data, manifest=manifest, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir,
+        positive_class=positive_class, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+        seed=seed, device=device, workers=workers, weights=weights, backbone=backbone, freeze=freeze,
+        unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
+        patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files).items()}
+    cfg = load_config(config, overrides)
+    res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)
+    out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
+
+
+def _print_metrics(m: dict) -> None:
+    t = Table(title=f"{m.get('split', '')} metrics (n={m['n']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1", "threshold"):
+        if k in m:
+            t.add_row(k, f"{m[k]:.4f}")
+    out.print(t)
+
+
+@app.command()
+@_friendly
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
+    data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for metrics and figures."),
+    split: str = typer.Option("test", help="train, valid or test."),
+    manifest: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto"),
+    batch_size: Optional[int] = typer.Option(None),
+    workers: int = typer.Option(0),
+    skip_bad_files: bool = typer.Option(False),
+    overwrite: bool = typer.Option(False),
+):
+    """Metrics (JSON), classification report, ROC and confusion-matrix plots, per-image predictions."""
+    from bonetumor.evaluate import evaluate as run_eval
+
+    if data is None and manifest is None:
+        raise BonetumorError("no data given: pass DATA or --manifest")
+    m = run_eval(checkpoint, data, out_dir, split, manifest=manifest, device=device, batch_size=batch_size,
+                 workers=workers, overwrite=overwrite, skip_bad_files=skip_bad_files)
+    _print_metrics(m)
+    out.print(m["classification_report"])
+    out.print(f"results in {out_dir}")
+
+
+@app.command()
+@_friendly
+def predict(
+    checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
+    files: List[str] = typer.Argument(..., help="Image files or folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(16),
+):
+    """Probability of cancer (the positive class) and the label for each file."""
+    from bonetumor.predict import predict as run_predict
+
+    results = run_predict(checkpoint, files, device=device, batch_size=batch_size)
+    if as_json:
+        for r in results:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    t = Table()
+    t.add_column("file")
+    t.add_column("probability", justify="right")
+    t.add_column("label")
+    for r in results:
+        p = r.get("probability")
+        t.add_row(r["path"], f"{p:.4f}" if p is not None else json.dumps(r["probabilities"]), r["label"])
+    out.print(t)
+
+
+@app.command()
+@_friendly
+def demo(
+    out_dir: Path = typer.Option(Path("demo_output"), "--out", help="Folder for data, run and evaluation."),
+    overwrite: bool = typer.Option(False),
+    device: str = typer.Option("auto"),
+    epochs: Optional[int] = typer.Option(None, help="Override the demo's epochs."),
+):
+    """Synthetic data → train ResNet50 from scratch → evaluate on the test split."""
+    from bonetumor.demo import run_demo
+
+    r = run_demo(out_dir, overwrite=overwrite, device=device, epochs=epochs)
+    _print_metrics(r.metrics)
+    out.print(f"demo finished in {r.seconds:.0f} s")
+    out.print(f"  training curves:  {r.run_dir / 'curves.png'}")
+    out.print(f"  ROC curve:        {r.eval_dir / 'roc.png'}")
+    out.print(f"  confusion matrix: {r.eval_dir / 'confusion_matrix.png'}")
+    out.print(f"  metrics:          {r.eval_dir / 'metrics.json'}")
+    out.print(f"  checkpoint:       {r.run_dir / 'best.pt'}")
+
+
+@app.command("fetch-weights")
+@_friendly
+def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, densenet121 or efficientnet_b0.")):
+    """Download ImageNet weights into torch's cache (run on a connected machine)."""
+    from bonetumor.models import fetch_imagenet_weights
+
+    out.print(f"ImageNet weights for {backbone}: {fetch_imagenet_weights(backbone)}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Run configuration: defaults < YAML file < command-line flags, saved in every run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bonetumor.errors import BonetumorError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Saved as ``config.yaml`` in the run folder."""
+
+    # Data
+    data: str | None = None
+    manifest: str | None = None
+    train_dir: str | None = None
+    val_dir: str | None = None
+    test_dir: str | None = None
+    positive_class: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    skip_bad_files: bool = False
+    # Preprocessing and augmentation (the original: flip, zoom 0.9-1.1, rotate)
+    image_size: int = 224
+    hflip: bool = True
+    rotate_degrees: float = 15.0
+    zoom_min: float = 0.9
+    zoom_max: float = 1.1
+    # Model
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    freeze: str = "backbone"
+    unfreeze: list[str] = field(default_factory=list)
+    dropout: float = 0.5
+    hidden: int = 256
+    # Optimisation (the original: Adam, binary cross-entropy, early stopping patience 5)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    class_balanced: bool = False
+    patience: int = 5
+    # Runtime
+    seed: int = 42
+    device: str = "auto"
+    workers: int = 0
+    amp: bool = True
+
+    def validate(self) -> None:
+        """Raise BonetumorError on values that cannot work, naming the option."""
+        if self.data is None and self.manifest is None and self.train_dir is None:
+            raise BonetumorError("no data given: pass DATA, --manifest or --train-dir")
+        checks = [
+            (self.image_size >= 32, f"--image-size must be at least 32, not {self.image_size}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
+            (self.lr > 0, f"--lr must be positive, not {self.lr}"),
+            (self.patience >= 1, f"--patience must be at least 1, not {self.patience}"),
+            (self.workers >= 0, f"--workers must be 0 or more, not {self.workers}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), not {self.val_fraction}"),
+            (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), not {self.test_fraction}"),
+            (self.zoom_min <= self.zoom_max, "zoom_min must not exceed zoom_max"),
+            (self.freeze in ("backbone", "none"), f"--freeze must be 'backbone' or 'none', not {self.freeze!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise BonetumorError(msg)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML value to the field's type, so a typo fails here and not mid-run."""
+    t = str(typ)
+    try:
+        if value is None:
+            return None
+        if t.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if "bool" in t:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if "int" in t and "float" not in t:
+            return int(value)
+        if "float" in t:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise BonetumorError(f"config: {name} = {value!r} is not a valid {t}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Build a TrainConfig: defaults, then the YAML file at ``path``, then non-None ``overrides``."""
+    known = {f.name: f.type for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise BonetumorError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise BonetumorError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise BonetumorError(f"{p}: expected a mapping of option: value")
+        for k, v in raw.items():
+            key = str(k).replace("-", "_")
+            if key not in known:
+                raise BonetumorError(f"{p}: unknown option {k!r}")
+            values[key] = _coerce(key, v, known[key])
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            if k not in known:
+                raise BonetumorError(f"unknown option {k!r}")
+            values[k] = v
+    return dataclasses.replace(TrainConfig(), **values)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain dict (YAML/JSON and torch weights_only safe)."""
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Inverse of config_to_dict; ignores keys a newer version may have added."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from bonetumor.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

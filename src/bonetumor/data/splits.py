@@ -1,0 +1,75 @@
+"""Stratified, patient-grouped splits (scikit-learn's StratifiedGroupKFold does the work)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from bonetumor.data.datasets import Sample, with_splits
+from bonetumor.errors import BonetumorError
+
+
+def _groups(samples: Sequence[Sample]) -> np.ndarray:
+    # Without patient ids every image is its own group (an image-level split, said so in the record).
+    return np.array([s.patient_id or f"__image_{i}" for i, s in enumerate(samples)])
+
+
+def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a held-out part of about ``fraction``, stratified by label, grouped by patient."""
+    labels = np.array([s.label for s in samples])
+    groups = _groups(samples)
+    n_groups = len(set(groups))
+    k = int(round(1.0 / fraction))
+    k = max(2, min(k, n_groups))
+    # Each class must have at least k groups for stratification; fewer means too little data.
+    for c in set(labels):
+        if len(set(groups[labels == c])) < 2:
+            raise BonetumorError(f"class {c!r} has too few images/patients to split (need at least 2)")
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    _, held = next(cv.split(np.zeros(len(samples)), labels, groups))
+    mask = np.zeros(len(samples), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def assign_splits(samples: Sequence[Sample], val_fraction: float, test_fraction: float, seed: int) -> list[Sample]:
+    """Give every sample a split. Existing splits are kept; a missing valid split is carved from
+    train, and samples with no split at all are divided into train/valid/test."""
+    samples = list(samples)
+    given = [s for s in samples if s.split]
+    free = [s for s in samples if not s.split]
+    out = list(given)
+    if free:
+        splits = np.array(["train"] * len(free), dtype=object)
+        rest = np.arange(len(free))
+        if test_fraction > 0:
+            m = hold_out(free, test_fraction, seed)
+            splits[m] = "test"
+            rest = np.nonzero(~m)[0]
+        sub = [free[i] for i in rest]
+        m = hold_out(sub, val_fraction / (1.0 - test_fraction), seed + 1)
+        splits[rest[m]] = "valid"
+        out += with_splits(free, list(splits))
+    if not any(s.split == "valid" for s in out):
+        train = [s for s in out if s.split == "train"]
+        if not train:
+            raise BonetumorError("no training images found")
+        m = hold_out(train, val_fraction, seed + 1)
+        others = [s for s in out if s.split != "train"]
+        out = others + with_splits(train, ["valid" if x else "train" for x in m])
+    if not any(s.split == "train" for s in out):
+        raise BonetumorError("no training images found")
+    _check_patients(out)
+    return out
+
+
+def _check_patients(samples: Sequence[Sample]) -> None:
+    """A patient in two splits leaks; refuse it."""
+    seen: dict[str, str] = {}
+    for s in samples:
+        if s.patient_id:
+            prev = seen.setdefault(s.patient_id, s.split)
+            if prev != s.split:
+                raise BonetumorError(f"patient {s.patient_id} appears in both {prev} and {s.split} splits")

@@ -1,0 +1,33 @@
+"""Preprocessing and augmentation with torchvision.transforms.v2.
+
+Input is a float tensor 3xHxW in [0, 1] (see ``load_tensor``). Resizing comes first so that the
+augmentation works on the small image, which is cheaper and gives the same result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def create_transforms(
+    train: bool,
+    size: int,
+    hflip: bool = True,
+    rotate_degrees: float = 15.0,
+    zoom: tuple[float, float] = (0.9, 1.1),
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """Train: resize + horizontal flip + rotation ±degrees + zoom; eval: resize only. Both normalise."""
+    ops: list = [v2.Resize((size, size), antialias=True)]
+    if train:
+        if hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        if rotate_degrees > 0 or zoom != (1.0, 1.0):
+            ops.append(v2.RandomAffine(degrees=rotate_degrees, scale=zoom))
+    ops += [v2.ToDtype(torch.float32), v2.Normalize(mean=list(mean), std=list(std))]
+    return v2.Compose(ops)

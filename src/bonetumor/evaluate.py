@@ -1,0 +1,153 @@
+"""Evaluation: predictions over a whole split, metrics (scikit-learn), figures and tables.
+
+The original computed its ROC curve from the first few batches only; here every image of the
+split is predicted once, in order, and every figure comes from those same predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+
+from bonetumor.errors import BonetumorError
+from bonetumor.utils import atomic_path, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Predictions:
+    """Model outputs over a loader: probs is P(positive) (N,) for binary, else (N, C)."""
+
+    probs: np.ndarray
+    targets: np.ndarray
+    indices: np.ndarray
+    loss: float = float("nan")
+
+    def accuracy(self, threshold: float = 0.5) -> float:
+        pred = (self.probs >= threshold).astype(int) if self.probs.ndim == 1 else self.probs.argmax(1)
+        return float((pred == self.targets).mean()) if len(pred) else float("nan")
+
+
+@torch.inference_mode()
+def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn=None, amp: bool = False) -> Predictions:
+    """Run ``model`` (eval mode) over every batch of ``loader``; mean loss if ``loss_fn`` is given."""
+    model.eval()
+    probs, targets, indices, total = [], [], [], 0.0
+    for x, y, idx in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+            logits = model(x).float()
+        if loss_fn is not None:
+            yt = y.to(device)
+            total += loss_fn(logits, yt.float().view_as(logits) if logits.shape[1] == 1 else yt).item() * len(y)
+        p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+        probs.append(p.cpu().numpy())
+        targets.append(y.numpy())
+        indices.append(np.asarray(idx))
+    n = sum(len(t) for t in targets)
+    cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
+    return Predictions(cat(probs), cat(targets).astype(int), cat(indices).astype(int), total / n if n else float("nan"))
+
+
+def binary_auc(targets: np.ndarray, probs: np.ndarray) -> float:
+    """ROC-AUC, or NaN when only one class is present (undefined, not an error)."""
+    if probs.ndim != 1 or len(np.unique(targets)) < 2:
+        return float("nan")
+    return float(skm.roc_auc_score(targets, probs))
+
+
+def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> dict:
+    """Accuracy, ROC-AUC, sensitivity, specificity, precision, F1 and the confusion matrix.
+
+    Binary: positive = ``classes[-1]``, predicted positive when P >= threshold.
+    """
+    targets = np.asarray(targets)
+    if probs.ndim == 1:
+        pred = (probs >= threshold).astype(int)
+        cm = skm.confusion_matrix(targets, pred, labels=[0, 1])
+        tn, fp, fn, tp = cm.ravel()
+        out = {
+            "n": int(len(targets)), "n_positive": int(tp + fn), "n_negative": int(tn + fp),
+            "positive_class": classes[-1], "threshold": float(threshold),
+            "accuracy": float(skm.accuracy_score(targets, pred)),
+            "roc_auc": binary_auc(targets, probs),
+            "sensitivity": float(skm.recall_score(targets, pred, zero_division=0)),
+            "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+            "precision": float(skm.precision_score(targets, pred, zero_division=0)),
+            "f1": float(skm.f1_score(targets, pred, zero_division=0)),
+        }
+    else:
+        pred = probs.argmax(1)
+        cm = skm.confusion_matrix(targets, pred, labels=list(range(len(classes))))
+        out = {
+            "n": int(len(targets)), "accuracy": float(skm.accuracy_score(targets, pred)),
+            "roc_auc": float(skm.roc_auc_score(targets, probs, multi_class="ovr", labels=list(range(len(classes)))))
+            if len(np.unique(targets)) == len(classes) else float("nan"),
+            "f1": float(skm.f1_score(targets, pred, average="macro", zero_division=0)),
+        }
+    out["confusion_matrix"] = {"labels": list(classes), "matrix": cm.tolist()}
+    out["classification_report"] = skm.classification_report(
+        targets, pred, labels=list(range(len(classes))), target_names=list(classes), zero_division=0, digits=4)
+    return out
+
+
+def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
+             manifest: str | None = None, device: str = "auto", batch_size: int | None = None,
+             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, verbose: bool = True) -> dict:
+    """Evaluate a checkpoint on one split of a data set and write the results to ``out``.
+
+    Writes metrics.json, classification_report.txt, predictions.csv, roc.png and
+    confusion_matrix.png. The split is rebuilt exactly as in training (same seed and fractions).
+
+    Returns:
+        The metrics dict (also in metrics.json).
+    """
+    from bonetumor.checkpoint import load_checkpoint
+    from bonetumor.data.datasets import ImageDataset, check_files, discover
+    from bonetumor.data.splits import assign_splits
+    from bonetumor.data.transforms import create_transforms
+    from bonetumor.plots import plot_confusion, plot_roc
+    from bonetumor.utils import prepare_out_dir, select_device
+
+    split = {"val": "valid", "validation": "valid"}.get(split, split)
+    if split not in ("train", "valid", "test"):
+        raise BonetumorError(f"--split must be train, valid or test, not {split!r}")
+    dev = select_device(device)
+    ck = load_checkpoint(checkpoint, dev)
+    cfg = ck.config
+    outdir = prepare_out_dir(out, overwrite=overwrite)
+    index = discover(data, manifest, None, None, None, classes=ck.classes)
+    samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    samples = [s for s in samples if s.split == split]
+    if not samples:
+        raise BonetumorError(f"{data or manifest}: no images in the {split} split")
+    samples, skipped = check_files(samples, skip_bad_files)
+    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, ck.classes, tf), batch_size=batch_size or cfg.batch_size,
+                                         shuffle=False, num_workers=workers)
+    preds = predict_loader(ck.model, loader, dev)
+    m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold)
+    m.update({"split": split, "checkpoint": str(checkpoint), "skipped_files": len(skipped)})
+    report = m.pop("classification_report")
+    atomic_write_json(outdir / "metrics.json", m)
+    atomic_write_text(outdir / "classification_report.txt", report)
+    with atomic_path(outdir / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        if preds.probs.ndim == 1:
+            w.writerow(["path", "label", "probability", "prediction"])
+            for i, p in zip(preds.indices, preds.probs):
+                w.writerow([samples[i].path, samples[i].label, f"{p:.6f}", ck.classes[int(p >= ck.threshold)]])
+        else:
+            w.writerow(["path", "label", *[f"p_{c}" for c in ck.classes], "prediction"])
+            for i, p in zip(preds.indices, preds.probs):
+                w.writerow([samples[i].path, samples[i].label, *[f"{v:.6f}" for v in p], ck.classes[int(p.argmax())]])
+    if preds.probs.ndim == 1:
+        plot_roc(preds.targets, preds.probs, outdir / "roc.png", title=f"ROC ({split}, n={m['n']})")
+    plot_confusion(np.array(m["confusion_matrix"]["matrix"]), ck.classes, outdir / "confusion_matrix.png")
+    m["classification_report"] = report
+    return m

@@ -1,0 +1,230 @@
+"""Training: ``fit(cfg, out)`` runs the whole loop the original did, with its bugs fixed.
+
+Adam, (binary) cross-entropy on logits, early stopping on validation loss with the best weights
+restored, ``best.pt`` and ``last.pt`` written atomically every epoch, and ``--resume``. Each epoch
+reseeds the shuffling, augmentation and dropout from (seed, epoch), so a resumed run repeats
+the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import track
+from torch import nn
+
+from bonetumor.checkpoint import read_torch_file, save_checkpoint
+from bonetumor.config import TrainConfig, config_from_dict, save_config
+from bonetumor.data.datasets import DatasetIndex, ImageDataset, check_files, discover, fingerprint
+from bonetumor.data.splits import assign_splits
+from bonetumor.data.transforms import create_transforms
+from bonetumor.errors import BonetumorError
+from bonetumor.evaluate import binary_auc, predict_loader
+from bonetumor.models import count_parameters, create_model
+from bonetumor.utils import atomic_write_json, environment_info, prepare_out_dir, seed_everything, select_device
+
+console = Console(stderr=True)
+HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
+
+
+@dataclass
+class FitResult:
+    """What a finished run left behind."""
+
+    run_dir: Path
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> tuple[DatasetIndex, list[tuple[str, str]]]:
+    """Discover samples, give each a split, and decode every file once to catch bad ones early."""
+    index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes)
+    index.samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2)
+    for split in ("train", "valid"):
+        labels = {s.label for s in index.split(split)}
+        if len(labels) < 2:
+            raise BonetumorError(f"the {split} split holds only {sorted(labels) or 'no'} images; it needs every class")
+    return index, skipped
+
+
+def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool, device: torch.device,
+                  generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader for one split with the train or eval transforms of ``cfg``."""
+    tf = create_transforms(train, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max))
+    ds = ImageDataset(index.split(split), index.classes, tf)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=train, drop_last=False, num_workers=cfg.workers,
+        generator=generator, pin_memory=device.type == "cuda",
+    )
+
+
+def create_loss(index: DatasetIndex, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """BCEWithLogits for two classes, cross-entropy otherwise; optionally class-balanced."""
+    counts = np.array([sum(s.label == c for s in index.split("train")) for c in index.classes], dtype=float)
+    if len(index.classes) == 2:
+        pw = torch.tensor([counts[0] / counts[1]], device=device) if cfg.class_balanced else None
+        return nn.BCEWithLogitsLoss(pos_weight=pw)
+    w = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device) if cfg.class_balanced else None
+    return nn.CrossEntropyLoss(weight=w)
+
+
+def _loss_target(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y.float().view_as(logits) if logits.shape[1] == 1 else y
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, device, scaler=None, verbose=True, desc="train") -> tuple[float, float]:
+    """One pass over ``loader``; returns (mean loss, accuracy)."""
+    model.train()
+    total, n, correct = 0.0, 0, 0
+    use_amp = scaler is not None
+    for x, y, _ in track(loader, description=desc, transient=True, disable=not verbose, console=console):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), _loss_target(logits, y))
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise BonetumorError("training loss became NaN/inf; lower --lr")
+        total += loss.item() * len(y)
+        n += len(y)
+        pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+        correct += (pred == y).sum().item()
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    from bonetumor.utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        w.writeheader()
+        w.writerows(history)
+
+
+def _write_run_record(run: Path, cfg: TrainConfig, index: DatasetIndex, skipped, device) -> None:
+    save_config(cfg, run / "config.yaml")
+    atomic_write_json(run / "environment.json", environment_info(device))
+    atomic_write_json(run / "data.json", {
+        "layout": index.layout, "root": index.root, "classes": index.classes,
+        "positive_class": index.classes[-1] if len(index.classes) == 2 else None,
+        "split_level": "patient" if index.patient_level else "image",
+        "counts": index.counts(), "fingerprint": fingerprint(index.samples, index.root),
+        "skipped_files": len(skipped), "ignored_non_image_files": len(index.ignored_files),
+    })
+    from bonetumor.utils import atomic_path
+
+    with atomic_path(run / "splits.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient_id", "split"])
+        w.writerows([s.path, s.label, s.patient_id or "", s.split] for s in index.samples)
+    if skipped:
+        with atomic_path(run / "skipped_files.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "problem"])
+            w.writerows(skipped)
+
+
+def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool = False, verbose: bool = True) -> FitResult:
+    """Train a model as ``cfg`` says and write the run folder ``out``.
+
+    Raises:
+        BonetumorError: bad data, options or run folder (a one-line message).
+    """
+    run = Path(out)
+    state = None
+    if resume:
+        if not (run / "last.pt").is_file():
+            raise BonetumorError(f"{run}/last.pt not found: nothing to resume")
+        state = read_torch_file(run / "last.pt")
+        saved = config_from_dict(state["config"])
+        saved.epochs, saved.device, saved.workers = cfg.epochs, cfg.device, cfg.workers
+        cfg = saved
+    cfg.validate()
+    device = select_device(cfg.device)
+    run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
+    seed_everything(cfg.seed)
+    index, skipped = prepare_data(cfg, state["classes"] if state else None)
+    if skipped and verbose:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / 'skipped_files.csv'}")
+    n_out = 1 if len(index.classes) == 2 else len(index.classes)
+    model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout)
+    model.to(device).to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    loss_fn = create_loss(index, cfg, device)
+    history: list[dict] = []
+    best_loss, best_epoch, bad_epochs, start = math.inf, 0, 0, 1
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ex = state["extra"]
+        history, best_loss, best_epoch, bad_epochs = ex["history"], ex["best_val_loss"], ex["best_epoch"], ex["bad_epochs"]
+        start = state["epoch"] + 1
+    _write_run_record(run, cfg, index, skipped, device)
+    if verbose:
+        tr, tot = count_parameters(model)
+        console.print(f"data: {index.layout} layout, classes {index.classes}, counts {index.counts()}, "
+                      f"{'patient' if index.patient_level else 'image'}-level splits")
+        console.print(f"model: {cfg.backbone} ({cfg.weights} weights), {tr:,} of {tot:,} parameters trainable; device {device}")
+    gen = torch.Generator()
+    train_loader = create_loader(index, "train", cfg, True, device, gen)
+    val_loader = create_loader(index, "valid", cfg, False, device)
+    stopped = bad_epochs >= cfg.patience
+    for epoch in range(start, cfg.epochs + 1):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        # Reseed per epoch so that a resumed run draws exactly what an uninterrupted one would.
+        gen.manual_seed(cfg.seed * 100003 + epoch)
+        torch.manual_seed(cfg.seed * 100003 + epoch)
+        tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, loss_fn, device, scaler, verbose, f"epoch {epoch}/{cfg.epochs}")
+        val = predict_loader(model, val_loader, device, loss_fn=loss_fn, amp=scaler is not None)
+        row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
+               "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
+               "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if n_out == 1 else "",
+               "lr": cfg.lr, "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(row)
+        improved = val.loss < best_loss - 1e-7
+        if improved:
+            best_loss, best_epoch, bad_epochs = val.loss, epoch, 0
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= cfg.patience
+        extra = {"history": history, "best_val_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs}
+        if improved:
+            save_checkpoint(run / "best.pt", model, cfg, index.classes, epoch=epoch, extra=extra)
+        save_checkpoint(run / "last.pt", model, cfg, index.classes, optimizer=optimizer,
+                        scaler_state=scaler.state_dict() if scaler else None, epoch=epoch, extra=extra)
+        _write_history(run / "history.csv", history)
+        if verbose:
+            console.print(f"epoch {epoch:3d}  loss {tr_loss:.4f}  acc {tr_acc:.3f}  val_loss {val.loss:.4f}  "
+                          f"val_acc {row['val_accuracy']:.3f}  val_auc {row['val_roc_auc'] or '-'}  "
+                          f"{row['seconds']:.1f}s{'  *' if improved else ''}")
+    if verbose and stopped:
+        console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {best_epoch}")
+    from bonetumor.plots import plot_curves
+
+    plot_curves(history, run / "curves.png")
+    return FitResult(run, best_epoch, best_loss, history, stopped)

@@ -1,0 +1,120 @@
+"""Small shared helpers: atomic writes, run folders, device choice, seeding, versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from bonetumor.errors import BonetumorError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
+
+    A crash, kill or full disk mid-write leaves the old file (or none), never a half-written one.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON to ``path`` atomically (indented, keys in insertion order)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create an output folder; refuse a non-empty one unless ``overwrite`` (or ``resume``).
+
+    Raises:
+        BonetumorError: the folder exists with files and neither flag is given, or is unwritable.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BonetumorError(f"{p} exists and is not a folder")
+    if p.exists() and any(p.iterdir()) and not resume:
+        if not overwrite:
+            raise BonetumorError(f"{p} already exists; pass --overwrite to replace it or --resume to continue")
+        shutil.rmtree(p)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise BonetumorError(f"{p}: cannot write to output folder ({e.strerror})") from None
+    return p
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Pick cuda > mps > cpu for ``auto``; check that an explicit choice exists."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BonetumorError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BonetumorError("--device cuda asked for, but no CUDA GPU is available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise BonetumorError("--device mps asked for, but MPS is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def environment_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Versions of Python, the key packages and the device, for the run record."""
+    pkgs = {}
+    for name in ("bonetumor", "torch", "torchvision", "numpy", "scikit-learn", "pillow", "matplotlib"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pkgs[name] = None
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": pkgs,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+    return info
