@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,11 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise BonetumorError(f"{p}: refused to load: holds objects other than tensors and plain data ({first[:160]})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise BonetumorError(f"{p}: refused to load: it holds code or objects, not only tensors "
+                                 f"({found.group(1)}); only load checkpoints you trust") from None
+        raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise BonetumorError(f"{p}: not a readable PyTorch file ({str(e).splitlines()[0][:160]})") from None
 

@@ -13,9 +13,9 @@ from bonetumor.train import fit
 from bonetumor.utils import prepare_out_dir
 
 # Small enough for 2 CPU cores in a few minutes, large enough for the model to learn.
-DEMO_DATA = {"n_patients": 160, "size": 96, "seed": 0, "modality": "mri", "slices_per_patient": 4}
-DEMO_TRAIN = {"image_size": 96, "epochs": 12, "batch_size": 32, "lr": 1e-3, "weights": "none", "freeze": "none",
-              "patience": 5, "seed": 0}
+DEMO_DATA = {"n_patients": 160, "size": 64, "seed": 0, "modality": "mri", "slices_per_patient": 4}
+DEMO_TRAIN = {"image_size": 64, "epochs": 25, "batch_size": 32, "lr": 1e-3, "weights": "none", "freeze": "none",
+              "patience": 8, "seed": 0}
 
 
 @dataclass

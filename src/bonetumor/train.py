@@ -31,7 +31,7 @@ from bonetumor.evaluate import binary_auc, predict_loader
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import atomic_write_json, environment_info, prepare_out_dir, seed_everything, select_device
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True, highlight=False)
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
 
 
@@ -46,16 +46,21 @@ class FitResult:
     stopped_early: bool = False
 
 
-def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> tuple[DatasetIndex, list[tuple[str, str]]]:
-    """Discover samples, give each a split, and decode every file once to catch bad ones early."""
+def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetIndex:
+    """Discover samples and give each a split (files are not decoded yet)."""
     index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes)
     index.samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return index
+
+
+def check_data(index: DatasetIndex, cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Decode every file once to catch bad ones before training; returns the skipped ones."""
     index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2)
     for split in ("train", "valid"):
         labels = {s.label for s in index.split(split)}
         if len(labels) < 2:
             raise BonetumorError(f"the {split} split holds only {sorted(labels) or 'no'} images; it needs every class")
-    return index, skipped
+    return skipped
 
 
 def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool, device: torch.device,
@@ -88,7 +93,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, scaler=None, verb
     model.train()
     total, n, correct = 0.0, 0, 0
     use_amp = scaler is not None
-    for x, y, _ in track(loader, description=desc, transient=True, disable=not verbose, console=console):
+    for x, y, _ in track(loader, description=desc, transient=True, disable=not (verbose and console.is_terminal), console=console):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -109,6 +114,10 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, scaler=None, verb
         pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
         correct += (pred == y).sum().item()
     return total / max(n, 1), correct / max(n, 1)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "-"
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -160,13 +169,18 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         cfg = saved
     cfg.validate()
     device = select_device(cfg.device)
-    run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
+    if run.exists() and not run.is_dir() or (run.is_dir() and any(run.iterdir()) and not (overwrite or resume)):
+        raise BonetumorError(f"{run} already exists; pass --overwrite to replace it or --resume to continue")
     seed_everything(cfg.seed)
-    index, skipped = prepare_data(cfg, state["classes"] if state else None)
+    index = prepare_data(cfg, state["classes"] if state else None)
+    n_out = 1 if len(index.classes) == 2 else len(index.classes)
+    # The model (and its weights) come before the file scan, so a weights problem shows at once.
+    model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout)
+    # Only now, with data and weights known to be usable, is an old run folder replaced.
+    run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
+    skipped = check_data(index, cfg)
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / 'skipped_files.csv'}")
-    n_out = 1 if len(index.classes) == 2 else len(index.classes)
-    model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout)
     model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -220,7 +234,7 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         _write_history(run / "history.csv", history)
         if verbose:
             console.print(f"epoch {epoch:3d}  loss {tr_loss:.4f}  acc {tr_acc:.3f}  val_loss {val.loss:.4f}  "
-                          f"val_acc {row['val_accuracy']:.3f}  val_auc {row['val_roc_auc'] or '-'}  "
+                          f"val_acc {row['val_accuracy']:.3f}  val_auc {_fmt(row['val_roc_auc'])}  "
                           f"{row['seconds']:.1f}s{'  *' if improved else ''}")
     if verbose and stopped:
         console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {best_epoch}")

@@ -20,13 +20,12 @@ def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> np.ndarra
     """Boolean mask of a held-out part of about ``fraction``, stratified by label, grouped by patient."""
     labels = np.array([s.label for s in samples])
     groups = _groups(samples)
-    n_groups = len(set(groups))
-    k = int(round(1.0 / fraction))
-    k = max(2, min(k, n_groups))
-    # Each class must have at least k groups for stratification; fewer means too little data.
-    for c in set(labels):
-        if len(set(groups[labels == c])) < 2:
-            raise BonetumorError(f"class {c!r} has too few images/patients to split (need at least 2)")
+    # Every class needs at least k groups to be stratified; tiny data sets get a larger held-out part.
+    per_class = min(len(set(groups[labels == c])) for c in set(labels))
+    if per_class < 2:
+        small = min(set(labels), key=lambda c: len(set(groups[labels == c])))
+        raise BonetumorError(f"class {small!r} has too few images/patients to split (need at least 2)")
+    k = max(2, min(int(round(1.0 / fraction)), per_class))
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     _, held = next(cv.split(np.zeros(len(samples)), labels, groups))
     mask = np.zeros(len(samples), dtype=bool)

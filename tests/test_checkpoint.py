@@ -1,0 +1,72 @@
+import pickle
+
+import pytest
+import torch
+
+from bonetumor.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
+from bonetumor.config import TrainConfig
+from bonetumor.errors import BonetumorError
+from bonetumor.models import create_model
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this code must never run",))
+
+
+def _save(path, **kw):
+    cfg = TrainConfig(data="x", weights="none", image_size=64)
+    model = create_model("resnet50", "none")
+    save_checkpoint(path, model, cfg, ["normal", "cancer"], threshold=0.3, **kw)
+    return model
+
+
+def test_roundtrip_holds_what_predict_needs(tmp_path):
+    model = _save(tmp_path / "c.pt", epoch=4)
+    ck = load_checkpoint(tmp_path / "c.pt")
+    assert ck.classes == ["normal", "cancer"] and ck.positive_class == "cancer"
+    assert ck.image_size == 64 and ck.threshold == 0.3 and ck.epoch == 4 and len(ck.mean) == 3
+    assert not ck.model.training
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ck.model(x), model.eval()(x))
+    # Loadable by plain torch with weights_only=True: no code runs on load.
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["format"] == "bonetumor-checkpoint"
+
+
+def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    _save(tmp_path / "c.pt", epoch=1)
+    before = (tmp_path / "c.pt").read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        _save(tmp_path / "c.pt", epoch=2)
+    assert (tmp_path / "c.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+
+
+def test_pickled_code_is_refused_not_run(tmp_path, capsys):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "bonetumor-checkpoint", "x": Evil()}, f)
+    torch.save({"format": "bonetumor-checkpoint", "x": Evil()}, tmp_path / "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(BonetumorError, match="refused to load.*print|not a readable"):
+            read_torch_file(tmp_path / name)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_foreign_and_broken_files(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(BonetumorError, match="not a bonetumor checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(BonetumorError, match="junk.pt: not a readable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(BonetumorError, match="file not found"):
+        load_checkpoint(tmp_path / "none.pt")

@@ -1,0 +1,61 @@
+"""Every command through the CLI, as a user types it."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bonetumor.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def test_synth_train_evaluate_predict(tmp_path):
+    code, out = _run("synth", tmp_path / "d", "--n-patients", 8, "--size", 32, "--seed", 2, "--modality", "xray")
+    assert code == 0 and "wrote 32 images" in out
+    code, out = _run("train", tmp_path / "d", "--out", tmp_path / "r", "--epochs", 1, "--image-size", 32,
+                     "--batch-size", 8, "--weights", "none", "--freeze", "none", "--device", "cpu", "--seed", 1,
+                     "--workers", 0, "--patience", 3, "--lr", 0.001, "--backbone", "resnet50")
+    assert code == 0, out
+    assert (tmp_path / "r" / "best.pt").is_file()
+    code, out = _run("evaluate", tmp_path / "r" / "best.pt", tmp_path / "d", "--out", tmp_path / "e")
+    assert code == 0 and "roc_auc" in out and (tmp_path / "e" / "metrics.json").is_file()
+    code, out = _run("predict", tmp_path / "r" / "best.pt", tmp_path / "d" / "test", "--json")
+    lines = [json.loads(x) for x in out.strip().splitlines()]
+    assert code == 0 and len(lines) == 8 and {"path", "probability", "label", "threshold"} <= set(lines[0])
+    assert all(0 <= x["probability"] <= 1 and x["label"] in ("cancer", "normal") for x in lines)
+    code, out = _run("predict", tmp_path / "r" / "best.pt", tmp_path / "d" / "test" / "cancer")
+    assert code == 0 and "probability" in out
+
+
+def test_config_file_and_unfreeze_flag(tmp_path, tiny_data):
+    (tmp_path / "c.yaml").write_text("epochs: 1\nimage_size: 32\nbatch_size: 8\nweights: none\nlr: 0.01\n")
+    code, out = _run("train", tiny_data, "--out", tmp_path / "r", "--config", tmp_path / "c.yaml",
+                     "--lr", "0.0005", "--unfreeze", "layer4", "--device", "cpu")
+    assert code == 0, out
+    text = (tmp_path / "r" / "config.yaml").read_text()
+    assert "lr: 0.0005" in text and "- layer4" in text and "epochs: 1" in text
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "{tmp}/missing", "--out", "{tmp}/r", "--weights", "none"], "data folder not found"),
+    (["train", "{tmp}/bad", "--out", "{tmp}/r", "--weights", "none", "--image-size", "32"], "broken.png"),
+    (["predict", "{tmp}/nope.pt", "x.png"], "nope.pt: file not found"),
+    (["evaluate", "{tmp}/bad/normal/broken.png", "{tmp}/bad", "--out", "{tmp}/e"], "not a readable PyTorch file"),
+    (["train", "{tmp}/bad", "--out", "{tmp}/r", "--backbone", "vgg"], "unknown backbone"),
+    (["synth", "{tmp}/s", "--modality", "ct"], "unknown modality"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, args, needle):
+    from conftest import make_class_tree
+
+    make_class_tree(tmp_path / "bad", n=3)
+    (tmp_path / "bad" / "normal" / "broken.png").write_bytes(b"not an image")
+    code, out = _run(*[a.format(tmp=tmp_path) for a in args])
+    assert code == 2, out
+    assert needle in out and "Traceback" not in out
+    assert out.strip().startswith("error:") and len(out.strip().splitlines()) <= 3  # one (soft-wrapped) line

@@ -1,0 +1,105 @@
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from bonetumor import fit, load_checkpoint
+from bonetumor.errors import BadImageError, BonetumorError
+from conftest import make_class_tree, tiny_config
+
+
+def _history(run):
+    return list(csv.DictReader(open(run / "history.csv")))
+
+
+def test_run_folder_holds_everything(tiny_run, tiny_data):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"best.pt", "last.pt", "config.yaml", "environment.json", "data.json", "splits.csv",
+            "history.csv", "curves.png"} <= names
+    assert yaml.safe_load((tiny_run / "config.yaml").read_text())["image_size"] == 32
+    data = json.loads((tiny_run / "data.json").read_text())
+    assert data["split_level"] == "patient" and data["classes"] == ["normal", "cancer"]
+    assert len(data["fingerprint"]) == 64 and data["counts"]["train"] == {"normal": 16, "cancer": 16}
+    env = json.loads((tiny_run / "environment.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"].startswith(torch.__version__[:4])
+    assert len(_history(tiny_run)) == 2
+    ck = torch.load(tiny_run / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["optimizer"] is not None and ck["classes"] == ["normal", "cancer"]
+    assert ck["image_size"] == 32 and "threshold" in ck and ck["normalization"]["mean"][0] == 0.485
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss(tiny_run):
+    hist = _history(tiny_run)
+    best = min(hist, key=lambda r: float(r["val_loss"]))
+    assert load_checkpoint(tiny_run / "best.pt").epoch == int(best["epoch"])
+
+
+def test_same_seed_same_numbers(tmp_path, tiny_data):
+    a = fit(tiny_config(tiny_data), tmp_path / "a", verbose=False)
+    b = fit(tiny_config(tiny_data), tmp_path / "b", verbose=False)
+    c = fit(tiny_config(tiny_data, seed=4), tmp_path / "c", verbose=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history) != strip(c.history)
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
+    full = fit(tiny_config(tiny_data, epochs=3), tmp_path / "full", verbose=False)
+    fit(tiny_config(tiny_data, epochs=1), tmp_path / "part", verbose=False)
+    resumed = fit(tiny_config(tiny_data, epochs=3), tmp_path / "part", resume=True, verbose=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    wf = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    wr = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(wf[k].float(), wr[k].float()) for k in wf)
+
+
+def test_early_stopping_restores_best(tmp_path, tiny_data):
+    # A learning rate this small leaves the validation loss flat: no improvement after epoch 1.
+    r = fit(tiny_config(tiny_data, epochs=10, patience=2, lr=1e-12, freeze="backbone"), tmp_path / "r", verbose=False)
+    assert r.stopped_early and r.best_epoch == 1 and len(r.history) == 3
+    assert load_checkpoint(tmp_path / "r" / "best.pt").epoch == 1
+
+
+def test_existing_run_is_never_overwritten_silently(tmp_path, tiny_data):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "precious.txt").write_text("keep")
+    with pytest.raises(BonetumorError, match="--overwrite"):
+        fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", verbose=False)
+    assert (tmp_path / "r" / "precious.txt").read_text() == "keep"
+    fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", overwrite=True, verbose=False)
+    assert not (tmp_path / "r" / "precious.txt").exists() and (tmp_path / "r" / "best.pt").exists()
+
+
+def test_resume_without_a_run(tmp_path, tiny_data):
+    with pytest.raises(BonetumorError, match="nothing to resume"):
+        fit(tiny_config(tiny_data), tmp_path / "none", resume=True, verbose=False)
+
+
+def test_bad_file_stops_or_is_skipped_and_listed(tmp_path):
+    data = make_class_tree(tmp_path / "d", n=8, size=32)
+    (data / "normal" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(BadImageError, match="corrupt.png"):
+        fit(tiny_config(data, epochs=1, test_fraction=0.0, val_fraction=0.25), tmp_path / "r1", verbose=False)
+    fit(tiny_config(data, epochs=1, test_fraction=0.0, val_fraction=0.25, skip_bad_files=True), tmp_path / "r2", verbose=False)
+    rows = list(csv.DictReader(open(tmp_path / "r2" / "skipped_files.csv")))
+    assert len(rows) == 1 and rows[0]["path"].endswith("corrupt.png") and rows[0]["problem"]
+
+
+def test_class_balanced_weight_and_multiclass(tmp_path):
+    data = make_class_tree(tmp_path / "d", classes=("a", "b", "c"), n=6, size=32)
+    r = fit(tiny_config(data, epochs=1, class_balanced=True, test_fraction=0.0, val_fraction=0.34), tmp_path / "r", verbose=False)
+    ck = load_checkpoint(r.run_dir / "best.pt")
+    assert ck.classes == ["a", "b", "c"] and ck.model.head[-1].out_features == 3
+
+
+def test_train_split_with_one_class_is_refused(tmp_path):
+    data = tmp_path / "d"
+    make_class_tree(data / "train", classes=("cancer",), n=4)
+    make_class_tree(data / "valid", n=2)
+    with pytest.raises(BonetumorError, match="train split holds only"):
+        fit(tiny_config(data, epochs=1), tmp_path / "r", verbose=False)
