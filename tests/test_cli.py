@@ -59,3 +59,16 @@ def test_errors_are_one_line_without_traceback(tmp_path, args, needle):
     assert code == 2, out
     assert needle in out and "Traceback" not in out
     assert out.strip().startswith("error:") and len(out.strip().splitlines()) <= 3  # one (soft-wrapped) line
+
+
+def test_fetch_weights_offline_says_what_to_do(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    code, out = _run("fetch-weights", "--backbone", "densenet121")
+    assert code == 2 and "densenet121" in out and "--weights PATH" in out and "Traceback" not in out

@@ -1,7 +1,13 @@
 import pytest
 import yaml
 
-from bonetumor.config import TrainConfig, config_from_dict, config_to_dict, load_config, save_config
+from bonetumor.config import (
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from bonetumor.errors import BonetumorError
 
 

@@ -45,7 +45,7 @@ def test_multiclass_metrics():
 
 
 def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tmp_path):
-    m = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "e", "test", verbose=False)
+    m = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "e", "test")
     for name in ("metrics.json", "classification_report.txt", "predictions.csv", "roc.png", "confusion_matrix.png"):
         assert (tmp_path / "e" / name).is_file(), name
     rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
@@ -65,5 +65,24 @@ def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tm
 
 
 def test_evaluate_other_split(tiny_run, tiny_data, tmp_path):
-    m = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "v", "val", verbose=False)
+    m = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "v", "val")
     assert m["split"] == "valid" and m["n"] == 8
+
+
+def test_predict_names_a_bad_file(tiny_run, tmp_path):
+    from bonetumor.errors import BadImageError
+
+    (tmp_path / "scan.png").write_text("not an image")
+    with pytest.raises(BadImageError, match="scan.png: not an image"):
+        predict(tiny_run / "best.pt", [tmp_path / "scan.png"], device="cpu")
+
+
+def test_evaluate_missing_split_is_a_clear_error(tiny_run, tmp_path):
+    from conftest import make_class_tree
+
+    from bonetumor.errors import BonetumorError
+
+    make_class_tree(tmp_path / "d" / "train", n=3)
+    make_class_tree(tmp_path / "d" / "valid", n=2)
+    with pytest.raises(BonetumorError, match="no images in the test split"):
+        evaluate(tiny_run / "best.pt", str(tmp_path / "d"), tmp_path / "e", "test")

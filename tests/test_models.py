@@ -98,3 +98,16 @@ def test_imagenet_uses_the_torchvision_weights_api(monkeypatch):
 def test_unknown_backbone():
     with pytest.raises(BonetumorError, match="unknown backbone"):
         create_model("vgg16", "none")
+
+
+def test_weights_from_a_bonetumor_checkpoint_reuse_its_backbone(tmp_path):
+    from bonetumor.checkpoint import save_checkpoint
+    from bonetumor.config import TrainConfig
+
+    trained = create_model("resnet50", "none", n_outputs=3)
+    save_checkpoint(tmp_path / "c.pt", trained, TrainConfig(data="x"), ["a", "b", "c"])
+    m = create_model("resnet50", str(tmp_path / "c.pt"), n_outputs=1)
+    torch.testing.assert_close(m.backbone.layer1[0].conv1.weight, trained.backbone.layer1[0].conv1.weight)
+    assert m.head[-1].out_features == 1  # a new head for the new task
+    with pytest.raises(BonetumorError, match="backbone resnet50, not densenet121"):
+        create_model("densenet121", str(tmp_path / "c.pt"))

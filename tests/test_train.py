@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import make_class_tree, tiny_config
 
 from bonetumor import fit, load_checkpoint
 from bonetumor.errors import BadImageError, BonetumorError
-from conftest import make_class_tree, tiny_config
 
 
 def _history(run):

@@ -2,43 +2,24 @@
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
+from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bonetumor.errors import BonetumorError
+from bonetumor.models import create_model
+from bonetumor.serialization import (
+    FORMAT,
+    FORMAT_VERSION,
+    is_bonetumor_checkpoint,
+    read_torch_file,
+)
 from bonetumor.utils import atomic_path
 
-FORMAT = "bonetumor-checkpoint"
-FORMAT_VERSION = 1
-
-
-def is_bonetumor_checkpoint(obj: Any) -> bool:
-    """True for a dict written by ``save_checkpoint``."""
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
-
-
-def read_torch_file(path: str | Path) -> Any:
-    """``torch.load`` with weights_only=True on CPU, with one-line errors naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise BonetumorError(f"{p}: file not found")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise BonetumorError(f"{p}: refused to load: it holds code or objects, not only tensors "
-                                 f"({found.group(1)}); only load checkpoints you trust") from None
-        raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise BonetumorError(f"{p}: not a readable PyTorch file ({str(e).splitlines()[0][:160]})") from None
+__all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
@@ -49,8 +30,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, 
     Holds: model weights, optimizer state, epoch, config, class names, image size,
     normalisation and the decision threshold (plus ``extra``: history, early-stopping state).
     """
-    from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -96,8 +75,6 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     Raises:
         BonetumorError: missing, foreign, tampered or incompatible file.
     """
-    from bonetumor.models import create_model
-
     obj = read_torch_file(path)
     if not is_bonetumor_checkpoint(obj):
         raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")

@@ -39,5 +39,5 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: s
     if epochs is not None:
         cfg.epochs = epochs
     res = fit(cfg, root / "run", verbose=verbose)
-    metrics = evaluate(res.run_dir / "best.pt", str(data.root), root / "eval", "test", device=device, verbose=verbose)
+    metrics = evaluate(res.run_dir / "best.pt", str(data.root), root / "eval", "test", device=device)
     return DemoResult(root, res.run_dir, root / "eval", metrics, time.perf_counter() - t0)

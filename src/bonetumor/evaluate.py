@@ -98,7 +98,7 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[st
 
 def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
              manifest: str | None = None, device: str = "auto", batch_size: int | None = None,
-             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, verbose: bool = True) -> dict:
+             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False) -> dict:
     """Evaluate a checkpoint on one split of a data set and write the results to ``out``.
 
     Writes metrics.json, classification_report.txt, predictions.csv, roc.png and

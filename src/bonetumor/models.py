@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from bonetumor.errors import BonetumorError
+from bonetumor.serialization import is_bonetumor_checkpoint, read_torch_file
 
 # Feature width after global average pooling, and the block whose output Grad-CAM explains.
 BACKBONES = {
@@ -73,8 +74,6 @@ def _file_state_dict(path: str, backbone: str) -> tuple[dict, bool]:
 
     Returns (state_dict, is_bonetumor). Loaded with weights_only=True: never executes code.
     """
-    from bonetumor.checkpoint import is_bonetumor_checkpoint, read_torch_file
-
     obj = read_torch_file(path)
     if is_bonetumor_checkpoint(obj):
         if obj["backbone"] != backbone:

@@ -23,13 +23,25 @@ from torch import nn
 
 from bonetumor.checkpoint import read_torch_file, save_checkpoint
 from bonetumor.config import TrainConfig, config_from_dict, save_config
-from bonetumor.data.datasets import DatasetIndex, ImageDataset, check_files, discover, fingerprint
+from bonetumor.data.datasets import (
+    DatasetIndex,
+    ImageDataset,
+    check_files,
+    discover,
+    fingerprint,
+)
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate import binary_auc, predict_loader
 from bonetumor.models import count_parameters, create_model
-from bonetumor.utils import atomic_write_json, environment_info, prepare_out_dir, seed_everything, select_device
+from bonetumor.utils import (
+    atomic_write_json,
+    environment_info,
+    prepare_out_dir,
+    seed_everything,
+    select_device,
+)
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]

@@ -1,11 +1,17 @@
 import csv
 
 import pytest
+from conftest import make_class_tree, write_image
 
-from bonetumor.data.datasets import ImageDataset, check_files, discover, fingerprint, order_classes
+from bonetumor.data.datasets import (
+    ImageDataset,
+    check_files,
+    discover,
+    fingerprint,
+    order_classes,
+)
 from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BadImageError, BonetumorError
-from conftest import make_class_tree, write_image
 
 
 def _labels(index, split=None):

@@ -73,7 +73,10 @@ def _images_under(folder: Path, ignored: list[str]) -> list[Path]:
     for p in sorted(folder.rglob("*")):
         if any(part.startswith(".") for part in p.relative_to(folder).parts) or p.is_dir():
             continue
-        (out if is_image_file(p) else ignored).append(p if is_image_file(p) else str(p))
+        if is_image_file(p):
+            out.append(p)
+        else:
+            ignored.append(str(p))
     return out
 
 

@@ -1,0 +1,38 @@
+"""Reading PyTorch files safely: ``weights_only=True``, so a file never runs code when loaded."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bonetumor.errors import BonetumorError
+
+FORMAT = "bonetumor-checkpoint"
+FORMAT_VERSION = 1
+
+
+def is_bonetumor_checkpoint(obj: Any) -> bool:
+    """True for a dict written by ``save_checkpoint``."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load`` with weights_only=True on CPU, with one-line errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise BonetumorError(f"{p}: file not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise BonetumorError(f"{p}: refused to load: it holds code or objects, not only tensors "
+                                 f"({found.group(1)}); only load checkpoints you trust") from None
+        raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise BonetumorError(f"{p}: not a readable PyTorch file ({str(e).splitlines()[0][:160]})") from None
