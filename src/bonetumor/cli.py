@@ -183,6 +183,43 @@ def demo(
     out.print(f"  checkpoint:       {r.run_dir / 'best.pt'}")
 
 
+@app.command()
+@_friendly
+def explain(
+    checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
+    files: List[str] = typer.Argument(..., help="Image files or folders."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for panels, maps and scores."),
+    method: str = typer.Option("gradcam", help="gradcam, gradcam++ or eigencam."),
+    target: str = typer.Option("predicted", help="predicted, or a class name (e.g. cancer, normal)."),
+    layer: Optional[str] = typer.Option(None, help="Module to explain (default: the backbone's last block)."),
+    masks: Optional[Path] = typer.Option(None, help="Folder of lesion masks named like the images."),
+    boxes: Optional[Path] = typer.Option(None, help="CSV path,x0,y0,x1,y1 of lesion boxes."),
+    manifest: Optional[Path] = typer.Option(None, help="Manifest CSV with a mask_path column."),
+    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(16),
+    overwrite: bool = typer.Option(False),
+):
+    """Heatmaps (image | heatmap | overlay panels, raw .npy maps, index.html), scored against lesions."""
+    from bonetumor.explain.run import explain as run_explain
+
+    r = run_explain(checkpoint, files, out_dir, method, target, layer, masks, boxes, manifest, device, batch_size,
+                    overwrite=overwrite)
+    if r.localization:
+        t = Table(title=f"localization ({r.localization['n_with_lesion']} images with a lesion), 95% bootstrap CI")
+        for col in ("score", method, "centred Gaussian baseline"):
+            t.add_column(col)
+        for k in ("pointing", "energy", "iou_top15"):
+            a, b = r.localization["cam"][k], r.localization["baseline_centred_gaussian"][k]
+            t.add_row(k, f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
+                      f"{b['value']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
+        out.print(t)
+    if r.faithfulness and r.faithfulness["deletion"]["n"]:
+        out.print(f"faithfulness on {r.faithfulness['deletion']['n']} images: deletion AUC "
+                  f"{r.faithfulness['deletion']['value']:.3f} (lower is better), insertion AUC "
+                  f"{r.faithfulness['insertion']['value']:.3f} (higher is better)")
+    out.print(f"{len(r.rows)} images explained; open {out_dir / 'index.html'}")
+
+
 @app.command("fetch-weights")
 @_friendly
 def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, densenet121 or efficientnet_b0.")):

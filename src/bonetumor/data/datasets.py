@@ -113,7 +113,8 @@ def _roboflow_split(folder: Path, split: str) -> list[Sample]:
     return samples
 
 
-def _read_manifest(path: Path) -> list[Sample]:
+def read_manifest(path: Path) -> list[Sample]:
+    """Samples listed in a manifest CSV (paths relative to its folder; none may lie outside it)."""
     base = path.parent.resolve()
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -145,7 +146,7 @@ def _read_manifest(path: Path) -> list[Sample]:
 
 def _find(data, manifest, train_dir, val_dir, test_dir, ignored) -> tuple[list[Sample], str, str | None]:
     if manifest:
-        return _read_manifest(Path(manifest)), "manifest", str(Path(manifest).parent)
+        return read_manifest(Path(manifest)), "manifest", str(Path(manifest).parent)
     if train_dir:
         samples = []
         for split, d in (("train", train_dir), ("valid", val_dir), ("test", test_dir)):
@@ -160,7 +161,7 @@ def _find(data, manifest, train_dir, val_dir, test_dir, ignored) -> tuple[list[S
     if not root.is_dir():
         raise BonetumorError(f"{root}: expected a folder of images (or pass --manifest FILE.csv)")
     if (root / "manifest.csv").is_file():
-        return _read_manifest(root / "manifest.csv"), "manifest", str(root)
+        return read_manifest(root / "manifest.csv"), "manifest", str(root)
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
                   if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
     if split_dirs:

@@ -1,0 +1,208 @@
+"""``explain``: heatmaps for files or folders, scored against lesion masks when they exist.
+
+Works batch by batch and writes each batch's outputs before the next, so memory stays flat
+however many images there are; only per-image scores are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bonetumor.checkpoint import load_checkpoint
+from bonetumor.data.datasets import load_tensor, read_manifest
+from bonetumor.data.io import read_image
+from bonetumor.data.transforms import create_transforms
+from bonetumor.errors import BonetumorError
+from bonetumor.explain.cam import compute_cams
+from bonetumor.explain.scores import (
+    bootstrap_ci,
+    deletion_insertion,
+    gaussian_baseline,
+    localization_scores,
+)
+from bonetumor.models import BACKBONES
+from bonetumor.plots import save_cam_panel
+from bonetumor.predict import expand_paths
+from bonetumor.utils import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    prepare_out_dir,
+    select_device,
+)
+
+SCORES = ("pointing", "energy", "iou_top15")
+
+
+@dataclass
+class ExplainResult:
+    """What ``explain`` wrote and the summary figures."""
+
+    out: Path
+    rows: list[dict] = field(default_factory=list)
+    localization: dict | None = None
+    faithfulness: dict | None = None
+
+
+def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None,
+                manifest: str | Path | None = None) -> Callable[[Path, tuple[int, int]], np.ndarray | None]:
+    """A function (image path, (H, W)) -> boolean lesion mask or None, from one ground-truth source.
+
+    masks: a folder of mask images named like the images; boxes: CSV ``path,x0,y0,x1,y1`` in
+    pixels (several rows per image are united); manifest: its ``mask_path`` column.
+    """
+    given = [m for m in (masks, boxes, manifest) if m]
+    if len(given) > 1:
+        raise BonetumorError("give only one of --masks, --boxes and --manifest")
+    if masks:
+        root = Path(masks)
+        if not root.is_dir():
+            raise BonetumorError(f"--masks {root}: folder not found")
+        return lambda p, shape: _load_mask(root / p.name, shape) if (root / p.name).is_file() else None
+    if boxes:
+        table: dict[str, list[tuple[float, ...]]] = {}
+        try:
+            with open(boxes, newline="") as f:
+                for i, r in enumerate(csv.DictReader(f), start=2):
+                    try:
+                        table.setdefault(Path(r["path"]).name, []).append(tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1")))
+                    except (KeyError, TypeError, ValueError):
+                        raise BonetumorError(f"{boxes}, line {i}: expected path,x0,y0,x1,y1 with numbers") from None
+        except FileNotFoundError:
+            raise BonetumorError(f"--boxes {boxes}: file not found") from None
+
+        def from_boxes(p: Path, shape):
+            if p.name not in table:
+                return None
+            m = np.zeros(shape, dtype=bool)
+            for x0, y0, x1, y1 in table[p.name]:
+                m[max(0, int(y0)):int(np.ceil(y1)), max(0, int(x0)):int(np.ceil(x1))] = True
+            return m
+        return from_boxes
+    if manifest:
+        by_path = {str(Path(s.path).resolve()): s.mask_path for s in read_manifest(Path(manifest)) if s.mask_path}
+        return lambda p, shape: _load_mask(Path(by_path[str(p.resolve())]), shape) if str(p.resolve()) in by_path else None
+    return lambda p, shape: None
+
+
+def _load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    m = read_image(path)[..., 0] > 0.5
+    if m.shape != tuple(shape):
+        t = torch.from_numpy(m.astype(np.float32))[None, None]
+        m = F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy() > 0.5
+    return m
+
+
+def _summary(rows: list[dict], prefix: str) -> dict:
+    return {k: bootstrap_ci([r[f"{prefix}{k}"] for r in rows]) for k in SCORES}
+
+
+def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradcam", target: str = "predicted",
+            layer: str | None = None, masks=None, boxes=None, manifest=None, device: str = "auto",
+            batch_size: int = 16, faithfulness_samples: int = 32, max_panels: int | None = None,
+            overwrite: bool = False) -> ExplainResult:
+    """Write a panel (image | heatmap | overlay), the raw map (.npy) per image and ``index.html``;
+    with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
+    """
+    dev = select_device(device)
+    ck = load_checkpoint(checkpoint, dev)
+    layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
+    files = expand_paths(paths)
+    lookup = mask_lookup(masks, boxes, manifest)
+    outdir = prepare_out_dir(out, overwrite=overwrite)
+    (outdir / "maps").mkdir(exist_ok=True)
+    (outdir / "panels").mkdir(exist_ok=True)
+    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    rows, faith = [], {"deletion": [], "insertion": []}
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        originals = [load_tensor(f) for f in chunk]
+        x = torch.stack([tf(t) for t in originals]).to(dev).contiguous(memory_format=torch.channels_last)
+        res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold)
+        if len(faith["deletion"]) < faithfulness_samples:
+            k = faithfulness_samples - len(faith["deletion"])
+            d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k])
+            faith["deletion"] += d.tolist()
+            faith["insertion"] += i.tolist()
+        for j, f in enumerate(chunk):
+            rows.append(_one_image(j + start, f, originals[j], res, j, ck, lookup, outdir, max_panels))
+    result = ExplainResult(outdir, rows)
+    result.faithfulness = {k: bootstrap_ci(v) for k, v in faith.items()}
+    _write_tables(result, method, target, layer, ck.classes[-1])
+    return result
+
+
+def _one_image(n: int, f: Path, original: torch.Tensor, res, j: int, ck, lookup, outdir: Path, max_panels) -> dict:
+    h, w = original.shape[-2:]
+    cam = F.interpolate(res.maps[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    cam = cam.clamp(0, 1).cpu().numpy().astype(np.float32)
+    stem = f"{n:05d}_{f.stem}"
+    with atomic_path(outdir / "maps" / f"{stem}.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, cam)
+    p = res.probs[j]
+    if p.ndim == 0:
+        prob, label = float(p), ck.classes[int(float(p) >= ck.threshold)]
+    else:
+        prob, label = float(p.max()), ck.classes[int(p.argmax())]
+    row = {"path": str(f), "probability": round(prob, 6), "prediction": label,
+           "explained_class": ck.classes[int(res.target_index[j])], "map": f"maps/{stem}.npy", "panel": ""}
+    mask = lookup(f, (h, w))
+    if mask is not None and mask.any():
+        row.update(localization_scores(cam, mask))
+        row.update({f"baseline_{k}": v for k, v in localization_scores(gaussian_baseline((h, w)), mask).items()})
+    if max_panels is None or n < max_panels:
+        row["panel"] = f"panels/{stem}.png"
+        title = f"{f.name}  P({ck.classes[-1]})={prob:.3f} -> {label}"
+        save_cam_panel(original.permute(1, 2, 0).numpy(), cam, outdir / row["panel"], title, mask)
+    return row
+
+
+def _write_tables(result: ExplainResult, method: str, target: str, layer: str, positive: str) -> None:
+    out, rows = result.out, result.rows
+    scored = [r for r in rows if "pointing" in r]
+    if scored:
+        # Images with a lesion that the model also called positive: where a map should point at it.
+        correct_pos = [r for r in scored if r["prediction"] == positive]
+        result.localization = {
+            "method": method, "target": target, "layer": layer, "n_images": len(rows), "n_with_lesion": len(scored),
+            "cam": _summary(scored, ""), "baseline_centred_gaussian": _summary(scored, "baseline_"),
+            "correctly_classified_positive": {"n": len(correct_pos), "cam": _summary(correct_pos, ""),
+                                              "baseline_centred_gaussian": _summary(correct_pos, "baseline_")},
+        }
+        atomic_write_json(out / "localization.json", result.localization)
+        keys = ["path", "probability", "prediction", "explained_class", *SCORES, *[f"baseline_{k}" for k in SCORES]]
+        with atomic_path(out / "localization.csv") as tmp, open(tmp, "w", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            wr.writeheader()
+            wr.writerows(scored)
+    atomic_write_json(out / "explain.json", {"method": method, "target": target, "layer": layer, "n_images": len(rows),
+                                             "faithfulness": result.faithfulness, "images": rows})
+    cards = []
+    for r in rows:
+        if not r["panel"]:
+            continue
+        extra = f" · pointing {'hit' if r['pointing'] else 'miss'}" if "pointing" in r else ""
+        cards.append(f'<figure><img src="{html.escape(r["panel"])}" alt="{html.escape(Path(r["path"]).name)}" loading="lazy">'
+                     f'<figcaption>{html.escape(Path(r["path"]).name)} · P={r["probability"]:.3f} · '
+                     f'{html.escape(r["prediction"])}{extra}</figcaption></figure>')
+    atomic_write_text(out / "index.html", _INDEX.format(title=f"{method} ({target}, {layer})", n=len(rows), cards="\n".join(cards)))
+
+
+_INDEX = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bonetumor explain: {title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;margin:1rem}}main{{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:1rem}}
+figure{{margin:0}}img{{width:100%;height:auto;border:1px solid #ccc}}figcaption{{font-size:.85rem;overflow-wrap:anywhere}}</style></head>
+<body><h1>{title}</h1><p>{n} images. Each panel: image | heatmap | overlay. Research tool, not a diagnostic device.</p>
+<main>
+{cards}
+</main></body></html>
+"""

@@ -1,0 +1,57 @@
+import csv
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from bonetumor.cli import app
+from bonetumor.explain.run import explain
+
+
+def test_explain_writes_panels_maps_index_and_scores(tiny_run, tiny_data, tmp_path):
+    r = explain(tiny_run / "best.pt", [tiny_data / "test"], tmp_path / "x", manifest=tiny_data / "manifest.csv",
+                device="cpu", batch_size=3, faithfulness_samples=4)
+    assert len(r.rows) == 8
+    for row in r.rows:
+        cam = np.load(tmp_path / "x" / row["map"])
+        assert cam.shape == (32, 32) and cam.dtype == np.float32 and 0 <= cam.min() and cam.max() <= 1
+        with Image.open(tmp_path / "x" / row["panel"]) as im:
+            assert im.width > 3 * 32
+    html = (tmp_path / "x" / "index.html").read_text()
+    assert html.count("<img") == 8 and "not a diagnostic device" in html
+    loc = json.loads((tmp_path / "x" / "localization.json").read_text())
+    assert loc["n_with_lesion"] == 4 and loc["layer"] == "backbone.layer4"
+    for k in ("pointing", "energy", "iou_top15"):
+        for part in ("cam", "baseline_centred_gaussian"):
+            ci = loc[part][k]
+            assert ci["ci_low"] <= ci["value"] <= ci["ci_high"] and ci["n"] == 4
+    rows = list(csv.DictReader(open(tmp_path / "x" / "localization.csv")))
+    assert len(rows) == 4 and all(r["path"].endswith(".png") for r in rows)
+    assert r.faithfulness["deletion"]["n"] == 4
+
+
+def test_boxes_and_mask_folder_give_the_same_scores_for_a_box_lesion(tiny_run, tiny_data, tmp_path):
+    files = sorted((tiny_data / "test" / "cancer").glob("*.png"))[:2]
+    (tmp_path / "m").mkdir()
+    lines = ["path,x0,y0,x1,y1"]
+    for f in files:
+        m = np.zeros((32, 32), np.uint8)
+        m[4:12, 10:20] = 255
+        Image.fromarray(m).save(tmp_path / "m" / f.name)
+        lines.append(f"{f.name},10,4,20,12")
+    (tmp_path / "b.csv").write_text("\n".join(lines) + "\n")
+    a = explain(tiny_run / "best.pt", files, tmp_path / "a", masks=tmp_path / "m", device="cpu", faithfulness_samples=0)
+    b = explain(tiny_run / "best.pt", files, tmp_path / "b", boxes=tmp_path / "b.csv", device="cpu", faithfulness_samples=0)
+    assert a.localization["cam"] == b.localization["cam"]
+
+
+def test_cli_explain_and_its_errors(tiny_run, tiny_data, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["explain", str(tiny_run / "best.pt"), str(tiny_data / "test" / "cancer"), "--out",
+                            str(tmp_path / "e"), "--method", "gradcam++", "--target", "normal", "--masks", str(tiny_data / "masks")])
+    assert r.exit_code == 0, r.output
+    assert "pointing" in r.output and "baseline" in r.output
+    r = runner.invoke(app, ["explain", str(tiny_run / "best.pt"), str(tiny_data / "test"), "--out", str(tmp_path / "f"),
+                            "--layer", "backbone.layer7"])
+    assert r.exit_code == 2 and "backbone.layer4" in r.output and "Traceback" not in r.output
