@@ -65,3 +65,15 @@ def test_deletion_insertion_rank_a_faithful_map_above_a_wrong_one():
     d_good, i_good = deletion_insertion(Spot(), x, good, idx)
     d_bad, i_bad = deletion_insertion(Spot(), x, bad, idx)
     assert (d_good < d_bad).all() and (i_good > i_bad).all()
+
+
+def test_peak_of_a_plateau_is_its_centre_not_its_first_pixel():
+    from bonetumor.explain.scores import map_peak
+
+    cam = np.zeros((8, 8))
+    cam[4:8, 4:8] = 1.0  # a flat corner block, as an upsampled 2x2 map gives
+    assert map_peak(cam) in {(5, 5), (5, 6), (6, 5), (6, 6)}
+    mask = np.zeros((8, 8), bool)
+    mask[5:7, 5:7] = True
+    assert pointing_hit(cam, mask)
+    assert map_peak(np.eye(8)[::-1] * np.arange(8)) == (0, 7)

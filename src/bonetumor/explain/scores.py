@@ -13,9 +13,23 @@ import torch
 import torch.nn.functional as F
 
 
+def map_peak(cam: np.ndarray, rtol: float = 1e-6) -> tuple[int, int]:
+    """Position of the map's maximum.
+
+    A coarse map upsampled bilinearly has flat plateaus (a whole corner block at the image
+    edge holds the same value); ``np.argmax`` would then always answer the plateau's first
+    pixel in raster order, at the border. Here the answer is the plateau pixel nearest to
+    the plateau's centroid.
+    """
+    top = cam >= cam.max() - rtol * max(abs(float(cam.max())), 1e-12)
+    ys, xs = np.nonzero(top)
+    i = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return int(ys[i]), int(xs[i])
+
+
 def pointing_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
     """True when the map's maximum lies inside the lesion."""
-    return bool(mask.reshape(-1)[int(np.argmax(cam))])
+    return bool(mask[map_peak(cam)])
 
 
 def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:
