@@ -20,7 +20,7 @@ from bonetumor.errors import BonetumorError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and explain CNN classifiers of bone-tumour images.")
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -175,11 +175,14 @@ def demo(
 
     r = run_demo(out_dir, overwrite=overwrite, device=device, epochs=epochs)
     _print_metrics(r.metrics)
+    _print_explain(r.explanation, "gradcam")
     out.print(f"demo finished in {r.seconds:.0f} s")
     out.print(f"  training curves:  {r.run_dir / 'curves.png'}")
     out.print(f"  ROC curve:        {r.eval_dir / 'roc.png'}")
     out.print(f"  confusion matrix: {r.eval_dir / 'confusion_matrix.png'}")
     out.print(f"  metrics:          {r.eval_dir / 'metrics.json'}")
+    out.print(f"  Grad-CAM panels:  {r.explanation.out / 'index.html'}")
+    out.print(f"  localization:     {r.explanation.out / 'localization.json'}")
     out.print(f"  checkpoint:       {r.run_dir / 'best.pt'}")
 
 
@@ -204,6 +207,11 @@ def explain(
 
     r = run_explain(checkpoint, files, out_dir, method, target, layer, masks, boxes, manifest, device, batch_size,
                     overwrite=overwrite)
+    _print_explain(r, method)
+    out.print(f"{len(r.rows)} images explained; open {out_dir / 'index.html'}")
+
+
+def _print_explain(r, method: str) -> None:
     if r.localization:
         t = Table(title=f"localization ({r.localization['n_with_lesion']} images with a lesion), 95% bootstrap CI")
         for col in ("score", method, "centred Gaussian baseline"):
@@ -213,11 +221,16 @@ def explain(
             t.add_row(k, f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
                       f"{b['value']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
         out.print(t)
+        c = r.localization["correctly_classified_positive"]
+        if c["n"]:
+            a = c["cam"]["pointing"]
+            b = c["baseline_centred_gaussian"]["pointing"]
+            out.print(f"pointing game on the {c['n']} lesion images the model called positive: "
+                      f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] (baseline {b['value']:.3f})")
     if r.faithfulness and r.faithfulness["deletion"]["n"]:
         out.print(f"faithfulness on {r.faithfulness['deletion']['n']} images: deletion AUC "
                   f"{r.faithfulness['deletion']['value']:.3f} (lower is better), insertion AUC "
                   f"{r.faithfulness['insertion']['value']:.3f} (higher is better)")
-    out.print(f"{len(r.rows)} images explained; open {out_dir / 'index.html'}")
 
 
 @app.command("fetch-weights")

@@ -9,6 +9,7 @@ from pathlib import Path
 from bonetumor.config import TrainConfig
 from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.evaluate import evaluate
+from bonetumor.explain.run import ExplainResult, explain
 from bonetumor.train import fit
 from bonetumor.utils import prepare_out_dir
 
@@ -16,6 +17,7 @@ from bonetumor.utils import prepare_out_dir
 DEMO_DATA = {"n_patients": 160, "size": 64, "seed": 0, "modality": "mri", "slices_per_patient": 4}
 DEMO_TRAIN = {"image_size": 64, "epochs": 25, "batch_size": 32, "lr": 1e-3, "weights": "none", "freeze": "none",
               "patience": 8, "seed": 0}
+DEMO_PANELS = 24
 
 
 @dataclass
@@ -26,6 +28,7 @@ class DemoResult:
     run_dir: Path
     eval_dir: Path
     metrics: dict
+    explanation: ExplainResult
     seconds: float
 
 
@@ -40,4 +43,7 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: s
         cfg.epochs = epochs
     res = fit(cfg, root / "run", verbose=verbose)
     metrics = evaluate(res.run_dir / "best.pt", str(data.root), root / "eval", "test", device=device)
-    return DemoResult(root, res.run_dir, root / "eval", metrics, time.perf_counter() - t0)
+    # Grad-CAM over the whole test split (scored against the synthetic masks); panels for a sample.
+    ex = explain(res.run_dir / "best.pt", [data.root / "test"], root / "explain", manifest=data.manifest,
+                 device=device, max_panels=DEMO_PANELS)
+    return DemoResult(root, res.run_dir, root / "eval", metrics, ex, time.perf_counter() - t0)
