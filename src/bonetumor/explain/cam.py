@@ -1,11 +1,13 @@
 """Class activation maps: Grad-CAM, Grad-CAM++ and Eigen-CAM, batched.
 
-Written here rather than taken from a CAM library because of speed: Grad-CAM needs the
-gradient of the score only *above* the target layer. A forward hook swaps the target layer's
-output for a detached leaf tensor, and every parameter is set not to require gradients for the
-duration, so autograd records nothing below the target layer and the backward pass runs only
-through the small tail (pooling + head). Libraries back-propagate through the whole network,
-about 3x the cost. Correctness is checked against Captum's LayerGradCam in the tests.
+Written here rather than taken from a CAM library: Captum has Grad-CAM but neither
+Grad-CAM++ nor Eigen-CAM, and pytorch-grad-cam (with OpenCV and ttach) calls ``backward()``,
+which on a fine-tuned model also computes every trainable parameter's gradient. Here one code path
+serves all three methods: a forward hook swaps the target layer's output for a detached leaf
+and parameters stop requiring gradients for the call, so autograd records nothing below the
+target layer and the backward pass runs only through the small tail (pooling + head). Grad-CAM
+then costs about one forward pass (benchmarks/gradcam_speed.py; Captum's LayerGradCam, which
+asks autograd for the layer's gradient only, is as fast). The tests hold it equal to Captum.
 
 Binary models with one logit: the score for the positive class is +logit and for the negative
 class -logit, so a map for a wrong prediction still shows evidence for the class asked for.
