@@ -28,6 +28,8 @@ def test_run_folder_holds_everything(tiny_run, tiny_data):
     ck = torch.load(tiny_run / "last.pt", weights_only=True)
     assert ck["epoch"] == 2 and ck["optimizer"] is not None and ck["classes"] == ["normal", "cancer"]
     assert ck["image_size"] == 32 and "threshold" in ck and ck["normalization"]["mean"][0] == 0.485
+    best = torch.load(tiny_run / "best.pt", weights_only=True)
+    assert best["optimizer"] is not None and best["config"] == ck["config"] and best["classes"] == ck["classes"]
 
 
 def test_best_checkpoint_is_the_lowest_validation_loss(tiny_run):

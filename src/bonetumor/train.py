@@ -239,10 +239,11 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
             bad_epochs += 1
         stopped = bad_epochs >= cfg.patience
         extra = {"history": history, "best_val_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs}
+        state_kw = {"optimizer": optimizer, "scaler_state": scaler.state_dict() if scaler else None,
+                    "epoch": epoch, "extra": extra}
         if improved:
-            save_checkpoint(run / "best.pt", model, cfg, index.classes, epoch=epoch, extra=extra)
-        save_checkpoint(run / "last.pt", model, cfg, index.classes, optimizer=optimizer,
-                        scaler_state=scaler.state_dict() if scaler else None, epoch=epoch, extra=extra)
+            save_checkpoint(run / "best.pt", model, cfg, index.classes, **state_kw)
+        save_checkpoint(run / "last.pt", model, cfg, index.classes, **state_kw)
         _write_history(run / "history.csv", history)
         if verbose:
             console.print(f"epoch {epoch:3d}  loss {tr_loss:.4f}  acc {tr_acc:.3f}  val_loss {val.loss:.4f}  "
