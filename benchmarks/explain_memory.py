@@ -38,6 +38,7 @@ def main() -> None:
     from bonetumor.config import TrainConfig
     from bonetumor.data.io import write_png
     from bonetumor.models import create_model
+    from bonetumor.utils import atomic_write_json
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,9 +63,7 @@ def main() -> None:
     res = {"image_size": args.size, "results": results,
            "peak_rss_ratio_1000_vs_100": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
            "parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(args.out, res)
     print(json.dumps(res, indent=2))
 
 

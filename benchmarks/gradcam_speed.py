@@ -16,13 +16,12 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from bonetumor.explain.cam import compute_cams
 from bonetumor.models import create_model
-from bonetumor.utils import environment_info, select_device
+from bonetumor.utils import atomic_write_json, environment_info, select_device
 
 
 def main() -> None:
@@ -104,10 +103,9 @@ def main() -> None:
             row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
             print(json.dumps(row), flush=True)
             results.append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": "resnet50", "freeze": args.freeze, "image_size": 224, "layer": "backbone.layer4", "reps": args.reps,
-                               "results": results, "environment": environment_info(dev)}, indent=2) + "\n")
+    atomic_write_json(args.out, {"model": "resnet50", "freeze": args.freeze, "image_size": 224,
+                                 "layer": "backbone.layer4", "reps": args.reps, "results": results,
+                                 "environment": environment_info(dev)})
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from bonetumor.models import create_model
-from bonetumor.utils import environment_info, select_device
+from bonetumor.utils import atomic_write_json, environment_info, select_device
 
 RESNET50_GFLOP_PER_IMAGE = 8.2  # forward pass at 224x224 (4.1 GMAC); a training step costs about 3x
 
@@ -94,9 +93,7 @@ def main() -> None:
         res[f"train_frozen_b{batch}_ips"] = round(training_ips(frozen, device, batch, args.reps, sync), 2)
         print(json.dumps({k: v for k, v in res.items() if f"b{batch}" in k}))
     res["environment"] = environment_info(device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(args.out, res)
     print(json.dumps(res, indent=2))
 
 
