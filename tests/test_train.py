@@ -105,3 +105,11 @@ def test_train_split_with_one_class_is_refused(tmp_path):
     make_class_tree(data / "valid", n=2)
     with pytest.raises(BonetumorError, match="train split holds only"):
         fit(tiny_config(data, epochs=1), tmp_path / "r", verbose=False)
+
+
+def test_bf16_training_on_cpu_learns_and_records_its_precision(tmp_path, tiny_data):
+    r = fit(tiny_config(tiny_data, precision="bf16", epochs=2), tmp_path / "r", verbose=False)
+    assert len(r.history) == 2 and all(float(h["train_loss"]) > 0 for h in r.history)
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["precision"] == "bf16"
+    with pytest.raises(BonetumorError, match="fp16 needs a CUDA GPU"):
+        fit(tiny_config(tiny_data, precision="fp16", device="cpu"), tmp_path / "r2", verbose=False)

@@ -48,11 +48,12 @@ def synth(
     modality: str = typer.Option("mri", help="mri (axial limb slices) or xray (long-bone projections)."),
     slices: int = typer.Option(4, help="Images per patient."),
     bit_depth: int = typer.Option(8, help="PNG bit depth: 8 or 16."),
+    zoom: float = typer.Option(1.0, help="Narrow the field of view onto the bone by this factor."),
 ):
     """Write a synthetic data set with tumour masks: OUT/{train,valid,test}/{cancer,normal}/ + manifest.csv."""
     from bonetumor.data.synth import create_synthetic_dataset
 
-    r = create_synthetic_dataset(out_dir, n_patients, size, seed, modality, slices, bit_depth)
+    r = create_synthetic_dataset(out_dir, n_patients, size, seed, modality, slices, bit_depth, zoom)
     out.print(f"wrote {r.n_images} images of {r.n_patients} patients to {r.root} (manifest: {r.manifest})")
 
 
@@ -74,6 +75,7 @@ def train(
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
     workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
+    precision: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA, else fp32), fp32, bf16 or fp16."),
     weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights/checkpoint file."),
     backbone: Optional[str] = typer.Option(None, help="resnet50, densenet121 or efficientnet_b0."),
     freeze: Optional[str] = typer.Option(None, help="backbone (train the head only) or none."),
@@ -91,7 +93,7 @@ def train(
     overrides = {k: v for k, v in dict(
         data=data, manifest=manifest, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir,
         positive_class=positive_class, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-        seed=seed, device=device, workers=workers, weights=weights, backbone=backbone, freeze=freeze,
+        seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
         patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files).items()}
     cfg = load_config(config, overrides)

@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     workers: int = 0
-    amp: bool = True
+    precision: str = "auto"  # auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16
 
     def validate(self) -> None:
         """Raise BonetumorError on values that cannot work, naming the option."""
@@ -67,6 +67,8 @@ class TrainConfig:
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), not {self.test_fraction}"),
             (self.zoom_min <= self.zoom_max, "zoom_min must not exceed zoom_max"),
             (self.freeze in ("backbone", "none"), f"--freeze must be 'backbone' or 'none', not {self.freeze!r}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -11,11 +11,13 @@ from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.evaluate import evaluate
 from bonetumor.explain.run import ExplainResult, explain
 from bonetumor.train import fit
-from bonetumor.utils import prepare_out_dir
+from bonetumor.utils import cpu_has_fast_bf16, prepare_out_dir, select_device
 
-# Small enough for 2 CPU cores in a few minutes, large enough for the model to learn.
-DEMO_DATA = {"n_patients": 160, "size": 64, "seed": 0, "modality": "mri", "slices_per_patient": 4}
-DEMO_TRAIN = {"image_size": 64, "epochs": 25, "batch_size": 32, "lr": 1e-3, "weights": "none", "freeze": "none",
+# Small enough for 2 CPU cores in a few minutes, large enough for the model to learn. The field
+# of view is narrowed onto the bone (zoom) so that lesions are large enough for ResNet50's 3x3
+# last-block grid at 96 px; bf16 where the CPU has it natively (about 2x faster training).
+DEMO_DATA = {"n_patients": 160, "size": 96, "seed": 0, "modality": "mri", "slices_per_patient": 4, "zoom": 1.8}
+DEMO_TRAIN = {"image_size": 96, "precision": "bf16", "epochs": 22, "batch_size": 32, "lr": 1e-3, "weights": "none", "freeze": "none",
               "patience": 8, "seed": 0}
 DEMO_PANELS = 24
 
@@ -34,11 +36,14 @@ class DemoResult:
 
 def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: str = "auto",
              epochs: int | None = None, verbose: bool = True) -> DemoResult:
-    """Make the synthetic data set, train ResNet50 from scratch on it and evaluate on its test split."""
+    """Make the synthetic data set, train ResNet50 from scratch on it, evaluate on its test split and
+    explain the test split with Grad-CAM (scored against the synthetic lesion masks)."""
     t0 = time.perf_counter()
     root = prepare_out_dir(out, overwrite=overwrite)
     data = create_synthetic_dataset(root / "data", **DEMO_DATA)
     cfg = TrainConfig(data=str(data.root), device=device, **DEMO_TRAIN)
+    if select_device(device).type == "cpu" and not cpu_has_fast_bf16():
+        cfg.precision = "fp32"
     if epochs is not None:
         cfg.epochs = epochs
     res = fit(cfg, root / "run", verbose=verbose)

@@ -34,13 +34,15 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn=None, amp: bool = False) -> Predictions:
-    """Run ``model`` (eval mode) over every batch of ``loader``; mean loss if ``loss_fn`` is given."""
+def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn=None,
+                   dtype: torch.dtype | None = None) -> Predictions:
+    """Run ``model`` (eval mode, autocast to ``dtype`` if given) over every batch of ``loader``;
+    mean loss if ``loss_fn`` is given."""
     model.eval()
     probs, targets, indices, total = [], [], [], 0.0
     for x, y, idx in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).float()
         if loss_fn is not None:
             yt = y.to(device)

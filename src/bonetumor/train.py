@@ -37,6 +37,7 @@ from bonetumor.evaluate import binary_auc, predict_loader
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
     atomic_write_json,
+    autocast_dtype,
     environment_info,
     prepare_out_dir,
     seed_everything,
@@ -100,19 +101,19 @@ def _loss_target(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y.float().view_as(logits) if logits.shape[1] == 1 else y
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, device, scaler=None, verbose=True, desc="train") -> tuple[float, float]:
-    """One pass over ``loader``; returns (mean loss, accuracy)."""
+def train_one_epoch(model, loader, optimizer, loss_fn, device, dtype=None, scaler=None, verbose=True,
+                    desc="train") -> tuple[float, float]:
+    """One pass over ``loader`` (autocast to ``dtype`` when given); returns (mean loss, accuracy)."""
     model.train()
     total, n, correct = 0.0, 0, 0
-    use_amp = scaler is not None
     for x, y, _ in track(loader, description=desc, transient=True, disable=not (verbose and console.is_terminal), console=console):
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
             loss = loss_fn(logits.float(), _loss_target(logits, y))
         optimizer.zero_grad(set_to_none=True)
-        if use_amp:
+        if scaler is not None:  # fp16 needs loss scaling; bf16 has fp32's range and does not
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -196,7 +197,8 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     loss_fn = create_loss(index, cfg, device)
     history: list[dict] = []
     best_loss, best_epoch, bad_epochs, start = math.inf, 0, 0, 1
@@ -213,7 +215,8 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         tr, tot = count_parameters(model)
         console.print(f"data: {index.layout} layout, classes {index.classes}, counts {index.counts()}, "
                       f"{'patient' if index.patient_level else 'image'}-level splits")
-        console.print(f"model: {cfg.backbone} ({cfg.weights} weights), {tr:,} of {tot:,} parameters trainable; device {device}")
+        console.print(f"model: {cfg.backbone} ({cfg.weights} weights), {tr:,} of {tot:,} parameters trainable; device {device}, "
+                      f"{'fp32' if dtype is None else str(dtype).split('.')[-1]} compute")
     gen = torch.Generator()
     train_loader = create_loader(index, "train", cfg, True, device, gen)
     val_loader = create_loader(index, "valid", cfg, False, device)
@@ -225,8 +228,9 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         # Reseed per epoch so that a resumed run draws exactly what an uninterrupted one would.
         gen.manual_seed(cfg.seed * 100003 + epoch)
         torch.manual_seed(cfg.seed * 100003 + epoch)
-        tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, loss_fn, device, scaler, verbose, f"epoch {epoch}/{cfg.epochs}")
-        val = predict_loader(model, val_loader, device, loss_fn=loss_fn, amp=scaler is not None)
+        tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, loss_fn, device, dtype, scaler, verbose,
+                                          f"epoch {epoch}/{cfg.epochs}")
+        val = predict_loader(model, val_loader, device, loss_fn=loss_fn, dtype=dtype)
         row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
                "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
                "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if n_out == 1 else "",

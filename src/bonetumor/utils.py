@@ -96,6 +96,26 @@ def select_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name on a device (None means plain fp32).
+
+    ``auto`` is fp16 mixed precision on CUDA and fp32 elsewhere; ``bf16`` works on CPUs
+    (fast where they have bf16 instructions) and GPUs; ``fp16`` needs CUDA.
+    """
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise BonetumorError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name)()) for name in checks if cpu is not None and hasattr(cpu, name))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (all devices)."""
     random.seed(seed)

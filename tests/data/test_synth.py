@@ -82,3 +82,15 @@ def test_grey_level_histograms_alone_do_not_separate_the_classes(tmp_path):
     clf = LogisticRegression(max_iter=5000).fit(X["train"], y["train"])
     auc = roc_auc_score(y["test"], clf.predict_proba(X["test"])[:, 1])
     assert 0.0 < auc <= 0.85
+
+
+def test_zoom_enlarges_the_lesions(tmp_path):
+    def lesion_fraction(root):
+        ms = [np.asarray(Image.open(p)) > 0 for p in sorted((root / "masks").glob("*.png"))]
+        return float(np.mean(ms))
+
+    a = create_synthetic_dataset(tmp_path / "a", 12, 64, seed=3)
+    b = create_synthetic_dataset(tmp_path / "b", 12, 64, seed=3, zoom=2.0)
+    assert lesion_fraction(b.root) > 2.5 * lesion_fraction(a.root)
+    with pytest.raises(BonetumorError, match="--zoom"):
+        create_synthetic_dataset(tmp_path / "c", 12, 64, zoom=9)

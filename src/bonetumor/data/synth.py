@@ -41,14 +41,21 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c)  # x varies along columns, y along rows
 
 
-def _pose(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a random rotation, scale and shift to the coordinate grid."""
+def _pose(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, zoom: float = 1.0,
+          centre: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a random rotation, scale and shift to the coordinate grid.
+
+    ``zoom`` > 1 narrows the field of view onto ``centre`` (the bone), as a tighter scan would.
+    """
     ang = rng.uniform(-np.pi, np.pi)
-    scale = rng.uniform(0.85, 1.15)
+    scale = rng.uniform(0.85, 1.15) * zoom
     tx, ty = rng.uniform(-0.08, 0.08, size=2)
     ca, sa = np.cos(ang), np.sin(ang)
-    xr = (ca * (x - tx) + sa * (y - ty)) / scale
-    yr = (-sa * (x - tx) + ca * (y - ty)) / scale
+    shift = 1.0 - 1.0 / zoom
+    # A zoomed view is aimed near the bone, not exactly at it, so lesions do not sit in the middle.
+    cx, cy = centre[0] * shift + rng.uniform(-0.3, 0.3) * shift, centre[1] * shift + rng.uniform(-0.3, 0.3) * shift
+    xr = (ca * (x - tx) + sa * (y - ty)) / scale + cx
+    yr = (-sa * (x - tx) + ca * (y - ty)) / scale + cy
     return xr, yr
 
 
@@ -104,9 +111,9 @@ def _look_alikes(x, y, img, allowed, rng, n_max: int, value_range: tuple[float, 
         img[:] = img * (1 - m) + val * m
 
 
-def _mri_slice(size, anat, tumour, rng) -> tuple[np.ndarray, np.ndarray]:
+def _mri_slice(size, anat, tumour, rng, zoom=1.0) -> tuple[np.ndarray, np.ndarray]:
     """Axial T1-like limb slice: skin/fat ring, muscle, dark cortical ring, bright marrow."""
-    x, y = _pose(*_grid(size), rng)
+    x, y = _pose(*_grid(size), rng, zoom, (anat["bx"], anat["by"]))
     limb = _ellipse(x, y, 0, 0, anat["la"], anat["lb"])
     muscle = _ellipse(x, y, 0, 0, anat["la"] - anat["fat"], anat["lb"] - anat["fat"])
     bx, by, br = anat["bx"], anat["by"], anat["br"]
@@ -146,9 +153,9 @@ def _mri_slice(size, anat, tumour, rng) -> tuple[np.ndarray, np.ndarray]:
     return img, mask
 
 
-def _xray_slice(size, anat, tumour, rng) -> tuple[np.ndarray, np.ndarray]:
+def _xray_slice(size, anat, tumour, rng, zoom=1.0) -> tuple[np.ndarray, np.ndarray]:
     """Long-bone projection: soft-tissue band, tubular bone with bright cortices and dimmer canal."""
-    x, y = _pose(*_grid(size), rng)
+    x, y = _pose(*_grid(size), rng, zoom, (anat["bx"] * 0.3, 0.0))
     soft = _soft(anat["la"] - np.abs(x), 0.03)
     img = 0.04 + soft * anat["fat_i"] * 0.45 * (1 - 0.3 * x**2)
     R = anat["br"] * (1 + 0.35 * _soft(y - 0.55, 0.08))  # metaphyseal flare at one end
@@ -210,7 +217,7 @@ def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def make_patient(modality: str, size: int, cancer: bool, n_slices: int, rng: np.random.Generator):
+def make_patient(modality: str, size: int, cancer: bool, n_slices: int, rng: np.random.Generator, zoom: float = 1.0):
     """Images and masks (float arrays in [0,1]) for the slices of one synthetic patient."""
     anat = _patient_anatomy(rng)
     tumour0 = None
@@ -230,7 +237,7 @@ def make_patient(modality: str, size: int, cancer: bool, n_slices: int, rng: np.
         if tumour0 is not None:
             # Neighbouring slices cut the tumour at different sizes.
             t = dict(tumour0, r=tumour0["r"] * rng.uniform(0.75, 1.1))
-        img, mask = draw(size, anat, t, rng)
+        img, mask = draw(size, anat, t, rng, zoom)
         out.append((_finish(img, rng), (mask > 0.5).astype(np.uint8)))
     return out
 
@@ -258,6 +265,7 @@ def create_synthetic_dataset(
     modality: str = "mri",
     slices_per_patient: int = 4,
     bit_depth: int = 8,
+    zoom: float = 1.0,
 ) -> SynthResult:
     """Write a synthetic data set to ``out`` in the ``{split}/{class}/`` layout plus ``manifest.csv``.
 
@@ -269,6 +277,7 @@ def create_synthetic_dataset(
         modality: ``mri`` (axial limb slices) or ``xray`` (long-bone projections).
         slices_per_patient: images per patient.
         bit_depth: 8 or 16 (PNG).
+        zoom: field of view narrowed onto the bone by this factor (1 = whole limb).
 
     Raises:
         BonetumorError: on bad arguments or an existing non-empty ``out``.
@@ -279,6 +288,8 @@ def create_synthetic_dataset(
         raise BonetumorError(f"--bit-depth must be 8 or 16, not {bit_depth}")
     if n_patients < 6:
         raise BonetumorError(f"--n-patients must be at least 6 (one per class and split), not {n_patients}")
+    if not 0.5 <= zoom <= 4:
+        raise BonetumorError(f"--zoom must be between 0.5 and 4, not {zoom}")
     if size < 32:
         raise BonetumorError(f"--size must be at least 32 pixels, not {size}")
     root = Path(out)
@@ -291,7 +302,7 @@ def create_synthetic_dataset(
     for p, ((split, cancer), ss) in enumerate(zip(assignment, seeds)):
         pid = f"P{p:04d}"
         label = "cancer" if cancer else "normal"
-        slices = make_patient(modality, size, cancer, slices_per_patient, np.random.default_rng(ss))
+        slices = make_patient(modality, size, cancer, slices_per_patient, np.random.default_rng(ss), zoom)
         for k, (img, mask) in enumerate(slices):
             rel = Path(split) / label / f"{pid}_s{k}.png"
             write_png(root / rel, img, bit_depth)
