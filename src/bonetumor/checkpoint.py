@@ -68,6 +68,12 @@ class LoadedCheckpoint:
         """The class whose probability a binary model outputs."""
         return self.classes[-1]
 
+    def label_for(self, prob) -> str:
+        """The predicted class: P(positive) >= threshold for binary models, else the most probable class."""
+        if getattr(prob, "ndim", 0) == 0 and not isinstance(prob, (list, tuple)):
+            return self.classes[int(float(prob) >= self.threshold)]
+        return self.classes[int(max(range(len(prob)), key=lambda i: float(prob[i])))]
+
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
     """Load a bonetumor checkpoint and rebuild its model (eval mode) on ``device``.

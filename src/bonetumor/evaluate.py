@@ -6,7 +6,6 @@ split is predicted once, in order, and every figure comes from those same predic
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,7 @@ import torch
 from sklearn import metrics as skm
 
 from bonetumor.errors import BonetumorError
-from bonetumor.utils import atomic_path, atomic_write_json, atomic_write_text
+from bonetumor.utils import atomic_write_csv, atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -33,6 +32,11 @@ class Predictions:
         return float((pred == self.targets).mean()) if len(pred) else float("nan")
 
 
+def loss_target(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Targets in the form the loss wants: float (N, 1) for one logit, class indices otherwise."""
+    return y.float().view_as(logits) if logits.shape[1] == 1 else y
+
+
 @torch.inference_mode()
 def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn=None,
                    dtype: torch.dtype | None = None) -> Predictions:
@@ -45,8 +49,7 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).float()
         if loss_fn is not None:
-            yt = y.to(device)
-            total += loss_fn(logits, yt.float().view_as(logits) if logits.shape[1] == 1 else yt).item() * len(y)
+            total += loss_fn(logits, loss_target(logits, y.to(device))).item() * len(y)
         p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
         probs.append(p.cpu().numpy())
         targets.append(y.numpy())
@@ -138,16 +141,11 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     report = m.pop("classification_report")
     atomic_write_json(outdir / "metrics.json", m)
     atomic_write_text(outdir / "classification_report.txt", report)
-    with atomic_path(outdir / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        if preds.probs.ndim == 1:
-            w.writerow(["path", "label", "probability", "prediction"])
-            for i, p in zip(preds.indices, preds.probs):
-                w.writerow([samples[i].path, samples[i].label, f"{p:.6f}", ck.classes[int(p >= ck.threshold)]])
-        else:
-            w.writerow(["path", "label", *[f"p_{c}" for c in ck.classes], "prediction"])
-            for i, p in zip(preds.indices, preds.probs):
-                w.writerow([samples[i].path, samples[i].label, *[f"{v:.6f}" for v in p], ck.classes[int(p.argmax())]])
+    prob_cols = ["probability"] if preds.probs.ndim == 1 else [f"p_{c}" for c in ck.classes]
+    rows = ({"path": samples[i].path, "label": samples[i].label, "prediction": ck.label_for(p),
+             **dict(zip(prob_cols, (f"{v:.6f}" for v in np.atleast_1d(p))))}
+            for i, p in zip(preds.indices, preds.probs))
+    atomic_write_csv(outdir / "predictions.csv", ["path", "label", *prob_cols, "prediction"], rows)
     if preds.probs.ndim == 1:
         plot_roc(preds.targets, preds.probs, outdir / "roc.png", title=f"ROC ({split}, n={m['n']})")
     plot_confusion(np.array(m["confusion_matrix"]["matrix"]), ck.classes, outdir / "confusion_matrix.png")

@@ -53,10 +53,9 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         logits = ck.model(x).float()
         if logits.shape[1] == 1:
             for f, p in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
-                label = ck.classes[1] if p >= ck.threshold else ck.classes[0]
-                results.append({"path": str(f), "probability": round(p, 6), "label": label, "threshold": ck.threshold})
+                results.append({"path": str(f), "probability": round(p, 6), "label": ck.label_for(p),
+                                "threshold": ck.threshold})
         else:
             for f, p in zip(chunk, torch.softmax(logits, 1).tolist()):
-                results.append({"path": str(f), "probabilities": dict(zip(ck.classes, p)),
-                                "label": ck.classes[max(range(len(p)), key=p.__getitem__)]})
+                results.append({"path": str(f), "probabilities": dict(zip(ck.classes, p)), "label": ck.label_for(p)})
     return results

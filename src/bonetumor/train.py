@@ -8,7 +8,6 @@ the uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -33,9 +32,10 @@ from bonetumor.data.datasets import (
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError
-from bonetumor.evaluate import binary_auc, predict_loader
+from bonetumor.evaluate import binary_auc, loss_target, predict_loader
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
+    atomic_write_csv,
     atomic_write_json,
     autocast_dtype,
     environment_info,
@@ -97,10 +97,6 @@ def create_loss(index: DatasetIndex, cfg: TrainConfig, device: torch.device) -> 
     return nn.CrossEntropyLoss(weight=w)
 
 
-def _loss_target(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return y.float().view_as(logits) if logits.shape[1] == 1 else y
-
-
 def train_one_epoch(model, loader, optimizer, loss_fn, device, dtype=None, scaler=None, verbose=True,
                     desc="train") -> tuple[float, float]:
     """One pass over ``loader`` (autocast to ``dtype`` when given); returns (mean loss, accuracy)."""
@@ -111,7 +107,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, dtype=None, scale
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
-            loss = loss_fn(logits.float(), _loss_target(logits, y))
+            loss = loss_fn(logits.float(), loss_target(logits, y))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16 needs loss scaling; bf16 has fp32's range and does not
             scaler.scale(loss).backward()
@@ -133,15 +129,6 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "-"
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    from bonetumor.utils import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-        w.writeheader()
-        w.writerows(history)
-
-
 def _write_run_record(run: Path, cfg: TrainConfig, index: DatasetIndex, skipped, device) -> None:
     save_config(cfg, run / "config.yaml")
     atomic_write_json(run / "environment.json", environment_info(device))
@@ -152,17 +139,12 @@ def _write_run_record(run: Path, cfg: TrainConfig, index: DatasetIndex, skipped,
         "counts": index.counts(), "fingerprint": fingerprint(index.samples, index.root),
         "skipped_files": len(skipped), "ignored_non_image_files": len(index.ignored_files),
     })
-    from bonetumor.utils import atomic_path
-
-    with atomic_path(run / "splits.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "patient_id", "split"])
-        w.writerows([s.path, s.label, s.patient_id or "", s.split] for s in index.samples)
+    atomic_write_csv(run / "splits.csv", ["path", "label", "patient_id", "split"],
+                     ({"path": s.path, "label": s.label, "patient_id": s.patient_id or "", "split": s.split}
+                      for s in index.samples))
     if skipped:
-        with atomic_path(run / "skipped_files.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "problem"])
-            w.writerows(skipped)
+        atomic_write_csv(run / "skipped_files.csv", ["path", "problem"],
+                         ({"path": p, "problem": why} for p, why in skipped))
 
 
 def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool = False, verbose: bool = True) -> FitResult:
@@ -248,7 +230,7 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         if improved:
             save_checkpoint(run / "best.pt", model, cfg, index.classes, **state_kw)
         save_checkpoint(run / "last.pt", model, cfg, index.classes, **state_kw)
-        _write_history(run / "history.csv", history)
+        atomic_write_csv(run / "history.csv", HISTORY_FIELDS, history)
         if verbose:
             console.print(f"epoch {epoch:3d}  loss {tr_loss:.4f}  acc {tr_acc:.3f}  val_loss {val.loss:.4f}  "
                           f"val_acc {row['val_accuracy']:.3f}  val_auc {_fmt(row['val_roc_auc'])}  "

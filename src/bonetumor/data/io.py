@@ -6,14 +6,13 @@ it never cares whether the file was 8-bit grey, 16-bit, palette or RGBA.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bonetumor.errors import BadImageError
+from bonetumor.utils import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -74,17 +73,10 @@ def read_image(path: str | Path) -> np.ndarray:
 def write_png(path: str | Path, img: np.ndarray, bit_depth: int = 8) -> None:
     """Write a float image in [0, 1] (H, W) as an 8- or 16-bit greyscale PNG, atomically."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     a = np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0)
     if bit_depth == 16:
         pil = Image.fromarray(np.round(a * 65535).astype(np.uint16))
     else:
         pil = Image.fromarray(np.round(a * 255).astype(np.uint8))
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(p, fsync=False) as tmp:
         pil.save(tmp, format="PNG")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

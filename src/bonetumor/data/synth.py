@@ -12,7 +12,6 @@ No library draws anatomy like this, so the shapes are written here with plain nu
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from bonetumor.data.io import write_png
 from bonetumor.errors import BonetumorError
+from bonetumor.utils import atomic_write_csv
 
 MODALITIES = ("mri", "xray")
 SPLITS = ("train", "valid", "test")
@@ -313,8 +313,5 @@ def create_synthetic_dataset(
             rows.append({"path": rel.as_posix(), "label": label, "patient_id": pid, "split": split,
                          "mask_path": Path(mask_rel).as_posix() if mask_rel else ""})
     manifest = root / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "patient_id", "split", "mask_path"])
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write_csv(manifest, ["path", "label", "patient_id", "split", "mask_path"], rows)
     return SynthResult(root=root, manifest=manifest, n_images=len(rows), n_patients=n_patients)

@@ -33,6 +33,7 @@ from bonetumor.plots import save_cam_panel
 from bonetumor.predict import expand_paths
 from bonetumor.utils import (
     atomic_path,
+    atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     prepare_out_dir,
@@ -148,10 +149,7 @@ def _one_image(n: int, f: Path, original: torch.Tensor, res, j: int, ck, lookup,
     with atomic_path(outdir / "maps" / f"{stem}.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, cam)
     p = res.probs[j]
-    if p.ndim == 0:
-        prob, label = float(p), ck.classes[int(float(p) >= ck.threshold)]
-    else:
-        prob, label = float(p.max()), ck.classes[int(p.argmax())]
+    prob, label = float(p.max()), ck.label_for(p.cpu())
     row = {"path": str(f), "probability": round(prob, 6), "prediction": label,
            "explained_class": ck.classes[int(res.target_index[j])], "map": f"maps/{stem}.npy", "panel": ""}
     mask = lookup(f, (h, w))
@@ -179,10 +177,7 @@ def _write_tables(result: ExplainResult, method: str, target: str, layer: str, p
         }
         atomic_write_json(out / "localization.json", result.localization)
         keys = ["path", "probability", "prediction", "explained_class", *SCORES, *[f"baseline_{k}" for k in SCORES]]
-        with atomic_path(out / "localization.csv") as tmp, open(tmp, "w", newline="") as fh:
-            wr = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-            wr.writeheader()
-            wr.writerows(scored)
+        atomic_write_csv(out / "localization.csv", keys, scored)
     atomic_write_json(out / "explain.json", {"method": method, "target": target, "layer": layer, "n_images": len(rows),
                                              "faithfulness": result.faithfulness, "images": rows})
     cards = []
