@@ -33,6 +33,23 @@ def test_synth_train_evaluate_predict(tmp_path):
     assert code == 0 and "probability" in out
 
 
+def test_audit_command_and_strict_exit_code(tmp_path, tiny_data):
+    import shutil
+
+    code, out = _run("audit", tiny_data, "--out", tmp_path / "a", "--strict")
+    assert code == 0 and "no leakage found" in out and (tmp_path / "a" / "audit.json").is_file()
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    (data / "manifest.csv").unlink()
+    shutil.copy(next((data / "train" / "normal").glob("*.png")), data / "test" / "normal" / "dup.png")
+    code, out = _run("audit", data)
+    assert code == 0 and "1 of 9 test images copy or nearly copy a training image (1 exact)" in out
+    code, _ = _run("audit", data, "--strict")
+    assert code == 1
+    code, out = _run("audit")
+    assert code == 2 and "no data given" in out
+
+
 def test_config_file_and_unfreeze_flag(tmp_path, tiny_data):
     (tmp_path / "c.yaml").write_text("epochs: 1\nimage_size: 32\nbatch_size: 8\nweights: none\nlr: 0.01\n")
     code, out = _run("train", tiny_data, "--out", tmp_path / "r", "--config", tmp_path / "c.yaml",

@@ -40,7 +40,8 @@ def test_roundtrip_through_yaml(tmp_path):
     assert config_from_dict({**config_to_dict(c), "from_the_future": 1}) == c
 
 
-@pytest.mark.parametrize("kw", [{"epochs": 0}, {"lr": -1.0}, {"freeze": "all"}, {"image_size": 8}, {"data": None}])
+@pytest.mark.parametrize("kw", [{"epochs": 0}, {"lr": -1.0}, {"freeze": "all"}, {"image_size": 8}, {"data": None},
+                                {"output_stride": 4}, {"lr_schedule": "step"}])
 def test_validate_rejects_impossible_values(kw):
     c = TrainConfig(**{"data": "x", **kw})
     with pytest.raises(BonetumorError):

@@ -62,6 +62,9 @@ def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tm
     # predict gives the same probabilities as evaluate
     pr = {r["path"]: r["probability"] for r in predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu")}
     assert all(abs(pr[r["path"]] - float(r["probability"])) < 1e-5 for r in rows)
+    # the 1-NN look-up baseline sits beside the model's figures, on the same images
+    b = saved["memorisation_baseline"]
+    assert b["n"] == 8 and 0 <= b["accuracy"] <= 1 and 0 <= b["roc_auc"] <= 1
 
 
 def test_evaluate_other_split(tiny_run, tiny_data, tmp_path):

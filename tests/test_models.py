@@ -41,6 +41,25 @@ def test_unfreeze_deeper_layers():
         create_model("resnet50", "none", unfreeze=["layer9"])
 
 
+@pytest.mark.parametrize("stride", [32, 16, 8])
+def test_output_stride_sets_the_last_feature_map_and_keeps_weight_shapes(stride):
+    m = create_model("resnet50", "none", output_stride=stride).eval()
+    feats = {}
+    m.backbone.layer4.register_forward_hook(lambda mod, i, o: feats.setdefault("x", o))
+    assert m(torch.randn(1, 3, 96, 96)).shape == (1, 1)
+    assert feats["x"].shape[-2:] == (96 // stride, 96 // stride)
+    # Dilation instead of stride: every weight keeps its shape, so ImageNet weights still fit.
+    ref = torchvision.models.resnet50().state_dict()
+    assert {k: v.shape for k, v in m.backbone.state_dict().items()} == {k: v.shape for k, v in ref.items() if not k.startswith("fc.")}
+
+
+def test_output_stride_other_backbones_refuse():
+    with pytest.raises(BonetumorError, match="densenet121 supports 32"):
+        create_model("densenet121", "none", output_stride=16)
+    with pytest.raises(BonetumorError, match="resnet50 supports 32, 16 or 8"):
+        create_model("resnet50", "none", output_stride=4)
+
+
 def test_full_fine_tune():
     m = create_model("resnet50", "none", freeze="none")
     assert count_parameters(m)[0] == count_parameters(m)[1]

@@ -17,7 +17,8 @@ def _history(run):
 def test_run_folder_holds_everything(tiny_run, tiny_data):
     names = {p.name for p in tiny_run.iterdir()}
     assert {"best.pt", "last.pt", "config.yaml", "environment.json", "data.json", "splits.csv",
-            "history.csv", "curves.png"} <= names
+            "history.csv", "curves.png", "audit.json"} <= names
+    assert json.loads((tiny_run / "audit.json").read_text())["leakage"] is False
     assert yaml.safe_load((tiny_run / "config.yaml").read_text())["image_size"] == 32
     data = json.loads((tiny_run / "data.json").read_text())
     assert data["split_level"] == "patient" and data["classes"] == ["normal", "cancer"]
@@ -30,6 +31,24 @@ def test_run_folder_holds_everything(tiny_run, tiny_data):
     assert ck["image_size"] == 32 and "threshold" in ck and ck["normalization"]["mean"][0] == 0.485
     best = torch.load(tiny_run / "best.pt", weights_only=True)
     assert best["optimizer"] is not None and best["config"] == ck["config"] and best["classes"] == ck["classes"]
+
+
+def test_training_audits_the_data_and_warns_on_leakage(tmp_path, tiny_data):
+    import shutil
+
+    from bonetumor.errors import LeakageWarning
+
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    src = next((data / "train" / "cancer").glob("*.png"))
+    shutil.copy(src, data / "valid" / "cancer" / "copy_of_train.png")
+    (data / "manifest.csv").unlink()  # folder layout, so the copy is picked up
+    with pytest.warns(LeakageWarning, match="1 of 9 valid images copy or nearly copy a training image"):
+        fit(tiny_config(data, epochs=1), tmp_path / "r", verbose=False)
+    audit = json.loads((tmp_path / "r" / "audit.json").read_text())
+    assert audit["leakage"] is True and audit["duplicates"]["valid"]["exact_copies_of_train"] == 1
+    fit(tiny_config(data, epochs=1, audit=False), tmp_path / "r2", verbose=False)
+    assert not (tmp_path / "r2" / "audit.json").exists()
 
 
 def test_best_checkpoint_is_the_lowest_validation_loss(tiny_run):
@@ -58,6 +77,19 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
     wf = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     wr = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(wf[k].float(), wr[k].float()) for k in wf)
+
+
+def test_cosine_schedule_is_recorded_and_resumes_exactly(tmp_path, tiny_data):
+    from bonetumor.train import lr_at_epoch
+
+    cfg = tiny_config(tiny_data, epochs=3, lr=1e-3, lr_schedule="cosine")
+    assert [lr_at_epoch(cfg, e) for e in (1, 2, 3)] == pytest.approx([1e-3, 0.505e-3, 1e-5])
+    full = fit(cfg, tmp_path / "full", verbose=False)
+    assert [float(r["lr"]) for r in full.history] == pytest.approx([1e-3, 0.505e-3, 1e-5])
+    fit(tiny_config(tiny_data, epochs=1, lr=1e-3, lr_schedule="cosine"), tmp_path / "part", verbose=False)
+    resumed = fit(tiny_config(tiny_data, epochs=3), tmp_path / "part", resume=True, verbose=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
 
 
 def test_early_stopping_restores_best(tmp_path, tiny_data):

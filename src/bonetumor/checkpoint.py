@@ -90,7 +90,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         cfg = config_from_dict(obj["config"])
         classes = list(obj["classes"])
         n_out = 1 if len(classes) == 2 else len(classes)
-        model = create_model(cfg.backbone, "none", "backbone", (), n_out, cfg.hidden, cfg.dropout)
+        model = create_model(cfg.backbone, "none", "backbone", (), n_out, cfg.hidden, cfg.dropout,
+                         cfg.output_stride)
         model.load_state_dict(obj["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({str(e).splitlines()[0][:160]})") from None

@@ -72,6 +72,7 @@ def train(
     image_size: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant or cosine (decays to 1% of --lr by the last epoch)."),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
     workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
@@ -80,9 +81,11 @@ def train(
     backbone: Optional[str] = typer.Option(None, help="resnet50, densenet121 or efficientnet_b0."),
     freeze: Optional[str] = typer.Option(None, help="backbone (train the head only) or none."),
     unfreeze: Optional[str] = typer.Option(None, help="Blocks to fine-tune, e.g. layer4,layer3."),
+    output_stride: Optional[int] = typer.Option(None, help="32, or 16/8 for resnet50: finer feature map and Grad-CAM."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced"),
     skip_bad_files: Optional[bool] = typer.Option(None, "--skip-bad-files/--no-skip-bad-files"),
+    audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Leakage audit before training (default on)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
     resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
 ):
@@ -92,10 +95,10 @@ def train(
 
     overrides = {k: v for k, v in dict(
         data=data, manifest=manifest, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir,
-        positive_class=positive_class, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+        positive_class=positive_class, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
-        patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files).items()}
+        output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit).items()}
     cfg = load_config(config, overrides)
     res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)
     out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
@@ -109,6 +112,10 @@ def _print_metrics(m: dict) -> None:
         if k in m:
             t.add_row(k, f"{m[k]:.4f}")
     out.print(t)
+    b = m.get("memorisation_baseline")
+    if b:
+        out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {b['accuracy']:.4f}, "
+                  f"ROC-AUC {b['roc_auc']:.4f} (when close to the model's, the split measures memory, not learning)")
 
 
 @app.command()
@@ -135,6 +142,56 @@ def evaluate(
     _print_metrics(m)
     out.print(m["classification_report"])
     out.print(f"results in {out_dir}")
+
+
+@app.command()
+@_friendly
+def audit(
+    data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
+    manifest: Optional[str] = typer.Option(None, help="CSV with path,label[,patient_id][,split]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json."),
+    seed: int = typer.Option(42, help="Split seed, when the tool splits (as train's --seed)."),
+    near_threshold: int = typer.Option(6, help="Near-duplicate: pHash differs in at most this many of 64 bits."),
+    strict: bool = typer.Option(False, help="Exit with code 1 when leakage is found."),
+    overwrite: bool = typer.Option(False),
+):
+    """Leakage and confound audit: duplicates within and across splits, patients in two splits,
+    images with two labels, per-class shortcuts, and a 1-nearest-neighbour memorisation baseline."""
+    from bonetumor.data.audit import leakage_summary, run_audit
+
+    if data is None and manifest is None:
+        raise BonetumorError("no data given: pass DATA or --manifest")
+    r = run_audit(data, manifest, out_dir, seed=seed, near_threshold=near_threshold, overwrite=overwrite)
+    t = Table(title=f"duplicates ({r['n_images']} images, {r['split_level']}-level splits)")
+    for col in ("split", "n", "exact within", "near within", "exact copies of train", "exact or near copies of train",
+                "same source name as train"):
+        t.add_column(col, justify="right")
+    for split, row in r["duplicates"].items():
+        cp = (f"{row['exact_copies_of_train']} ({row['exact_rate']:.1%})", f"{row['near_copies_of_train']} ({row['near_rate']:.1%})") \
+            if "exact_copies_of_train" in row else ("", "")
+        src = row.get("same_source_name_as_train")
+        t.add_row(split, str(row["n"]), str(row["exact_duplicates_within"]), str(row["near_duplicates_within"]), *cp,
+                  "" if src is None else f"{src} ({src / max(row['n'], 1):.1%})")
+    out.print(t)
+    t = Table(title="shortcuts (numbers: single-feature ROC-AUC; categories: total variation distance)")
+    for col in ("feature", "effect", "flag", "per class"):
+        t.add_column(col)
+    for name, v in r["shortcuts"].items():
+        eff = f"AUC {v['auc']:.3f}" if v["kind"] == "numeric" else f"TVD {v['tvd']:.3f}"
+        per = "; ".join(f"{c}: {x['mean']:.3g}" if v["kind"] == "numeric" else f"{c}: {next(iter(x), '')}"
+                        for c, x in v["per_class"].items())
+        t.add_row(name, eff, "[yellow]yes[/]" if v["flag"] else "", per)
+    out.print(t)
+    for split, b in r.get("memorisation_baseline", {}).items():
+        out.print(f"1-NN memorisation baseline on {split}: accuracy {b['accuracy']:.3f}, ROC-AUC {b['roc_auc']:.3f} (n={b['n']})")
+    if r["unreadable"]:
+        out.print(f"[yellow]{len(r['unreadable'])} unreadable files[/], e.g. {r['unreadable'][0]['path']}: {r['unreadable'][0]['error']}")
+    summary = leakage_summary(r)
+    out.print(f"[bold yellow]leakage:[/] {summary}" if summary else "no leakage found")
+    if out_dir is not None:
+        out.print(f"audit written to {out_dir / 'audit.json'}")
+    if strict and r["leakage"]:
+        raise typer.Exit(1)
 
 
 @app.command()

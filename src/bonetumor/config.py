@@ -26,6 +26,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     skip_bad_files: bool = False
+    audit: bool = True  # leakage audit before training (audit.json in the run folder)
     # Preprocessing and augmentation (the original: flip, zoom 0.9-1.1, rotate)
     image_size: int = 224
     hflip: bool = True
@@ -39,10 +40,12 @@ class TrainConfig:
     unfreeze: list[str] = field(default_factory=list)
     dropout: float = 0.5
     hidden: int = 256
+    output_stride: int = 32  # 16 or 8 (resnet50): finer last feature map, finer Grad-CAM
     # Optimisation (the original: Adam, binary cross-entropy, early stopping patience 5)
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant (as the original) or cosine (decay to 1% by the last epoch)
     weight_decay: float = 0.0
     class_balanced: bool = False
     patience: int = 5
@@ -67,6 +70,8 @@ class TrainConfig:
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), not {self.test_fraction}"),
             (self.zoom_min <= self.zoom_max, "zoom_min must not exceed zoom_max"),
             (self.freeze in ("backbone", "none"), f"--freeze must be 'backbone' or 'none', not {self.freeze!r}"),
+            (self.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}"),
+            (self.output_stride in (8, 16, 32), f"--output-stride must be 32, 16 or 8, not {self.output_stride}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
         ]

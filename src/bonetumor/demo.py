@@ -13,12 +13,14 @@ from bonetumor.explain.run import ExplainResult, explain
 from bonetumor.train import fit
 from bonetumor.utils import cpu_has_fast_bf16, prepare_out_dir, select_device
 
-# Small enough for 2 CPU cores in a few minutes, large enough for the model to learn. The field
-# of view is narrowed onto the bone (zoom) so that lesions are large enough for ResNet50's 3x3
-# last-block grid at 96 px; bf16 where the CPU has it natively (about 2x faster training).
-DEMO_DATA = {"n_patients": 160, "size": 96, "seed": 0, "modality": "mri", "slices_per_patient": 4, "zoom": 1.8}
-DEMO_TRAIN = {"image_size": 96, "precision": "bf16", "epochs": 22, "batch_size": 32, "lr": 1e-3, "weights": "none", "freeze": "none",
-              "patience": 8, "seed": 0}
+# Small enough for 2 CPU cores in a few minutes, large enough for the model to learn. Fat-
+# suppressed (STIR-like) MRI, where marrow lesions are bright, as radiologists look for them.
+# The field of view is narrowed onto the bone (zoom) so that lesions are not tiny at 96 px, and
+# ResNet50's last block is dilated (output stride 16) so that Grad-CAM has a 6x6 grid, not 3x3.
+# A cosine learning-rate decay steadies training from scratch; bf16 where the CPU has it natively.
+DEMO_DATA = {"n_patients": 160, "size": 96, "seed": 0, "modality": "stir", "slices_per_patient": 4, "zoom": 1.8}
+DEMO_TRAIN = {"image_size": 96, "precision": "bf16", "epochs": 16, "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine",
+              "weights": "none", "freeze": "none", "output_stride": 16, "patience": 8, "seed": 0}
 DEMO_PANELS = 24
 
 

@@ -12,3 +12,7 @@ class BadImageError(BonetumorError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class LeakageWarning(UserWarning):
+    """The data's splits share images or patients: held-out scores will be optimistic."""

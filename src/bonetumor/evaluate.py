@@ -103,11 +103,13 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[st
 
 def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
              manifest: str | None = None, device: str = "auto", batch_size: int | None = None,
-             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False) -> dict:
+             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, baseline: bool = True) -> dict:
     """Evaluate a checkpoint on one split of a data set and write the results to ``out``.
 
     Writes metrics.json, classification_report.txt, predictions.csv, roc.png and
     confusion_matrix.png. The split is rebuilt exactly as in training (same seed and fractions).
+    With ``baseline``, metrics.json also holds ``memorisation_baseline``: a 1-nearest-neighbour
+    look-up on grey thumbnails of the training split, scored on the same images.
 
     Returns:
         The metrics dict (also in metrics.json).
@@ -127,8 +129,8 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     cfg = ck.config
     outdir = prepare_out_dir(out, overwrite=overwrite)
     index = discover(data, manifest, None, None, None, classes=ck.classes)
-    samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    samples = [s for s in samples if s.split == split]
+    all_samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    samples = [s for s in all_samples if s.split == split]
     if not samples:
         raise BonetumorError(f"{data or manifest}: no images in the {split} split")
     samples, skipped = check_files(samples, skip_bad_files)
@@ -138,6 +140,13 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     preds = predict_loader(ck.model, loader, dev)
     m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold)
     m.update({"split": split, "checkpoint": str(checkpoint), "skipped_files": len(skipped)})
+    if baseline:
+        from bonetumor.data.audit import split_baseline
+
+        # Look-up alone, on the same split: when it comes near the model, the split measures memory.
+        b = split_baseline(all_samples, split, ck.classes)
+        if b is not None:
+            m["memorisation_baseline"] = b
     report = m.pop("classification_report")
     atomic_write_json(outdir / "metrics.json", m)
     atomic_write_text(outdir / "classification_report.txt", report)

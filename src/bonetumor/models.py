@@ -53,6 +53,16 @@ class Classifier(nn.Module):
         return self
 
 
+def _stride_kwargs(backbone: str, output_stride: int) -> dict:
+    """torchvision arguments that give the requested output stride (dilation replaces stride)."""
+    if output_stride == 32:
+        return {}
+    if backbone == "resnet50" and output_stride in (16, 8):
+        return {"replace_stride_with_dilation": [False, output_stride == 8, True]}
+    allowed = "32, 16 or 8" if backbone == "resnet50" else "32"
+    raise BonetumorError(f"--output-stride {output_stride}: {backbone} supports {allowed}")
+
+
 def _imagenet_state_dict(backbone: str) -> dict:
     """ImageNet weights through torchvision's weights API (downloaded once, then cached)."""
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
@@ -112,6 +122,7 @@ def create_model(
     n_outputs: int = 1,
     hidden: int = 256,
     dropout: float = 0.5,
+    output_stride: int = 32,
 ) -> Classifier:
     """Build a classifier.
 
@@ -122,15 +133,19 @@ def create_model(
         freeze: ``backbone`` (train the head only, as the original) or ``none``.
         unfreeze: backbone blocks to train even when frozen, e.g. ``["layer4", "layer3"]``.
         n_outputs: 1 for a binary task (one logit), else the number of classes.
+        output_stride: input pixels per cell of the last feature map: 32 (the usual), or for
+            resnet50 16 or 8, which dilates the last block(s) instead of striding (as DeepLab
+            does). The weights are the same shape, so ImageNet weights still load; Grad-CAM
+            maps get 2x (4x) finer, at about 1.3x (3x) the compute.
 
     Raises:
-        BonetumorError: unknown backbone/block, unusable weights file, or ImageNet weights
-            neither cached nor downloadable.
+        BonetumorError: unknown backbone/block, unusable weights file, output stride the
+            backbone cannot give, or ImageNet weights neither cached nor downloadable.
     """
     if backbone not in BACKBONES:
         raise BonetumorError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
-    net = torchvision.models.get_model(backbone, weights=None)
+    net = torchvision.models.get_model(backbone, weights=None, **_stride_kwargs(backbone, output_stride))
     w = str(weights)
     bonetumor_state = None
     if w.lower() == "imagenet":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from bonetumor.data.datasets import (
 )
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_transforms
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.evaluate import binary_auc, loss_target, predict_loader
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
@@ -147,6 +148,35 @@ def _write_run_record(run: Path, cfg: TrainConfig, index: DatasetIndex, skipped,
                          ({"path": p, "problem": why} for p, why in skipped))
 
 
+def audit_data(index: DatasetIndex, run: Path, verbose: bool = True) -> dict:
+    """Run the leakage audit on the splits about to be used; write ``audit.json`` and warn,
+    never silently, when a split shares images or patients with another."""
+    from bonetumor.data.audit import audit, leakage_summary
+
+    report = audit(index)
+    atomic_write_json(run / "audit.json", report)
+    summary = leakage_summary(report)
+    if summary:
+        msg = f"leakage in the data: {summary}; validation and test scores will be optimistic (see {run / 'audit.json'})"
+        if verbose:
+            console.print(f"[bold yellow]warning:[/] {msg}")
+        else:
+            warnings.warn(msg, LeakageWarning, stacklevel=2)
+    return report
+
+
+def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for ``epoch`` (1-based): constant, or a cosine decay to 1% over ``cfg.epochs``.
+
+    A pure function of the epoch, not a scheduler object, so that a resumed run needs no
+    scheduler state to follow the same curve.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = (epoch - 1) / max(cfg.epochs - 1, 1)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
 def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool = False, verbose: bool = True) -> FitResult:
     """Train a model as ``cfg`` says and write the run folder ``out``.
 
@@ -170,12 +200,15 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     index = prepare_data(cfg, state["classes"] if state else None)
     n_out = 1 if len(index.classes) == 2 else len(index.classes)
     # The model (and its weights) come before the file scan, so a weights problem shows at once.
-    model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout)
+    model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout,
+                         cfg.output_stride)
     # Only now, with data and weights known to be usable, is an old run folder replaced.
     run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
     skipped = check_data(index, cfg)
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / 'skipped_files.csv'}")
+    if cfg.audit and not (run / "audit.json").is_file():
+        audit_data(index, run, verbose)
     model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -210,13 +243,16 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         # Reseed per epoch so that a resumed run draws exactly what an uninterrupted one would.
         gen.manual_seed(cfg.seed * 100003 + epoch)
         torch.manual_seed(cfg.seed * 100003 + epoch)
+        lr = lr_at_epoch(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, loss_fn, device, dtype, scaler, verbose,
                                           f"epoch {epoch}/{cfg.epochs}")
         val = predict_loader(model, val_loader, device, loss_fn=loss_fn, dtype=dtype)
         row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
                "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
                "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if n_out == 1 else "",
-               "lr": cfg.lr, "seconds": round(time.perf_counter() - t0, 2)}
+               "lr": float(f"{lr:.6g}"), "seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         improved = val.loss < best_loss - 1e-7
         if improved:

@@ -19,7 +19,7 @@ def _tree_hash(root):
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("modality", ["mri", "xray"])
+@pytest.mark.parametrize("modality", ["mri", "stir", "xray"])
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, modality):
     a = create_synthetic_dataset(tmp_path / "a", 8, 32, seed=5, modality=modality)
     b = create_synthetic_dataset(tmp_path / "b", 8, 32, seed=5, modality=modality)
@@ -94,3 +94,20 @@ def test_zoom_enlarges_the_lesions(tmp_path):
     assert lesion_fraction(b.root) > 2.5 * lesion_fraction(a.root)
     with pytest.raises(BonetumorError, match="--zoom"):
         create_synthetic_dataset(tmp_path / "c", 12, 64, zoom=9)
+
+
+@pytest.mark.parametrize("modality,sign", [("mri", -1), ("stir", 1)])
+def test_tumour_contrast_follows_the_sequence(tmp_path, modality, sign):
+    """T1: tumour darker than the marrow around it; STIR: brighter."""
+    from scipy import ndimage
+
+    r = create_synthetic_dataset(tmp_path / "d", 12, 96, seed=1, modality=modality, zoom=1.8)
+    diffs = []
+    for row in csv.DictReader(open(r.manifest)):
+        if row["mask_path"]:
+            img = np.asarray(Image.open(r.root / row["path"]), dtype=float) / 255
+            m = np.asarray(Image.open(r.root / row["mask_path"])) > 0
+            ring = ndimage.binary_dilation(m, iterations=4) & ~ndimage.binary_dilation(m, iterations=1)
+            diffs.append(img[m].mean() - img[ring].mean())
+    assert len(diffs) == 24
+    assert np.median(np.sign(diffs) * sign) > 0 and np.mean(np.sign(diffs) == sign) >= 0.6

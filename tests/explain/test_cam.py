@@ -23,7 +23,9 @@ def _captum_reference(model, x, sign: float, index: int = 0):
     """Grad-CAM by Captum (whole-network backprop) for the score sign * logit[index]."""
     lgc = LayerGradCam(lambda inp: sign * model(inp)[:, index:index + 1], model.backbone.layer4)
     raw = lgc.attribute(x, target=0, relu_attributions=True)  # (N, 1, h, w)
-    up = LayerAttribution.interpolate(raw, x.shape[-2:], interpolate_mode="bilinear")[:, 0]
+    up = LayerAttribution.interpolate(raw, x.shape[-2:], interpolate_mode="bicubic")[:, 0]
+    # Bicubic overshoot clipped to the coarse map's range, as ours does.
+    up = up.clamp(raw.amin((1, 2, 3))[:, None, None], raw.amax((1, 2, 3))[:, None, None])
     lo, hi = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
     return raw[:, 0], (up - lo) / (hi - lo)
 

@@ -33,9 +33,11 @@ def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> np.ndarra
     return mask
 
 
-def assign_splits(samples: Sequence[Sample], val_fraction: float, test_fraction: float, seed: int) -> list[Sample]:
+def assign_splits(samples: Sequence[Sample], val_fraction: float, test_fraction: float, seed: int,
+                  refuse_shared_patients: bool = True) -> list[Sample]:
     """Give every sample a split. Existing splits are kept; a missing valid split is carved from
-    train, and samples with no split at all are divided into train/valid/test."""
+    train, and samples with no split at all are divided into train/valid/test. A patient found
+    in two given splits is refused (the audit passes ``refuse_shared_patients=False`` to count them)."""
     samples = list(samples)
     given = [s for s in samples if s.split]
     free = [s for s in samples if not s.split]
@@ -60,7 +62,8 @@ def assign_splits(samples: Sequence[Sample], val_fraction: float, test_fraction:
         out = others + with_splits(train, ["valid" if x else "train" for x in m])
     if not any(s.split == "train" for s in out):
         raise BonetumorError("no training images found")
-    _check_patients(out)
+    if refuse_shared_patients:
+        _check_patients(out)
     return out
 
 

@@ -21,7 +21,7 @@ from bonetumor.data.io import write_png
 from bonetumor.errors import BonetumorError
 from bonetumor.utils import atomic_write_csv
 
-MODALITIES = ("mri", "xray")
+MODALITIES = ("mri", "stir", "xray")
 SPLITS = ("train", "valid", "test")
 
 
@@ -111,8 +111,12 @@ def _look_alikes(x, y, img, allowed, rng, n_max: int, value_range: tuple[float, 
         img[:] = img * (1 - m) + val * m
 
 
-def _mri_slice(size, anat, tumour, rng, zoom=1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Axial T1-like limb slice: skin/fat ring, muscle, dark cortical ring, bright marrow."""
+def _mri_slice(size, anat, tumour, rng, zoom=1.0, stir=False) -> tuple[np.ndarray, np.ndarray]:
+    """Axial limb slice: skin/fat ring, muscle, dark cortical ring and marrow.
+
+    T1-like (fatty marrow bright, tumour darker) or, with ``stir``, fat-suppressed and
+    fluid-sensitive (fat and marrow dark, tumour and vessels bright), as STIR shows marrow lesions.
+    """
     x, y = _pose(*_grid(size), rng, zoom, (anat["bx"], anat["by"]))
     limb = _ellipse(x, y, 0, 0, anat["la"], anat["lb"])
     muscle = _ellipse(x, y, 0, 0, anat["la"] - anat["fat"], anat["lb"] - anat["fat"])
@@ -126,7 +130,7 @@ def _mri_slice(size, anat, tumour, rng, zoom=1.0) -> tuple[np.ndarray, np.ndarra
     img = img * (1 - bone) + bone * anat["cortex_i"]
     img = img * (1 - marrow) + marrow * anat["marrow_i"]
     soft_tissue = muscle * (1 - _ellipse(x, y, bx, by, br + 0.05, (br + 0.05) * anat["bratio"]))
-    _look_alikes(x, y, img, soft_tissue, rng, 4, (0.05, 0.95))
+    _look_alikes(x, y, img, soft_tissue, rng, 4, (0.4, 0.95) if stir else (0.05, 0.95))
     mask = np.zeros_like(img)
     if tumour is not None:
         r = tumour["r"] * (br - anat["cortex"])
@@ -140,7 +144,7 @@ def _mri_slice(size, anat, tumour, rng, zoom=1.0) -> tuple[np.ndarray, np.ndarra
             region = np.maximum(region * marrow, _blob(x, y, ox, oy, r * 0.9 + 0.04, rng, 0.4, 0.012) * muscle)
         else:
             region = region * marrow
-        t_int = anat["marrow_i"] - tumour["contrast"]
+        t_int = anat["marrow_i"] + 1.6 * tumour["contrast"] if stir else anat["marrow_i"] - tumour["contrast"]
         mottled = t_int + 0.04 * rng.standard_normal(img.shape)
         img = img * (1 - region) + region * mottled
         mask = region
@@ -149,7 +153,8 @@ def _mri_slice(size, anat, tumour, rng, zoom=1.0) -> tuple[np.ndarray, np.ndarra
         if rng.random() < 0.3:
             r = rng.uniform(0.08, 0.16) * (br - anat["cortex"])
             spot = _blob(x, y, bx + rng.uniform(-0.3, 0.3) * br, by + rng.uniform(-0.3, 0.3) * br, r, rng, 0.05, 0.004)
-            img = img * (1 - spot * marrow) + spot * marrow * rng.uniform(0.1, 0.3)
+            val = rng.uniform(0.45, 0.8) if stir else rng.uniform(0.1, 0.3)
+            img = img * (1 - spot * marrow) + spot * marrow * val
     return img, mask
 
 
@@ -220,6 +225,10 @@ def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def make_patient(modality: str, size: int, cancer: bool, n_slices: int, rng: np.random.Generator, zoom: float = 1.0):
     """Images and masks (float arrays in [0,1]) for the slices of one synthetic patient."""
     anat = _patient_anatomy(rng)
+    if modality == "stir":
+        # Fat suppressed: subcutaneous fat and fatty marrow dark, muscle intermediate.
+        anat.update(fat_i=rng.uniform(0.08, 0.18), muscle_i=rng.uniform(0.25, 0.4),
+                    cortex_i=rng.uniform(0.03, 0.08), marrow_i=rng.uniform(0.1, 0.22))
     tumour0 = None
     if cancer:
         faint = rng.random() < 0.35
@@ -230,14 +239,14 @@ def make_patient(modality: str, size: int, cancer: bool, n_slices: int, rng: np.
             "ang": rng.uniform(0, 2 * np.pi),
             "breakout": bool(rng.random() < 0.3),
         }
-    draw = _mri_slice if modality == "mri" else _xray_slice
+    draw = _xray_slice if modality == "xray" else _mri_slice
     out = []
     for k in range(n_slices):
         t = None
         if tumour0 is not None:
             # Neighbouring slices cut the tumour at different sizes.
             t = dict(tumour0, r=tumour0["r"] * rng.uniform(0.75, 1.1))
-        img, mask = draw(size, anat, t, rng, zoom)
+        img, mask = draw(size, anat, t, rng, zoom, stir=True) if modality == "stir" else draw(size, anat, t, rng, zoom)
         out.append((_finish(img, rng), (mask > 0.5).astype(np.uint8)))
     return out
 
@@ -274,7 +283,8 @@ def create_synthetic_dataset(
         n_patients: number of synthetic patients (half with cancer), split 70/15/15 by patient.
         size: image side in pixels.
         seed: the same seed gives the same bytes.
-        modality: ``mri`` (axial limb slices) or ``xray`` (long-bone projections).
+        modality: ``mri`` (T1-like axial limb slices), ``stir`` (fat-suppressed axial slices)
+            or ``xray`` (long-bone projections).
         slices_per_patient: images per patient.
         bit_depth: 8 or 16 (PNG).
         zoom: field of view narrowed onto the bone by this factor (1 = whole limb).

@@ -112,9 +112,20 @@ def _class_index(name: str, classes: list[str]) -> int:
     return classes.index(name)
 
 
-def _normalise(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Upsample (bilinear) to ``size`` and scale each map to [0, 1]; a flat map becomes zeros."""
-    up = F.interpolate(cam[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+UPSAMPLE = "bicubic"
+
+
+def _normalise(cam: torch.Tensor, size: tuple[int, int], mode: str = UPSAMPLE) -> torch.Tensor:
+    """Upsample to ``size`` and scale each map to [0, 1]; a flat map becomes zeros.
+
+    Bicubic rather than the usual bilinear: a bilinear map's maximum always sits exactly on a
+    cell centre, so its peak can only move in steps of a whole cell (16-32 px); bicubic lets it
+    fall between two cells, towards the stronger neighbour, as heat-map keypoint detectors refine
+    their peaks. Its overshoot is clipped to the coarse map's own range.
+    """
+    cam = cam[:, None].float()
+    up = F.interpolate(cam, size=size, mode=mode, align_corners=False)
+    up = torch.maximum(torch.minimum(up, cam.amax(dim=(2, 3), keepdim=True)), cam.amin(dim=(2, 3), keepdim=True))[:, 0]
     lo = up.amin(dim=(1, 2), keepdim=True)
     hi = up.amax(dim=(1, 2), keepdim=True)
     span = hi - lo

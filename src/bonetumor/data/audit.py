@@ -1,0 +1,339 @@
+"""Leakage and confound audit of a data set, before any model is trained.
+
+What it looks for:
+    - exact duplicates (SHA-256 of the file) and near-duplicates (perceptual hash, imagehash's
+      pHash, Hamming distance <= ``near_threshold`` of 64 bits), within and across splits;
+    - held-out files whose export source name (Roboflow keeps it in the renamed file) is in train;
+    - the same patient in two splits; the same image under two labels; unreadable files;
+    - shortcuts: per-class differences in size, aspect, colour vs grey, mean intensity, file
+      format and metadata, each with the size of the difference (a single-feature ROC-AUC for
+      numbers, the total variation distance between the classes' distributions for categories);
+    - a memorisation baseline: 1-nearest-neighbour on 32x32 grey thumbnails, fitted on the
+      training split and scored on the others. When it comes near a model's score, the split
+      measures look-up rather than learning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import imagehash
+import numpy as np
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from bonetumor.data.datasets import DatasetIndex, Sample
+from bonetumor.data.io import read_image
+from bonetumor.errors import BadImageError
+
+THUMB = 32
+NEAR_THRESHOLD = 6  # of 64 pHash bits; re-encoded or slightly resized copies differ by 0-4
+# Scans of one body part look alike, so distinct images can share a pHash within a few bits;
+# a candidate pair must also correlate this well on 32x32 thumbnails to count as a near copy
+# (distinct synthetic slices, even of one patient, reach 0.93; re-encoded copies exceed 0.99).
+NEAR_CORRELATION = 0.97
+AUC_FLAG = 0.2  # flag a numeric shortcut when |AUC - 0.5| >= this (AUC >= 0.7 or <= 0.3)
+TVD_FLAG = 0.2  # flag a categorical shortcut when the class distributions differ this much
+
+
+@dataclass
+class ImageFacts:
+    """What the audit needs to know about one file, read once."""
+
+    sha256: str
+    phash: int = 0
+    thumb: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    colour: bool = False
+    mean: float = 0.0
+    fmt: str = ""
+    mode: str = ""
+    metadata: str = ""
+    error: str | None = None
+
+
+def scan_file(path: str | Path) -> ImageFacts:
+    """Hash, thumbnail and describe one image file (errors are recorded, not raised)."""
+    p = Path(path)
+    try:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    except OSError as e:
+        return ImageFacts(sha256="", error=f"cannot read file ({e.strerror or e})")
+    facts = ImageFacts(sha256=digest, fmt=p.suffix.lower().lstrip("."))
+    try:
+        arr = read_image(p)
+    except BadImageError as e:
+        facts.error = e.problem
+        return facts
+    try:  # container facts (format, mode, metadata keys) where Pillow reads the file
+        with Image.open(p) as im:
+            facts.fmt, facts.mode = (im.format or facts.fmt).lower(), im.mode
+            facts.metadata = ",".join(sorted(k for k in im.info if isinstance(k, str)))
+    except Exception:  # noqa: BLE001 - formats Pillow does not open still get pixel facts
+        pass
+    facts.height, facts.width = arr.shape[:2]
+    facts.colour = bool(arr.shape[2] == 3 and np.abs(arr - arr.mean(axis=2, keepdims=True)).max() > 2 / 255)
+    grey = arr.mean(axis=2)
+    facts.mean = float(grey.mean())
+    pil = Image.fromarray(np.round(grey * 255).astype(np.uint8))
+    facts.phash = int(str(imagehash.phash(pil)), 16)
+    facts.thumb = np.asarray(pil.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255
+    return facts
+
+
+def scan(samples: Sequence[Sample], workers: int | None = None) -> list[ImageFacts]:
+    """``scan_file`` over all samples, in threads (decoding releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as ex:
+        return list(ex.map(lambda s: scan_file(s.path), samples))
+
+
+def _near_pairs(fa: list[ImageFacts], fb: list[ImageFacts], threshold: int, same: bool) -> list[tuple[int, int]]:
+    """Index pairs (i in fa, j in fb) of near copies: 64-bit pHashes within ``threshold`` bits
+    and thumbnails correlated at least NEAR_CORRELATION. ``same``: fa is fb, pairs with i < j."""
+    if not fa or not fb:
+        return []
+    a = np.array([f.phash for f in fa], dtype=np.uint64)
+    b = np.array([f.phash for f in fb], dtype=np.uint64)
+    out = []
+    for start in range(0, len(a), 512):
+        ii, jj = np.nonzero(np.bitwise_count(a[start:start + 512, None] ^ b[None, :]) <= threshold)
+        for i, j in zip(ii + start, jj):
+            if (not same or i < j) and _correlation(fa[i].thumb, fb[j].thumb) >= NEAR_CORRELATION:
+                out.append((int(i), int(j)))
+    return out
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
+
+
+def _duplicates(samples, facts, splits, threshold) -> dict:
+    """Exact and near-duplicate counts within each split and of each split against train."""
+    by_split = {s: [i for i, x in enumerate(samples) if x.split == s and facts[i].error is None] for s in splits}
+    train = [facts[i] for i in by_split.get("train", [])]
+    train_sha = {f.sha256 for f in train}
+    out = {}
+    for split, idx in by_split.items():
+        fs = [facts[i] for i in idx]
+        sha = Counter(f.sha256 for f in fs)
+        near_within = {k for pair in _near_pairs(fs, fs, threshold, True) for k in pair}
+        row = {"n": len(idx), "distinct_files": len(sha),
+               "exact_duplicates_within": sum(c - 1 for c in sha.values()),
+               "near_duplicates_within": len(near_within)}
+        if split != "train" and train:
+            exact = sum(f.sha256 in train_sha for f in fs)
+            near = {i for i, _ in _near_pairs(fs, train, threshold, False)} | {i for i, f in enumerate(fs) if f.sha256 in train_sha}
+            row.update({"exact_copies_of_train": exact, "exact_rate": exact / max(len(idx), 1),
+                        "near_copies_of_train": len(near), "near_rate": len(near) / max(len(idx), 1)})
+        out[split] = row
+    return out
+
+
+def _label_conflicts(samples, facts, threshold) -> dict:
+    """The same image (exact) or a near copy of it under two different labels."""
+    by_sha = defaultdict(set)
+    for s, f in zip(samples, facts):
+        if f.error is None:
+            by_sha[f.sha256].add(s.label)
+    exact = sum(1 for labels in by_sha.values() if len(labels) > 1)
+    ok = [i for i, f in enumerate(facts) if f.error is None]
+    fs = [facts[i] for i in ok]
+    near = sum(1 for i, j in _near_pairs(fs, fs, threshold, True) if samples[ok[i]].label != samples[ok[j]].label)
+    return {"exact_images_with_two_labels": exact, "near_pairs_with_two_labels": near}
+
+
+# Export tools rename files but keep the source name: Roboflow writes "<stem>_<ext>.rf.<hash>.<ext>".
+_EXPORT_NAME = re.compile(r"^(.+)_(?:jpe?g|png|bmp|tiff?|dcm)\.rf\.[0-9a-f]{32}\.\w+$", re.IGNORECASE)
+
+
+def source_name(path: str) -> str | None:
+    """The original file name an export tool kept inside a renamed file, or None."""
+    m = _EXPORT_NAME.match(Path(path).name)
+    return m.group(1) if m else None
+
+
+def _same_source(samples, splits) -> dict:
+    """Held-out images whose export source name also occurs in train (copies made by the export)."""
+    train = {source_name(s.path) for s in samples if s.split == "train"} - {None}
+    out = {}
+    for split in splits:
+        if split == "train" or not train:
+            continue
+        names = [source_name(s.path) for s in samples if s.split == split]
+        if any(names):
+            out[split] = sum(n in train for n in names if n)
+    return out
+
+
+def _patients_in_two_splits(samples) -> list[str]:
+    where = defaultdict(set)
+    for s in samples:
+        if s.patient_id:
+            where[s.patient_id].add(s.split)
+    return sorted(p for p, sp in where.items() if len(sp) > 1)
+
+
+def _numeric_effect(values: np.ndarray, labels: np.ndarray, classes: list[str]) -> float:
+    """How well one number alone tells the classes apart: the one-vs-rest ROC-AUC furthest from 0.5."""
+    best = 0.5
+    for c in (classes[-1:] if len(classes) == 2 else classes):
+        y = labels == c
+        if y.all() or not y.any() or np.ptp(values) == 0:
+            continue
+        auc = float(roc_auc_score(y, values))
+        best = auc if abs(auc - 0.5) > abs(best - 0.5) else best
+    return best
+
+
+def _shortcuts(samples, facts, classes) -> dict:
+    ok = [i for i, f in enumerate(facts) if f.error is None]
+    labels = np.array([samples[i].label for i in ok])
+    numeric = {"width": [facts[i].width for i in ok], "height": [facts[i].height for i in ok],
+               "aspect": [facts[i].width / facts[i].height for i in ok], "mean_intensity": [facts[i].mean for i in ok]}
+    categorical = {"colour": ["colour" if facts[i].colour else "grey" for i in ok],
+                   "format": [facts[i].fmt for i in ok], "mode": [facts[i].mode for i in ok],
+                   "metadata": [facts[i].metadata or "(none)" for i in ok]}
+    out = {}
+    for name, vals in numeric.items():
+        v = np.asarray(vals, dtype=float)
+        auc = _numeric_effect(v, labels, classes)
+        out[name] = {"kind": "numeric", "auc": round(auc, 4), "flag": abs(auc - 0.5) >= AUC_FLAG,
+                     "per_class": {c: {"mean": float(v[labels == c].mean()), "sd": float(v[labels == c].std())}
+                                   for c in classes if (labels == c).any()}}
+    for name, vals in categorical.items():
+        vals = np.asarray(vals)
+        dist = {c: {str(k): n / int((labels == c).sum()) for k, n in Counter(vals[labels == c]).most_common(5)}
+                for c in classes if (labels == c).any()}
+        full = {c: Counter(vals[labels == c]) for c in dist}
+        tvd = 0.0
+        for a in dist:
+            for b in dist:
+                na, nb = sum(full[a].values()), sum(full[b].values())
+                keys = set(full[a]) | set(full[b])
+                tvd = max(tvd, 0.5 * sum(abs(full[a][k] / na - full[b][k] / nb) for k in keys))
+        out[name] = {"kind": "categorical", "tvd": round(tvd, 4), "flag": tvd >= TVD_FLAG, "per_class": dist}
+    return out
+
+
+def memorisation_baseline(train_thumbs: np.ndarray, train_labels: Sequence[str], thumbs: np.ndarray,
+                          labels: Sequence[str], classes: list[str]) -> dict:
+    """1-nearest-neighbour on grey thumbnails: accuracy and ROC-AUC of look-up alone.
+
+    The score for the positive class is the distance to the nearest negative minus the distance
+    to the nearest positive training image (one-vs-rest per class for more than two classes).
+    """
+    train_labels, labels = np.asarray(train_labels), np.asarray(labels)
+    dist = np.full((len(thumbs), len(classes)), np.inf)
+    for k, c in enumerate(classes):
+        ref = train_thumbs[train_labels == c]
+        if len(ref):
+            dist[:, k] = NearestNeighbors(n_neighbors=1).fit(ref).kneighbors(thumbs)[0][:, 0]
+    pred = np.array(classes)[dist.argmin(1)]
+    y = np.array([classes.index(v) for v in labels])
+    out = {"accuracy": float((pred == labels).mean()), "roc_auc": float("nan"), "n": len(labels)}
+    if len(set(y)) == len(classes):
+        if len(classes) == 2:
+            out["roc_auc"] = float(roc_auc_score(y, dist[:, 0] - dist[:, 1]))
+        else:
+            s = np.exp(-(dist - dist.min(1, keepdims=True)))
+            out["roc_auc"] = float(roc_auc_score(y, s / s.sum(1, keepdims=True), multi_class="ovr"))
+    return out
+
+
+def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: bool = True,
+          workers: int | None = None) -> dict:
+    """Audit the samples of ``index`` (with splits assigned). Returns a JSON-able dict whose
+    ``leakage`` entry is true when any split shares images or patients with another, or an
+    image carries two labels."""
+    samples, classes = index.samples, index.classes
+    facts = scan(samples, workers)
+    splits = [s for s in ("train", "valid", "test") if any(x.split == s for x in samples)]
+    dup = _duplicates(samples, facts, splits, near_threshold)
+    conflicts = _label_conflicts(samples, facts, near_threshold)
+    patients = _patients_in_two_splits(samples)
+    report = {
+        "n_images": len(samples), "classes": classes, "layout": index.layout,
+        "split_level": "patient" if index.patient_level else "image", "near_threshold_bits": near_threshold,
+        "unreadable": [{"path": s.path, "error": f.error} for s, f in zip(samples, facts) if f.error],
+        "duplicates": dup, "label_conflicts": conflicts,
+        "patients_in_two_splits": {"n": len(patients), "examples": patients[:10]},
+        "shortcuts": _shortcuts(samples, facts, classes),
+    }
+    if baseline and "train" in splits:
+        tr = [i for i, s in enumerate(samples) if s.split == "train" and facts[i].error is None]
+        t_thumbs = np.stack([facts[i].thumb for i in tr]) if tr else np.zeros((0, THUMB * THUMB))
+        report["memorisation_baseline"] = {}
+        for split in splits[1:]:
+            idx = [i for i, s in enumerate(samples) if s.split == split and facts[i].error is None]
+            if idx and tr:
+                report["memorisation_baseline"][split] = memorisation_baseline(
+                    t_thumbs, [samples[i].label for i in tr], np.stack([facts[i].thumb for i in idx]),
+                    [samples[i].label for i in idx], classes)
+    for split, n in _same_source(samples, splits).items():
+        dup[split]["same_source_name_as_train"] = n
+    cross = [r.get("near_copies_of_train", 0) + r.get("same_source_name_as_train", 0) for r in dup.values()]
+    report["leakage"] = bool(sum(cross) or patients or conflicts["exact_images_with_two_labels"])
+    report["shortcuts_flagged"] = sorted(k for k, v in report["shortcuts"].items() if v["flag"])
+    return report
+
+
+def run_audit(data: str | None = None, manifest: str | None = None, out: str | Path | None = None, *,
+              seed: int = 42, val_fraction: float = 0.15, test_fraction: float = 0.15,
+              near_threshold: int = NEAR_THRESHOLD, baseline: bool = True, overwrite: bool = False) -> dict:
+    """Find the data set as ``train`` would (same layouts, same seeded split), audit it and,
+    with ``out``, write ``out/audit.json``."""
+    from bonetumor.data.datasets import discover
+    from bonetumor.data.splits import assign_splits
+    from bonetumor.utils import atomic_write_json, prepare_out_dir
+
+    index = discover(data, manifest)
+    index.samples = assign_splits(index.samples, val_fraction, test_fraction, seed, refuse_shared_patients=False)
+    outdir = prepare_out_dir(out, overwrite=overwrite) if out is not None else None
+    report = audit(index, near_threshold, baseline)
+    report["data"] = str(data or manifest)
+    if outdir is not None:
+        atomic_write_json(outdir / "audit.json", report)
+    return report
+
+
+def leakage_summary(report: dict) -> str:
+    """One line naming each kind of leakage found (empty when none)."""
+    parts = []
+    for split, row in report["duplicates"].items():
+        if row.get("near_copies_of_train"):
+            parts.append(f"{row['near_copies_of_train']} of {row['n']} {split} images copy or nearly copy a training "
+                         f"image ({row['exact_copies_of_train']} exact)")
+        if row.get("same_source_name_as_train"):
+            parts.append(f"{row['same_source_name_as_train']} {split} images share their export source name with a training image")
+    if report["patients_in_two_splits"]["n"]:
+        parts.append(f"{report['patients_in_two_splits']['n']} patient(s) in two splits")
+    if report["label_conflicts"]["exact_images_with_two_labels"]:
+        parts.append(f"{report['label_conflicts']['exact_images_with_two_labels']} image(s) under two labels")
+    return "; ".join(parts)
+
+
+def split_baseline(samples: Sequence[Sample], split: str, classes: list[str], workers: int | None = None) -> dict | None:
+    """The 1-NN memorisation baseline for one split (fitted on the train split), or None
+    when there is no training split to look up."""
+    train = [s for s in samples if s.split == "train"]
+    held = [s for s in samples if s.split == split]
+    if split == "train" or not train or not held:
+        return None
+    ft, fh = scan(train, workers), scan(held, workers)
+    tr = [(f.thumb, s.label) for f, s in zip(ft, train) if f.error is None]
+    he = [(f.thumb, s.label) for f, s in zip(fh, held) if f.error is None]
+    if not tr or not he:
+        return None
+    return memorisation_baseline(np.stack([t for t, _ in tr]), [lab for _, lab in tr],
+                                 np.stack([t for t, _ in he]), [lab for _, lab in he], classes)
