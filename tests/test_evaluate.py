@@ -13,40 +13,88 @@ def test_metrics_match_scikit_learn_on_random_predictions():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)
     p = np.clip(y * 0.3 + rng.random(500) * 0.7, 0, 1)
-    m = compute_metrics(y, p, ["normal", "cancer"], threshold=0.45)
+    m = compute_metrics(y, p, ["normal", "cancer"], threshold=0.45, n_boot=200)
+    v = {k: m[k]["value"] for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
+                                    "ppv", "npv", "f1", "brier", "ece")}
     pred = (p >= 0.45).astype(int)
     tp, fn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 0) & (y == 1)).sum())
     tn, fp = int(((pred == 0) & (y == 0)).sum()), int(((pred == 1) & (y == 0)).sum())
     assert m["confusion_matrix"]["matrix"] == [[tn, fp], [fn, tp]]
-    assert m["accuracy"] == pytest.approx((tp + tn) / 500)
-    assert m["sensitivity"] == pytest.approx(tp / (tp + fn))
-    assert m["specificity"] == pytest.approx(tn / (tn + fp))
-    assert m["precision"] == pytest.approx(tp / (tp + fp))
-    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert v["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert v["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert v["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+    assert v["specificity"] == pytest.approx(tn / (tn + fp))
+    assert v["ppv"] == pytest.approx(skm.precision_score(y, pred))
+    assert v["npv"] == pytest.approx(tn / (tn + fn))
+    assert v["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert v["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+    assert v["brier"] == pytest.approx(skm.brier_score_loss(y, p))
     fpr, tpr, _ = skm.roc_curve(y, p)
-    assert m["roc_auc"] == pytest.approx(np.trapezoid(tpr, fpr))
+    assert v["roc_auc"] == pytest.approx(np.trapezoid(tpr, fpr))
     # Rank-based AUC (Mann-Whitney U), independent of scikit-learn.
     pos, neg = p[y == 1], p[y == 0]
     u = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    assert m["roc_auc"] == pytest.approx(u / (len(pos) * len(neg)))
+    assert v["roc_auc"] == pytest.approx(u / (len(pos) * len(neg)))
+    assert all(m[k]["ci_low"] <= m[k]["value"] <= m[k]["ci_high"] for k in v)
+
+
+def test_bootstrap_interval_agrees_with_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(y * 0.35 + rng.random(400) * 0.65, 0, 1)
+    m = compute_metrics(y, p, ["normal", "cancer"], n_boot=2000)
+    ref = stats.bootstrap((y, p), lambda a, b: skm.roc_auc_score(a, b), paired=True, vectorized=False,
+                          n_resamples=2000, method="percentile", random_state=0).confidence_interval
+    assert m["roc_auc"]["ci_low"] == pytest.approx(ref.low, abs=0.01)
+    assert m["roc_auc"]["ci_high"] == pytest.approx(ref.high, abs=0.01)
+    assert m["interval"] == {"level": 0.95, "resamples": 2000, "unit": "image", "method": "percentile bootstrap"}
+
+
+def test_patients_are_resampled_whole_and_scored_per_patient():
+    rng = np.random.default_rng(2)
+    yp = rng.integers(0, 2, 60)
+    pp = np.clip(yp * 0.3 + rng.random(60) * 0.7, 0, 1)
+    # Four near-identical slices per patient: resampling images would pretend to 240 independent cases.
+    y, p = np.repeat(yp, 4), np.clip(np.repeat(pp, 4) + rng.normal(0, 0.01, 240), 0, 1)
+    groups = np.repeat([f"P{i}" for i in range(60)], 4)
+    by_image = compute_metrics(y, p, ["normal", "cancer"], n_boot=500)
+    by_patient = compute_metrics(y, p, ["normal", "cancer"], groups=groups, n_boot=500)
+    w = lambda m: m["roc_auc"]["ci_high"] - m["roc_auc"]["ci_low"]  # noqa: E731
+    assert by_patient["roc_auc"]["value"] == by_image["roc_auc"]["value"]
+    assert w(by_patient) > 1.5 * w(by_image)
+    assert by_patient["n_patients"] == 60 and by_patient["interval"]["unit"] == "patient"
+    per = by_patient["per_patient"]["max"]
+    assert per["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(yp, [p[groups == f"P{i}"].max() for i in range(60)]))
+
+
+def test_expected_calibration_error_by_hand():
+    from bonetumor.metrics import expected_calibration_error
+
+    # bin 0.1: confidence 0.1, observed 0.5 (weight 1/2); bin 0.9: confidence 0.9, observed 1.0 (weight 1/2)
+    assert expected_calibration_error(np.array([0, 1, 1, 1]), np.array([0.1, 0.1, 0.9, 0.9])) == pytest.approx(0.25)
+    assert expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
 
 
 def test_auc_is_undefined_with_one_class():
-    m = compute_metrics(np.ones(5, int), np.linspace(0, 1, 5), ["normal", "cancer"])
-    assert np.isnan(m["roc_auc"]) and m["sensitivity"] == 0.6
+    m = compute_metrics(np.ones(5, int), np.linspace(0, 1, 5), ["normal", "cancer"], n_boot=50)
+    assert np.isnan(m["roc_auc"]["value"]) and m["sensitivity"]["value"] == 0.6
 
 
 def test_multiclass_metrics():
     y = np.array([0, 1, 2, 2, 1, 0])
     p = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.8 + 0.2 / 3
-    m = compute_metrics(y, p, ["a", "b", "c"])
-    assert m["accuracy"] == pytest.approx(5 / 6)
+    m = compute_metrics(y, p, ["a", "b", "c"], n_boot=50)
+    assert m["accuracy"]["value"] == pytest.approx(5 / 6)
+    assert m["f1"]["value"] == pytest.approx(skm.f1_score(y, p.argmax(1), average="macro"))
     assert m["confusion_matrix"]["matrix"][2] == [0, 1, 1]
 
 
 def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tmp_path):
     m = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "e", "test")
-    for name in ("metrics.json", "classification_report.txt", "predictions.csv", "roc.png", "confusion_matrix.png"):
+    for name in ("metrics.json", "classification_report.txt", "predictions.csv", "roc.png", "confusion_matrix.png",
+                 "pr.png", "reliability.png", "scores.png"):
         assert (tmp_path / "e" / name).is_file(), name
     rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
     test_files = sorted(str(p) for p in (tiny_data / "test").rglob("*.png"))
@@ -55,9 +103,11 @@ def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tm
     saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
     y = np.array([r["label"] == "cancer" for r in rows], int)
     p = np.array([float(r["probability"]) for r in rows])
-    assert saved["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-5)
-    assert saved["accuracy"] == pytest.approx(skm.accuracy_score(y, p >= saved["threshold"]))
-    assert saved["f1"] == pytest.approx(skm.f1_score(y, p >= saved["threshold"]))
+    assert saved["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-5)
+    assert saved["accuracy"]["value"] == pytest.approx(skm.accuracy_score(y, p >= saved["threshold"]))
+    assert saved["f1"]["value"] == pytest.approx(skm.f1_score(y, p >= saved["threshold"]))
+    assert saved["interval"]["unit"] == "patient" and saved["interval"]["resamples"] == 1000
+    assert set(saved["per_patient"]) == {"max", "mean"} and saved["n_patients"] == 2
     assert all(r["prediction"] == ("cancer" if float(r["probability"]) >= 0.5 else "normal") for r in rows)
     # predict gives the same probabilities as evaluate
     pr = {r["path"]: r["probability"] for r in predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu")}

@@ -105,13 +105,24 @@ def train(
 
 
 def _print_metrics(m: dict) -> None:
-    t = Table(title=f"{m.get('split', '')} metrics (n={m['n']})")
+    iv = m.get("interval", {})
+    t = Table(title=f"{m.get('split', '')} metrics (n={m['n']}; 95% CI, bootstrap over {iv.get('unit', 'image')}s)")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1", "threshold"):
+    t.add_column("95% CI", justify="right")
+    for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
+              "brier", "ece"):
         if k in m:
-            t.add_row(k, f"{m[k]:.4f}")
+            v = m[k]
+            t.add_row(k, f"{v['value']:.4f}", f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]")
+    if "threshold" in m:
+        t.add_row("threshold", f"{m['threshold']:.4f}", "")
     out.print(t)
+    for how, pm in m.get("per_patient", {}).items():
+        out.print(f"per patient ({m.get('n_patients')} patients, score = {how} over slices): ROC-AUC "
+                  f"{pm['roc_auc']['value']:.4f} [{pm['roc_auc']['ci_low']:.4f}, {pm['roc_auc']['ci_high']:.4f}], "
+                  f"accuracy {pm['accuracy']['value']:.4f}, sensitivity {pm['sensitivity']['value']:.4f}, "
+                  f"specificity {pm['specificity']['value']:.4f}")
     b = m.get("memorisation_baseline")
     if b:
         out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {b['accuracy']:.4f}, "
@@ -237,7 +248,7 @@ def demo(
     _print_explain(r.explanation, "gradcam")
     out.print(f"demo finished in {r.seconds:.0f} s")
     out.print(f"  training curves:  {r.run_dir / 'curves.png'}")
-    out.print(f"  ROC curve:        {r.eval_dir / 'roc.png'}")
+    out.print(f"  ROC curve:        {r.eval_dir / 'roc.png'} (also pr.png, reliability.png, scores.png)")
     out.print(f"  confusion matrix: {r.eval_dir / 'confusion_matrix.png'}")
     out.print(f"  metrics:          {r.eval_dir / 'metrics.json'}")
     out.print(f"  Grad-CAM panels:  {r.explanation.out / 'index.html'}")

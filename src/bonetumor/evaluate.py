@@ -15,6 +15,7 @@ import torch
 from sklearn import metrics as skm
 
 from bonetumor.errors import BonetumorError
+from bonetumor.metrics import N_BOOT, binary_values, multiclass_values, patient_scores, roc_band, with_intervals
 from bonetumor.utils import atomic_write_csv, atomic_write_json, atomic_write_text
 
 
@@ -66,35 +67,33 @@ def binary_auc(targets: np.ndarray, probs: np.ndarray) -> float:
     return float(skm.roc_auc_score(targets, probs))
 
 
-def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float = 0.5) -> dict:
-    """Accuracy, ROC-AUC, sensitivity, specificity, precision, F1 and the confusion matrix.
+def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float = 0.5,
+                    groups: Sequence | None = None, n_boot: int = N_BOOT) -> dict:
+    """Every metric as ``{"value", "ci_low", "ci_high"}`` (95% bootstrap over patients when
+    ``groups`` are given, else over images), the confusion matrix and a classification report.
 
-    Binary: positive = ``classes[-1]``, predicted positive when P >= threshold.
+    Binary: positive = ``classes[-1]``, predicted positive when P >= threshold; with groups also
+    per-patient metrics (a patient's score is the max, or the mean, of its images').
     """
-    targets = np.asarray(targets)
+    targets = np.asarray(targets).astype(int)
+    unit = "patient" if groups is not None else "image"
     if probs.ndim == 1:
         pred = (probs >= threshold).astype(int)
-        cm = skm.confusion_matrix(targets, pred, labels=[0, 1])
-        tn, fp, fn, tp = cm.ravel()
-        out = {
-            "n": int(len(targets)), "n_positive": int(tp + fn), "n_negative": int(tn + fp),
-            "positive_class": classes[-1], "threshold": float(threshold),
-            "accuracy": float(skm.accuracy_score(targets, pred)),
-            "roc_auc": binary_auc(targets, probs),
-            "sensitivity": float(skm.recall_score(targets, pred, zero_division=0)),
-            "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
-            "precision": float(skm.precision_score(targets, pred, zero_division=0)),
-            "f1": float(skm.f1_score(targets, pred, zero_division=0)),
-        }
+        out = {"n": len(targets), "n_positive": int(targets.sum()), "n_negative": int((targets == 0).sum()),
+               "positive_class": classes[-1], "threshold": float(threshold)}
+        out.update(with_intervals(lambda t, p: binary_values(t, p, threshold), targets, probs, groups, n_boot))
+        if groups is not None:
+            out["n_patients"] = len(set(groups))
+            out["per_patient"] = {}
+            for how in ("max", "mean"):
+                t, p = patient_scores(targets, probs, groups, how)
+                out["per_patient"][how] = with_intervals(lambda a, b: binary_values(a, b, threshold), t, p, None, n_boot)
     else:
         pred = probs.argmax(1)
-        cm = skm.confusion_matrix(targets, pred, labels=list(range(len(classes))))
-        out = {
-            "n": int(len(targets)), "accuracy": float(skm.accuracy_score(targets, pred)),
-            "roc_auc": float(skm.roc_auc_score(targets, probs, multi_class="ovr", labels=list(range(len(classes)))))
-            if len(np.unique(targets)) == len(classes) else float("nan"),
-            "f1": float(skm.f1_score(targets, pred, average="macro", zero_division=0)),
-        }
+        out = {"n": len(targets)}
+        out.update(with_intervals(multiclass_values, targets, probs, groups, n_boot))
+    out["interval"] = {"level": 0.95, "resamples": n_boot, "unit": unit, "method": "percentile bootstrap"}
+    cm = skm.confusion_matrix(targets, pred, labels=list(range(len(classes))))
     out["confusion_matrix"] = {"labels": list(classes), "matrix": cm.tolist()}
     out["classification_report"] = skm.classification_report(
         targets, pred, labels=list(range(len(classes))), target_names=list(classes), zero_division=0, digits=4)
@@ -103,10 +102,12 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[st
 
 def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
              manifest: str | None = None, device: str = "auto", batch_size: int | None = None,
-             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, baseline: bool = True) -> dict:
+             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, baseline: bool = True,
+             n_boot: int = N_BOOT) -> dict:
     """Evaluate a checkpoint on one split of a data set and write the results to ``out``.
 
-    Writes metrics.json, classification_report.txt, predictions.csv, roc.png and
+    Writes metrics.json (each metric with a 95% bootstrap CI), classification_report.txt,
+    predictions.csv, roc.png (with CI band), pr.png, reliability.png, scores.png and
     confusion_matrix.png. The split is rebuilt exactly as in training (same seed and fractions).
     With ``baseline``, metrics.json also holds ``memorisation_baseline``: a 1-nearest-neighbour
     look-up on grey thumbnails of the training split, scored on the same images.
@@ -118,7 +119,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     from bonetumor.data.datasets import ImageDataset, check_files, discover
     from bonetumor.data.splits import assign_splits
     from bonetumor.data.transforms import create_transforms
-    from bonetumor.plots import plot_confusion, plot_roc
+    from bonetumor.plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_score_hist
     from bonetumor.utils import prepare_out_dir, select_device
 
     split = {"val": "valid", "validation": "valid"}.get(split, split)
@@ -138,7 +139,9 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     loader = torch.utils.data.DataLoader(ImageDataset(samples, ck.classes, tf), batch_size=batch_size or cfg.batch_size,
                                          shuffle=False, num_workers=workers)
     preds = predict_loader(ck.model, loader, dev)
-    m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold)
+    ordered = [samples[i] for i in preds.indices]
+    groups = [s.patient_id for s in ordered] if all(s.patient_id for s in ordered) else None
+    m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)
     m.update({"split": split, "checkpoint": str(checkpoint), "skipped_files": len(skipped)})
     if baseline:
         from bonetumor.data.audit import split_baseline
@@ -156,7 +159,14 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
             for i, p in zip(preds.indices, preds.probs))
     atomic_write_csv(outdir / "predictions.csv", ["path", "label", *prob_cols, "prediction"], rows)
     if preds.probs.ndim == 1:
-        plot_roc(preds.targets, preds.probs, outdir / "roc.png", title=f"ROC ({split}, n={m['n']})")
-    plot_confusion(np.array(m["confusion_matrix"]["matrix"]), ck.classes, outdir / "confusion_matrix.png")
+        t, p = preds.targets, preds.probs
+        auc = m["roc_auc"]
+        plot_roc(t, p, outdir / "roc.png", title=f"ROC ({split}, n={m['n']})", band=roc_band(t, p, groups, n_boot),
+                 auc_ci=(auc["ci_low"], auc["ci_high"]))
+        plot_pr(t, p, outdir / "pr.png", title=f"Precision-recall ({split})")
+        plot_reliability(t, p, outdir / "reliability.png", m["ece"]["value"], title=f"Reliability ({split})")
+        plot_score_hist(t, p, ck.classes, outdir / "scores.png", ck.threshold, title=f"Scores per class ({split})")
+    plot_confusion(np.array(m["confusion_matrix"]["matrix"]), ck.classes, outdir / "confusion_matrix.png",
+                   title=f"Confusion matrix at threshold {ck.threshold:.3f}" if preds.probs.ndim == 1 else "Confusion matrix")
     m["classification_report"] = report
     return m

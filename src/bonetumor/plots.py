@@ -35,18 +35,77 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> None:
     _save(fig, path)
 
 
-def plot_roc(targets: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "ROC") -> None:
-    """ROC curve with its AUC (positive class = 1)."""
+def plot_roc(targets: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "ROC",
+             band: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, auc_ci: tuple[float, float] | None = None) -> None:
+    """ROC curve with its AUC (positive class = 1) and, if given, a 95% bootstrap band."""
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     if len(np.unique(targets)) == 2:
         fpr, tpr, _ = skm.roc_curve(targets, probs)
-        ax.plot(fpr, tpr, lw=2, label=f"AUC = {skm.roc_auc_score(targets, probs):.3f}")
+        ci = f" [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]" if auc_ci else ""
+        ax.plot(fpr, tpr, lw=2, label=f"AUC = {skm.roc_auc_score(targets, probs):.3f}{ci}")
+        if band is not None:
+            ax.fill_between(band[0], band[1], band[2], alpha=0.25, label="95% bootstrap band")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_title(title)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_pr(targets: np.ndarray, probs: np.ndarray, path: str | Path, title: str = "Precision-recall") -> None:
+    """Precision-recall curve with average precision; the dashed line is the prevalence."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    if len(np.unique(targets)) == 2:
+        prec, rec, _ = skm.precision_recall_curve(targets, probs)
+        ax.plot(rec, prec, lw=2, label=f"AP = {skm.average_precision_score(targets, probs):.3f}")
+        ax.axhline(float(np.mean(targets)), ls="--", color="grey", lw=1, label="prevalence")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_reliability(targets: np.ndarray, probs: np.ndarray, path: str | Path, ece: float, bins: int = 10,
+                     title: str = "Reliability") -> None:
+    """Observed positive rate against mean predicted probability in equal-width bins, with counts."""
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    xs, ys, ns = [], [], []
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            xs.append(probs[m].mean())
+            ys.append(np.mean(targets[m] == 1))
+            ns.append(int(m.sum()))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    ax.plot(xs, ys, "o-", lw=2, label=f"model (ECE {ece:.3f})")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    axh.bar((np.arange(bins) + 0.5) / bins, np.bincount(which, minlength=bins), width=1 / bins * 0.9, color="grey")
+    axh.set_xlabel("predicted probability")
+    axh.set_ylabel("images")
+    _save(fig, path)
+
+
+def plot_score_hist(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: str | Path,
+                    threshold: float, title: str = "Scores per class") -> None:
+    """Histogram of P(positive) for each true class, with the operating threshold."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    edges = np.linspace(0, 1, 26)
+    for k, name in enumerate(classes):
+        ax.hist(probs[targets == k], bins=edges, alpha=0.55, label=f"true {name} (n={int((targets == k).sum())})")
+    ax.axvline(threshold, color="black", lw=1.5, ls="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel(f"P({classes[-1]})")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
     _save(fig, path)
 
 
