@@ -108,7 +108,8 @@ def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tm
     assert saved["f1"]["value"] == pytest.approx(skm.f1_score(y, p >= saved["threshold"]))
     assert saved["interval"]["unit"] == "patient" and saved["interval"]["resamples"] == 1000
     assert set(saved["per_patient"]) == {"max", "mean"} and saved["n_patients"] == 2
-    assert all(r["prediction"] == ("cancer" if float(r["probability"]) >= 0.5 else "normal") for r in rows)
+    thr = saved["threshold"]  # chosen on validation at training time, applied unchanged here
+    assert all(r["prediction"] == ("cancer" if float(r["probability"]) >= thr else "normal") for r in rows)
     # predict gives the same probabilities as evaluate
     pr = {r["path"]: r["probability"] for r in predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu")}
     assert all(abs(pr[r["path"]] - float(r["probability"])) < 1e-5 for r in rows)

@@ -95,6 +95,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         model.load_state_dict(obj["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({str(e).splitlines()[0][:160]})") from None
+    model.temperature = float(obj.get("temperature", 1.0))
     model.to(device).eval()
     norm = obj.get("normalization", {})
     return LoadedCheckpoint(model, cfg, classes, int(obj["image_size"]), tuple(norm.get("mean", ())),

@@ -83,6 +83,9 @@ def train(
     unfreeze: Optional[str] = typer.Option(None, help="Blocks to fine-tune, e.g. layer4,layer3."),
     output_stride: Optional[int] = typer.Option(None, help="32, or 16/8 for resnet50: finer feature map and Grad-CAM."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    threshold_rule: Optional[str] = typer.Option(None, help="Operating point chosen on validation: youden (default), "
+                                                "sensitivity:0.95, specificity:0.9 or fixed:0.5."),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Temperature scaling fitted on validation."),
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced"),
     skip_bad_files: Optional[bool] = typer.Option(None, "--skip-bad-files/--no-skip-bad-files"),
     audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Leakage audit before training (default on)."),
@@ -98,7 +101,8 @@ def train(
         positive_class=positive_class, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
-        output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit).items()}
+        output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
+        threshold_rule=threshold_rule, calibrate=calibrate).items()}
     cfg = load_config(config, overrides)
     res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)
     out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
@@ -110,13 +114,17 @@ def _print_metrics(m: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("95% CI", justify="right")
+    half = m.get("at_threshold_0.5")
+    if half:
+        t.add_column("at threshold 0.5", justify="right")
     for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
               "brier", "ece"):
         if k in m:
             v = m[k]
-            t.add_row(k, f"{v['value']:.4f}", f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]")
+            row = [k, f"{v['value']:.4f}", f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"]
+            t.add_row(*row, *([f"{half[k]:.4f}" if k in half else ""] if half else []))
     if "threshold" in m:
-        t.add_row("threshold", f"{m['threshold']:.4f}", "")
+        t.add_row("threshold", f"{m['threshold']:.4f}", "", *(["0.5000"] if half else []))
     out.print(t)
     for how, pm in m.get("per_patient", {}).items():
         out.print(f"per patient ({m.get('n_patients')} patients, score = {how} over slices): ROC-AUC "

@@ -49,6 +49,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_balanced: bool = False
     patience: int = 5
+    # Operating point and calibration, fitted on validation after training
+    threshold_rule: str = "youden"  # youden | sensitivity:X | specificity:X | fixed:X
+    calibrate: bool = False  # temperature scaling
     # Runtime
     seed: int = 42
     device: str = "auto"
@@ -75,6 +78,9 @@ class TrainConfig:
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
         ]
+        from bonetumor.calibration import parse_rule
+
+        parse_rule(self.threshold_rule)
         for ok, msg in checks:
             if not ok:
                 raise BonetumorError(msg)

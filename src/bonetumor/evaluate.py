@@ -27,6 +27,7 @@ class Predictions:
     targets: np.ndarray
     indices: np.ndarray
     loss: float = float("nan")
+    logits: np.ndarray | None = None  # (N,) for one logit, else (N, C)
 
     def accuracy(self, threshold: float = 0.5) -> float:
         pred = (self.probs >= threshold).astype(int) if self.probs.ndim == 1 else self.probs.argmax(1)
@@ -44,7 +45,7 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn
     """Run ``model`` (eval mode, autocast to ``dtype`` if given) over every batch of ``loader``;
     mean loss if ``loss_fn`` is given."""
     model.eval()
-    probs, targets, indices, total = [], [], [], 0.0
+    probs, targets, indices, raw, total = [], [], [], [], 0.0
     for x, y, idx in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -53,11 +54,13 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn
             total += loss_fn(logits, loss_target(logits, y.to(device))).item() * len(y)
         p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
         probs.append(p.cpu().numpy())
+        raw.append((logits[:, 0] if logits.shape[1] == 1 else logits).cpu().numpy())
         targets.append(y.numpy())
         indices.append(np.asarray(idx))
     n = sum(len(t) for t in targets)
     cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
-    return Predictions(cat(probs), cat(targets).astype(int), cat(indices).astype(int), total / n if n else float("nan"))
+    return Predictions(cat(probs), cat(targets).astype(int), cat(indices).astype(int), total / n if n else float("nan"),
+                       cat(raw))
 
 
 def binary_auc(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -82,6 +85,11 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[st
         out = {"n": len(targets), "n_positive": int(targets.sum()), "n_negative": int((targets == 0).sum()),
                "positive_class": classes[-1], "threshold": float(threshold)}
         out.update(with_intervals(lambda t, p: binary_values(t, p, threshold), targets, probs, groups, n_boot))
+        if threshold != 0.5:
+            # The chosen operating point beside the naive one, so a reader sees what the choice did.
+            at_half = binary_values(targets, probs, 0.5)
+            out["at_threshold_0.5"] = {k: at_half[k] for k in ("accuracy", "balanced_accuracy", "sensitivity",
+                                                                "specificity", "ppv", "npv", "f1")}
         if groups is not None:
             out["n_patients"] = len(set(groups))
             out["per_patient"] = {}

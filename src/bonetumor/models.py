@@ -36,8 +36,13 @@ class Classifier(nn.Module):
             nn.Linear(n_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, n_outputs)
         )
 
+    # Temperature fitted on validation after training (1 = none). A plain attribute, not a
+    # buffer: it lives in the checkpoint beside the weights, so old checkpoints load unchanged.
+    temperature: float = 1.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        logits = self.head(self.backbone(x))
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def train(self, mode: bool = True) -> "Classifier":
         """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode.

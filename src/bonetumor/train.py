@@ -36,6 +36,7 @@ from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.evaluate import binary_auc, loss_target, predict_loader
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
+    atomic_path,
     atomic_write_csv,
     atomic_write_json,
     autocast_dtype,
@@ -276,4 +277,44 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     from bonetumor.plots import plot_curves
 
     plot_curves(history, run / "curves.png")
+    if (run / "best.pt").is_file():
+        op = set_operating_point(run, cfg, index, device)
+        if verbose:
+            t = op.get("temperature")
+            console.print(f"operating point ({cfg.threshold_rule}, on validation): threshold {op['threshold']:.4f}"
+                          + (f"; temperature {t:.3f}, ECE {op['ece_before']:.4f} -> {op['ece_after']:.4f}" if t else ""))
     return FitResult(run, best_epoch, best_loss, history, stopped)
+
+
+def set_operating_point(run: Path, cfg: TrainConfig, index: DatasetIndex, device: torch.device) -> dict:
+    """Fit the temperature (with ``cfg.calibrate``) and choose the threshold on the validation
+    split with the best weights; store both in best.pt and write ``operating_point.json``."""
+    from bonetumor.calibration import choose_threshold, fit_temperature, probabilities
+    from bonetumor.checkpoint import load_checkpoint
+    from bonetumor.metrics import binary_values, expected_calibration_error
+
+    ck = load_checkpoint(run / "best.pt", device)
+    ck.model.temperature = 1.0
+    val = predict_loader(ck.model, create_loader(index, "valid", cfg, False, device), device)
+    logits, targets = val.logits.astype(np.float64), val.targets
+    op: dict = {"split": "valid", "n": len(targets), "rule": cfg.threshold_rule}
+    temperature = 1.0
+    if cfg.calibrate:
+        temperature = fit_temperature(logits, targets)
+        op.update(temperature=temperature,
+                  ece_before=expected_calibration_error(targets, probabilities(logits)),
+                  ece_after=expected_calibration_error(targets, probabilities(logits, temperature)))
+    probs = probabilities(logits, temperature)
+    threshold = choose_threshold(targets, probs, cfg.threshold_rule) if probs.ndim == 1 else 0.5
+    op["threshold"] = threshold
+    if probs.ndim == 1:
+        keep = ("sensitivity", "specificity", "accuracy", "balanced_accuracy")
+        chosen, half = binary_values(targets, probs, threshold), binary_values(targets, probs, 0.5)
+        op["at_threshold"] = {k: chosen[k] for k in keep}
+        op["at_threshold_0.5"] = {k: half[k] for k in keep}
+    raw = read_torch_file(run / "best.pt")
+    raw.update(threshold=float(threshold), temperature=float(temperature), operating_point=op)
+    with atomic_path(run / "best.pt") as tmp:
+        torch.save(raw, tmp)
+    atomic_write_json(run / "operating_point.json", op)
+    return op
