@@ -140,3 +140,44 @@ def test_evaluate_missing_split_is_a_clear_error(tiny_run, tmp_path):
     make_class_tree(tmp_path / "d" / "valid", n=2)
     with pytest.raises(BonetumorError, match="no images in the test split"):
         evaluate(tiny_run / "best.pt", str(tmp_path / "d"), tmp_path / "e", "test")
+
+
+def test_external_data_with_other_class_names(tiny_run, tmp_path):
+    from conftest import write_image
+
+    from bonetumor.errors import BonetumorError
+    from bonetumor.evaluate import parse_class_map
+
+    for name, n in (("malignant", 4), ("healthy", 5), ("benign", 3)):
+        for k in range(n):
+            write_image(tmp_path / "ext" / name / f"{name}{k}.png", 32, seed=k + 10 * n)
+    cmap = parse_class_map("malignant=cancer, healthy=normal")
+    m = evaluate(tiny_run / "best.pt", str(tmp_path / "ext"), tmp_path / "e", "all", class_map=cmap, external=True, n_boot=50)
+    assert m["n"] == 9 and m["n_positive"] == 4 and m["dropped_classes"] == {"benign": 3} and m["external"] is True
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    assert {r["label"] for r in rows} == {"cancer", "normal"} and len(rows) == 9
+    with pytest.raises(BonetumorError, match="not among the model's classes"):
+        evaluate(tiny_run / "best.pt", str(tmp_path / "ext"), tmp_path / "e2", "all")
+    with pytest.raises(BonetumorError, match="--class-map"):
+        parse_class_map("malignant")
+
+
+def test_metrics_without_copies_of_train(tiny_run, tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    import csv as _csv
+
+    rows = list(_csv.DictReader(open(data / "manifest.csv")))
+    src = next(r for r in rows if r["split"] == "train" and r["label"] == "cancer")
+    shutil.copy(data / src["path"], data / "test" / "cancer" / "copy.png")
+    rows.append({**src, "path": "test/cancer/copy.png", "patient_id": "PX", "split": "test"})
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = _csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    m = evaluate(tiny_run / "best.pt", str(data), tmp_path / "e", "test", exclude_near_duplicates_of="train", n_boot=50)
+    ex = m["excluding_copies"]
+    assert m["n"] == 9 and ex["n"] == 8 and ex["removed"] == {"exact": 1, "near": 0, "source_name_only": 0, "total": 1}
+    assert ex["of"] == "train" and "roc_auc" in ex and ex["interval"]["resamples"] == 50

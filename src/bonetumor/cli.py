@@ -110,7 +110,8 @@ def train(
 
 def _print_metrics(m: dict) -> None:
     iv = m.get("interval", {})
-    t = Table(title=f"{m.get('split', '')} metrics (n={m['n']}; 95% CI, bootstrap over {iv.get('unit', 'image')}s)")
+    kind = "EXTERNAL " if m.get("external") else ""
+    t = Table(title=f"{kind}{m.get('split', '')} metrics (n={m['n']}; 95% CI, bootstrap over {iv.get('unit', 'image')}s)")
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("95% CI", justify="right")
@@ -143,8 +144,13 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
     data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for metrics and figures."),
-    split: str = typer.Option("test", help="train, valid or test."),
+    split: Optional[str] = typer.Option(None, help="train, valid, test (default) or all (default with --external)."),
     manifest: Optional[str] = typer.Option(None),
+    class_map: Optional[str] = typer.Option(None, help="Their class names to the model's, e.g. malignant=cancer,normal=normal; "
+                                            "other classes are dropped and counted."),
+    external: bool = typer.Option(False, help="Another data set than the model's: figures labelled external."),
+    exclude_near_duplicates_of: Optional[str] = typer.Option(None, help="Also report the metrics without images that "
+                                                             "copy one of this split's (e.g. train)."),
     device: str = typer.Option("auto"),
     batch_size: Optional[int] = typer.Option(None),
     workers: int = typer.Option(0),
@@ -156,9 +162,24 @@ def evaluate(
 
     if data is None and manifest is None:
         raise BonetumorError("no data given: pass DATA or --manifest")
+    from bonetumor.evaluate import parse_class_map
+
+    split = split or ("all" if external else "test")
     m = run_eval(checkpoint, data, out_dir, split, manifest=manifest, device=device, batch_size=batch_size,
-                 workers=workers, overwrite=overwrite, skip_bad_files=skip_bad_files)
+                 workers=workers, overwrite=overwrite, skip_bad_files=skip_bad_files, class_map=parse_class_map(class_map),
+                 external=external, exclude_near_duplicates_of=exclude_near_duplicates_of)
     _print_metrics(m)
+    if m.get("dropped_classes"):
+        out.print(f"dropped (not in --class-map): {m['dropped_classes']}")
+    ex = m.get("excluding_copies")
+    if ex:
+        r = ex["removed"]
+        line = (f"without the {r['total']} images that copy a {ex['of']} image ({r['exact']} exact, {r['near']} near, "
+                f"{r['source_name_only']} by export source name): n={ex['n']}")
+        if "roc_auc" in ex:
+            line += (f", ROC-AUC {ex['roc_auc']['value']:.4f} [{ex['roc_auc']['ci_low']:.4f}, {ex['roc_auc']['ci_high']:.4f}],"
+                     f" accuracy {ex['accuracy']['value']:.4f} (all images: {m['roc_auc']['value']:.4f}, {m['accuracy']['value']:.4f})")
+        out.print(line)
     out.print(m["classification_report"])
     out.print(f"results in {out_dir}")
 

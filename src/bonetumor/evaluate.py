@@ -108,40 +108,82 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: Sequence[st
     return out
 
 
+def parse_class_map(text: str | None) -> dict[str, str] | None:
+    """``malignant=cancer,normal=normal`` → {"malignant": "cancer", "normal": "normal"}."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        src, eq, dst = part.partition("=")
+        if not eq or not src.strip() or not dst.strip():
+            raise BonetumorError(f"--class-map {text!r}: write it as theirs=ours,theirs=ours (e.g. malignant=cancer)")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None):
+    """(all samples with splits, the samples to evaluate, classes dropped by the map and their counts)."""
+    from dataclasses import replace
+
+    from bonetumor.data.datasets import discover
+    from bonetumor.data.splits import assign_splits
+
+    cfg = ck.config
+    index = discover(data, manifest, None, None, None, classes=None if class_map else ck.classes)
+    samples, dropped = index.samples, {}
+    if class_map:
+        bad = sorted(set(class_map.values()) - set(ck.classes))
+        if bad:
+            raise BonetumorError(f"--class-map maps to {bad}, which are not the model's classes {ck.classes}")
+        for s in samples:
+            if s.label not in class_map:
+                dropped[s.label] = dropped.get(s.label, 0) + 1
+        samples = [replace(s, label=class_map[s.label]) for s in samples if s.label in class_map]
+    if split == "all":
+        return samples, list(samples), dropped
+    all_samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return all_samples, [s for s in all_samples if s.split == split], dropped
+
+
 def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
              manifest: str | None = None, device: str = "auto", batch_size: int | None = None,
              workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, baseline: bool = True,
-             n_boot: int = N_BOOT) -> dict:
+             n_boot: int = N_BOOT, class_map: dict[str, str] | None = None, external: bool = False,
+             exclude_near_duplicates_of: str | None = None) -> dict:
     """Evaluate a checkpoint on one split of a data set and write the results to ``out``.
 
     Writes metrics.json (each metric with a 95% bootstrap CI), classification_report.txt,
     predictions.csv, roc.png (with CI band), pr.png, reliability.png, scores.png and
-    confusion_matrix.png. The split is rebuilt exactly as in training (same seed and fractions).
-    With ``baseline``, metrics.json also holds ``memorisation_baseline``: a 1-nearest-neighbour
-    look-up on grey thumbnails of the training split, scored on the same images.
+    confusion_matrix.png. The split is rebuilt exactly as in training (same seed and fractions);
+    ``split="all"`` takes every image (for an external data set).
+
+    Args:
+        baseline: also score a 1-nearest-neighbour look-up on the training split's thumbnails
+            (``memorisation_baseline``).
+        class_map: the data set's class names → the model's; other classes are dropped and counted.
+        external: label the figures as external (another data set than the model's).
+        exclude_near_duplicates_of: a split name (``train``): the same metrics again without the
+            images that copy one of that split's (``excluding_copies``).
 
     Returns:
         The metrics dict (also in metrics.json).
     """
     from bonetumor.checkpoint import load_checkpoint
-    from bonetumor.data.datasets import ImageDataset, check_files, discover
-    from bonetumor.data.splits import assign_splits
+    from bonetumor.data.datasets import ImageDataset, check_files
     from bonetumor.data.transforms import create_transforms
     from bonetumor.plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_score_hist
     from bonetumor.utils import prepare_out_dir, select_device
 
     split = {"val": "valid", "validation": "valid"}.get(split, split)
-    if split not in ("train", "valid", "test"):
-        raise BonetumorError(f"--split must be train, valid or test, not {split!r}")
+    if split not in ("train", "valid", "test", "all"):
+        raise BonetumorError(f"--split must be train, valid, test or all, not {split!r}")
     dev = select_device(device)
     ck = load_checkpoint(checkpoint, dev)
     cfg = ck.config
-    outdir = prepare_out_dir(out, overwrite=overwrite)
-    index = discover(data, manifest, None, None, None, classes=ck.classes)
-    all_samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    samples = [s for s in all_samples if s.split == split]
+    all_samples, samples, dropped = _select(data, manifest, ck, split, class_map)
     if not samples:
         raise BonetumorError(f"{data or manifest}: no images in the {split} split")
+    outdir = prepare_out_dir(out, overwrite=overwrite)
     samples, skipped = check_files(samples, skip_bad_files)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
     loader = torch.utils.data.DataLoader(ImageDataset(samples, ck.classes, tf), batch_size=batch_size or cfg.batch_size,
@@ -150,14 +192,11 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     ordered = [samples[i] for i in preds.indices]
     groups = [s.patient_id for s in ordered] if all(s.patient_id for s in ordered) else None
     m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)
-    m.update({"split": split, "checkpoint": str(checkpoint), "skipped_files": len(skipped)})
-    if baseline:
-        from bonetumor.data.audit import split_baseline
-
-        # Look-up alone, on the same split: when it comes near the model, the split measures memory.
-        b = split_baseline(all_samples, split, ck.classes)
-        if b is not None:
-            m["memorisation_baseline"] = b
+    m.update({"split": split, "checkpoint": str(checkpoint), "data": str(data or manifest), "external": bool(external),
+              "skipped_files": len(skipped)})
+    if class_map:
+        m["class_map"], m["dropped_classes"] = class_map, dropped
+    _lookup_figures(m, all_samples, ordered, preds, ck, groups, n_boot, baseline, exclude_near_duplicates_of)
     report = m.pop("classification_report")
     atomic_write_json(outdir / "metrics.json", m)
     atomic_write_text(outdir / "classification_report.txt", report)
@@ -166,15 +205,44 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
              **dict(zip(prob_cols, (f"{v:.6f}" for v in np.atleast_1d(p))))}
             for i, p in zip(preds.indices, preds.probs))
     atomic_write_csv(outdir / "predictions.csv", ["path", "label", *prob_cols, "prediction"], rows)
+    name = f"{split}, external" if external else split
     if preds.probs.ndim == 1:
         t, p = preds.targets, preds.probs
         auc = m["roc_auc"]
-        plot_roc(t, p, outdir / "roc.png", title=f"ROC ({split}, n={m['n']})", band=roc_band(t, p, groups, n_boot),
+        plot_roc(t, p, outdir / "roc.png", title=f"ROC ({name}, n={m['n']})", band=roc_band(t, p, groups, n_boot),
                  auc_ci=(auc["ci_low"], auc["ci_high"]))
-        plot_pr(t, p, outdir / "pr.png", title=f"Precision-recall ({split})")
-        plot_reliability(t, p, outdir / "reliability.png", m["ece"]["value"], title=f"Reliability ({split})")
-        plot_score_hist(t, p, ck.classes, outdir / "scores.png", ck.threshold, title=f"Scores per class ({split})")
+        plot_pr(t, p, outdir / "pr.png", title=f"Precision-recall ({name})")
+        plot_reliability(t, p, outdir / "reliability.png", m["ece"]["value"], title=f"Reliability ({name})")
+        plot_score_hist(t, p, ck.classes, outdir / "scores.png", ck.threshold, title=f"Scores per class ({name})")
     plot_confusion(np.array(m["confusion_matrix"]["matrix"]), ck.classes, outdir / "confusion_matrix.png",
                    title=f"Confusion matrix at threshold {ck.threshold:.3f}" if preds.probs.ndim == 1 else "Confusion matrix")
     m["classification_report"] = report
     return m
+
+
+def _lookup_figures(m: dict, all_samples, ordered, preds: Predictions, ck, groups, n_boot: int, baseline: bool,
+                    exclude_of: str | None) -> None:
+    """Add the 1-NN look-up baseline and the metrics without copies of ``exclude_of`` to ``m``."""
+    from bonetumor.data.audit import copies_of, scan, split_baseline
+
+    if exclude_of is not None and not any(s.split == exclude_of for s in all_samples):
+        raise BonetumorError(f"--exclude-near-duplicates-of {exclude_of}: the data has no {exclude_of} split")
+    train = [s for s in all_samples if s.split == "train"]
+    if not ((baseline and train and m["split"] != "train") or exclude_of):
+        return
+    fh = scan(ordered)
+    if baseline and train and m["split"] != "train":
+        # Look-up alone, on the same images: when it comes near the model, the split measures memory.
+        b = split_baseline(train, scan(train), ordered, fh, ck.classes)
+        if b is not None:
+            m["memorisation_baseline"] = b
+    if exclude_of:
+        ref = [s for s in all_samples if s.split == exclude_of]
+        mask, why = copies_of(ordered, fh, ref, scan(ref))
+        keep = ~mask
+        sub = {"of": exclude_of, "removed": why, "n": int(keep.sum())}
+        if keep.any():
+            g = None if groups is None else [x for x, k in zip(groups, keep) if k]
+            sub.update({k: v for k, v in compute_metrics(preds.targets[keep], preds.probs[keep], ck.classes, ck.threshold,
+                                                         g, n_boot).items() if k != "classification_report"})
+        m["excluding_copies"] = sub

@@ -323,17 +323,31 @@ def leakage_summary(report: dict) -> str:
     return "; ".join(parts)
 
 
-def split_baseline(samples: Sequence[Sample], split: str, classes: list[str], workers: int | None = None) -> dict | None:
-    """The 1-NN memorisation baseline for one split (fitted on the train split), or None
-    when there is no training split to look up."""
-    train = [s for s in samples if s.split == "train"]
-    held = [s for s in samples if s.split == split]
-    if split == "train" or not train or not held:
-        return None
-    ft, fh = scan(train, workers), scan(held, workers)
+def split_baseline(train: Sequence[Sample], ft: list[ImageFacts], held: Sequence[Sample], fh: list[ImageFacts],
+                   classes: list[str]) -> dict | None:
+    """The 1-NN memorisation baseline for ``held`` images, fitted on the ``train`` images
+    (facts from ``scan``), or None when either side has no readable image."""
     tr = [(f.thumb, s.label) for f, s in zip(ft, train) if f.error is None]
     he = [(f.thumb, s.label) for f, s in zip(fh, held) if f.error is None]
     if not tr or not he:
         return None
     return memorisation_baseline(np.stack([t for t, _ in tr]), [lab for _, lab in tr],
                                  np.stack([t for t, _ in he]), [lab for _, lab in he], classes)
+
+
+def copies_of(held: Sequence[Sample], fh: list[ImageFacts], ref: Sequence[Sample], fr: list[ImageFacts],
+              near_threshold: int = NEAR_THRESHOLD) -> tuple[np.ndarray, dict[str, int]]:
+    """Which ``held`` images copy a ``ref`` image: the same bytes, a near copy (as the audit
+    defines it) or the same export source name. Returns (mask, count per reason)."""
+    ref_sha = {f.sha256 for f in fr if f.error is None}
+    ref_names = {source_name(s.path) for s in ref} - {None}
+    exact = np.array([f.error is None and f.sha256 in ref_sha for f in fh], dtype=bool)
+    near = np.zeros(len(held), dtype=bool)
+    ok_h = [i for i, f in enumerate(fh) if f.error is None]
+    ok_r = [f for f in fr if f.error is None]
+    for i, _ in _near_pairs([fh[i] for i in ok_h], ok_r, near_threshold, False):
+        near[ok_h[i]] = True
+    named = np.array([source_name(s.path) in ref_names for s in held], dtype=bool)
+    mask = exact | near | named
+    return mask, {"exact": int(exact.sum()), "near": int((near & ~exact).sum()),
+                  "source_name_only": int((named & ~exact & ~near).sum()), "total": int(mask.sum())}
