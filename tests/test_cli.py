@@ -50,6 +50,14 @@ def test_audit_command_and_strict_exit_code(tmp_path, tiny_data):
     assert code == 2 and "no data given" in out
 
 
+def test_cv_command(tmp_path, tiny_data):
+    code, out = _run("cv", tiny_data, "--out", tmp_path / "cv", "--folds", 2, "--epochs", 1, "--image-size", 32,
+                     "--weights", "none", "--freeze", "none", "--device", "cpu", "--seed", 3)
+    assert code == 0, out
+    assert "2-fold cross-validation" in out and "±" in out and "pooled out-of-fold ROC-AUC" in out
+    assert (tmp_path / "cv" / "oof_predictions.csv").is_file() and (tmp_path / "cv" / "cv.json").is_file()
+
+
 def test_config_file_and_unfreeze_flag(tmp_path, tiny_data):
     (tmp_path / "c.yaml").write_text("epochs: 1\nimage_size: 32\nbatch_size: 8\nweights: none\nlr: 0.01\n")
     code, out = _run("train", tiny_data, "--out", tmp_path / "r", "--config", tmp_path / "c.yaml",

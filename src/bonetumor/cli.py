@@ -108,6 +108,43 @@ def train(
     out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
 
 
+@app.command()
+@_friendly
+def cv(
+    data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the fold runs and the summary."),
+    folds: int = typer.Option(5, help="Number of folds (stratified, grouped by patient)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of training options (as for train)."),
+    manifest: Optional[str] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None),
+    weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights file."),
+    freeze: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+):
+    """Cross-validation: one model per fold, out-of-fold predictions, per-fold table and mean ± sd."""
+    from bonetumor.config import load_config
+    from bonetumor.cv import cross_validate
+
+    cfg = load_config(config, {"data": data, "manifest": manifest, "epochs": epochs, "image_size": image_size,
+                               "weights": weights, "freeze": freeze, "seed": seed, "device": device})
+    r = cross_validate(cfg, out_dir, folds, overwrite=overwrite)
+    t = Table(title=f"{folds}-fold cross-validation ({r['n_images']} images, {r['split_level']}-level folds)")
+    names = list(r["mean_sd"])
+    for col in ("fold", "n", *names):
+        t.add_column(col, justify="right")
+    for f in r["per_fold"]:
+        t.add_row(str(f["fold"]), str(f["n"]), *(f"{f[n]:.4f}" for n in names))
+    t.add_row("mean ± sd", "", *(f"{r['mean_sd'][n]['mean']:.4f} ± {r['mean_sd'][n]['sd']:.4f}" for n in names))
+    out.print(t)
+    auc = r["pooled_out_of_fold"].get("roc_auc")
+    if auc:
+        out.print(f"pooled out-of-fold ROC-AUC {auc['value']:.4f} [{auc['ci_low']:.4f}, {auc['ci_high']:.4f}]")
+    out.print(f"out-of-fold predictions: {out_dir / 'oof_predictions.csv'}; summary: {out_dir / 'cv.json'}")
+
+
 def _print_metrics(m: dict) -> None:
     iv = m.get("interval", {})
     kind = "EXTERNAL " if m.get("external") else ""

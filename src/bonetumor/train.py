@@ -178,8 +178,12 @@ def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool = False, verbose: bool = True) -> FitResult:
+def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool = False, verbose: bool = True,
+        index: DatasetIndex | None = None) -> FitResult:
     """Train a model as ``cfg`` says and write the run folder ``out``.
+
+    ``index`` (samples with their splits already set, as cross-validation makes them) replaces
+    finding the data from ``cfg``.
 
     Raises:
         BonetumorError: bad data, options or run folder (a one-line message).
@@ -198,7 +202,7 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     if run.exists() and not run.is_dir() or (run.is_dir() and any(run.iterdir()) and not (overwrite or resume)):
         raise BonetumorError(f"{run} already exists; pass --overwrite to replace it or --resume to continue")
     seed_everything(cfg.seed)
-    index = prepare_data(cfg, state["classes"] if state else None)
+    index = index if index is not None else prepare_data(cfg, state["classes"] if state else None)
     n_out = 1 if len(index.classes) == 2 else len(index.classes)
     # The model (and its weights) come before the file scan, so a weights problem shows at once.
     model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout,
