@@ -10,3 +10,4 @@ def test_demo_learns(tmp_path):
     assert r.metrics["roc_auc"]["value"] >= 0.90, r.metrics
     assert (r.run_dir / "curves.png").is_file() and (r.eval_dir / "roc.png").is_file()
     assert (r.explanation.out / "index.html").is_file() and r.explanation.localization["n_with_lesion"] == 48
+    assert r.report.is_file() and "Failure gallery" in r.report.read_text()

@@ -132,17 +132,35 @@ def cv(
                                "weights": weights, "freeze": freeze, "seed": seed, "device": device})
     r = cross_validate(cfg, out_dir, folds, overwrite=overwrite)
     t = Table(title=f"{folds}-fold cross-validation ({r['n_images']} images, {r['split_level']}-level folds)")
-    names = list(r["mean_sd"])
+    # The main columns fit a terminal; every metric is in cv_folds.csv and cv.json.
+    names = [n for n in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece") if n in r["mean_sd"]]
     for col in ("fold", "n", *names):
         t.add_column(col, justify="right")
     for f in r["per_fold"]:
-        t.add_row(str(f["fold"]), str(f["n"]), *(f"{f[n]:.4f}" for n in names))
-    t.add_row("mean ± sd", "", *(f"{r['mean_sd'][n]['mean']:.4f} ± {r['mean_sd'][n]['sd']:.4f}" for n in names))
+        t.add_row(str(f["fold"]), str(f["n"]), *(f"{f[n]:.3f}" for n in names))
+    t.add_row("mean", "", *(f"{r['mean_sd'][n]['mean']:.3f}" for n in names))
+    t.add_row("sd", "", *(f"{r['mean_sd'][n]['sd']:.3f}" for n in names))
     out.print(t)
     auc = r["pooled_out_of_fold"].get("roc_auc")
     if auc:
         out.print(f"pooled out-of-fold ROC-AUC {auc['value']:.4f} [{auc['ci_low']:.4f}, {auc['ci_high']:.4f}]")
     out.print(f"out-of-fold predictions: {out_dir / 'oof_predictions.csv'}; summary: {out_dir / 'cv.json'}")
+
+
+@app.command()
+@_friendly
+def report(
+    run: Path = typer.Argument(..., help="Run folder (holds best.pt, config.yaml)."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Folder written by evaluate."),
+    explain_dir: Optional[Path] = typer.Option(None, "--explain", help="Folder written by explain (for localization)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html)."),
+):
+    """One self-contained HTML report: data and audit, methods, metrics with CIs, plots, calibration,
+    failure gallery with Grad-CAM, localization, intended use and limitations."""
+    from bonetumor.report import build_report
+
+    path = build_report(run, eval_dir, explain_dir, out_file)
+    out.print(f"report written to {path}")
 
 
 def _print_metrics(m: dict) -> None:
@@ -320,6 +338,7 @@ def demo(
     out.print(f"  Grad-CAM panels:  {r.explanation.out / 'index.html'}")
     out.print(f"  localization:     {r.explanation.out / 'localization.json'}")
     out.print(f"  checkpoint:       {r.run_dir / 'best.pt'}")
+    out.print(f"  report:           {r.report}")
 
 
 @app.command()

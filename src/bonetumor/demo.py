@@ -34,6 +34,7 @@ class DemoResult:
     metrics: dict
     explanation: ExplainResult
     seconds: float
+    report: Path | None = None
 
 
 def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: str = "auto",
@@ -53,4 +54,7 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: s
     # Grad-CAM over the whole test split (scored against the synthetic masks); panels for a sample.
     ex = explain(res.run_dir / "best.pt", [data.root / "test"], root / "explain", manifest=data.manifest,
                  device=device, max_panels=DEMO_PANELS)
-    return DemoResult(root, res.run_dir, root / "eval", metrics, ex, time.perf_counter() - t0)
+    from bonetumor.report import build_report
+
+    report = build_report(res.run_dir, root / "eval", root / "explain", root / "report.html")
+    return DemoResult(root, res.run_dir, root / "eval", metrics, ex, time.perf_counter() - t0, report)

@@ -1,0 +1,218 @@
+"""One self-contained HTML report of a run, laid out like a model card and the CLAIM checklist.
+
+Everything is embedded (figures as data URIs), so the file opens offline and can be sent on
+its own. It only reads what train, evaluate and explain wrote; the failure gallery runs
+Grad-CAM on the worst false negatives and false positives.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from bonetumor.errors import BonetumorError
+from bonetumor.utils import atomic_write_text
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+main{max-width:1040px;margin:0 auto;padding:24px 20px 60px}
+h1{font-size:1.6em;margin:0 0 4px}h2{margin-top:36px;border-bottom:2px solid #d9dde5;padding-bottom:4px}
+section{background:#fff;border-radius:8px;padding:8px 20px 16px;margin-top:18px;box-shadow:0 1px 2px #0001}
+table{border-collapse:collapse;margin:8px 0;max-width:100%}td,th{border:1px solid #d9dde5;padding:4px 8px;text-align:left;
+overflow-wrap:anywhere;vertical-align:top}th{background:#eef1f6}
+.grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0;flex:1 1 300px;max-width:480px}
+figure img,img{max-width:100%;height:auto;display:block}figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
+.warn{background:#fff4e0;border-left:4px solid #e69500;padding:8px 12px;margin:10px 0}
+.muted{color:#666;font-size:.9em}code{overflow-wrap:anywhere}
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _figure(path: Path, caption: str) -> str:
+    return f"<figure>{_img(path, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>" if path.is_file() else ""
+
+
+def _table(rows: list[list], head: list[str] | None = None) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in head) if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{'<tr>' + h + '</tr>' if h else ''}{body}</table>"
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _ci(d: dict) -> str:
+    return f"{d['value']:.4f} [{d['ci_low']:.4f}, {d['ci_high']:.4f}]"
+
+
+def _data_section(run: Path, cfg: dict) -> str:
+    data = _read_json(run / "data.json") or {}
+    counts = data.get("counts", {})
+    classes = data.get("classes", [])
+    rows = [[split, *[counts[split].get(c, 0) for c in classes], sum(counts[split].values())] for split in counts]
+    out = [f"<p>Source: <code>{html.escape(str(cfg.get('data') or cfg.get('manifest') or cfg.get('train_dir')))}</code>; "
+           f"layout {html.escape(str(data.get('layout')))}; SHA-256 fingerprint <code>{html.escape(str(data.get('fingerprint', ''))[:16])}…</code></p>",
+           _table(rows, ["split", *classes, "total"]),
+           f"<p>Split level: <b>{html.escape(str(data.get('split_level')))}</b>"
+           + (" (no patient ids: images of one patient may fall in different splits)" if data.get("split_level") == "image" else "")
+           + "</p>"]
+    audit = _read_json(run / "audit.json")
+    if audit is None:
+        out.append('<p class="warn">No leakage audit was run for this training run.</p>')
+    else:
+        from bonetumor.data.audit import leakage_summary
+
+        summary = leakage_summary(audit)
+        out.append(f'<p class="warn">Leakage found: {html.escape(summary)}. Held-out figures below are optimistic.</p>'
+                   if summary else "<p>Leakage audit: no copies across splits, no patient in two splits, no image under two labels.</p>")
+        rows = [[s, r["n"], r.get("exact_copies_of_train", ""), r.get("near_copies_of_train", ""),
+                 r.get("same_source_name_as_train", "")] for s, r in audit["duplicates"].items()]
+        out.append(_table(rows, ["split", "images", "exact copies of train", "exact or near copies", "same export source name"]))
+        flagged = audit.get("shortcuts_flagged", [])
+        out.append(f"<p>Possible shortcuts (a property that alone separates the classes): "
+                   f"{html.escape(', '.join(flagged)) if flagged else 'none flagged'}.</p>")
+        for split, b in audit.get("memorisation_baseline", {}).items():
+            out.append(f"<p>1-nearest-neighbour look-up on training thumbnails, {split}: accuracy {b['accuracy']:.3f}, "
+                       f"ROC-AUC {b['roc_auc']:.3f}.</p>")
+    return "".join(out)
+
+
+def _method_section(run: Path, cfg: dict) -> str:
+    env = _read_json(run / "environment.json") or {}
+    pre = [["image size", cfg.get("image_size")], ["normalisation", "ImageNet mean/std, grey repeated to 3 channels"],
+           ["augmentation (training only)", f"horizontal flip {cfg.get('hflip')}, rotation ±{cfg.get('rotate_degrees')}°, "
+                                            f"zoom {cfg.get('zoom_min')}–{cfg.get('zoom_max')}"]]
+    model = [["backbone", cfg.get("backbone")], ["weights", cfg.get("weights")], ["frozen", cfg.get("freeze")],
+             ["fine-tuned blocks", ", ".join(cfg.get("unfreeze") or []) or "-"], ["output stride", cfg.get("output_stride")],
+             ["head", f"global average pooling → Linear(256) → ReLU → Dropout({cfg.get('dropout')}) → Linear"]]
+    train = [[k, cfg.get(k)] for k in ("epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "patience", "precision",
+                                        "threshold_rule", "calibrate", "seed")]
+    pk = env.get("packages", {})
+    sw = ", ".join(f"{k} {v}" for k, v in pk.items())
+    return (f"<h3>Preprocessing</h3>{_table(pre)}<h3>Model</h3>{_table(model)}<h3>Training</h3>{_table(train)}"
+            f"<p class='muted'>Device {html.escape(str(env.get('device')))}; {html.escape(sw)}</p>"
+            + _figure(run / "curves.png", "Accuracy and loss per epoch, training vs validation"))
+
+
+def _metrics_section(ev: Path, run: Path) -> str:
+    m = _read_json(ev / "metrics.json")
+    if m is None:
+        return "<p class='warn'>No evaluation folder given: run <code>bonetumor evaluate</code> and pass --eval.</p>"
+    names = [k for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
+                         "f1", "brier", "ece") if k in m]
+    half = m.get("at_threshold_0.5", {})
+    rows = [[k, _ci(m[k]), _fmt(half.get(k, ""))] for k in names]
+    iv = m.get("interval", {})
+    kind = "External data set" if m.get("external") else f"Internal {m.get('split')} split"
+    out = [f"<p><b>{kind}</b>, n = {m['n']} ({m.get('n_positive', '?')} positive). 95% CIs: {iv.get('method', '')} "
+           f"over {iv.get('unit', '')}s, {iv.get('resamples', '')} resamples. Operating threshold "
+           f"<b>{m.get('threshold', 0.5):.4f}</b>, chosen on validation (rule in the training table).</p>",
+           _table(rows, ["metric", "value [95% CI] at the operating threshold", "at threshold 0.5"])]
+    b = m.get("memorisation_baseline")
+    if b:
+        out.append(f"<p>Beside it, 1-NN look-up on training thumbnails: accuracy {b['accuracy']:.4f}, ROC-AUC {b['roc_auc']:.4f}. "
+                   "When look-up comes near the model, the split measures memory rather than learning.</p>")
+    ex = m.get("excluding_copies")
+    if ex and "roc_auc" in ex:
+        out.append(f"<p>Without the {ex['removed']['total']} images that copy a {ex['of']} image (n = {ex['n']}): "
+                   f"ROC-AUC {_ci(ex['roc_auc'])}, accuracy {_ci(ex['accuracy'])}.</p>")
+    for how, pm in m.get("per_patient", {}).items():
+        out.append(f"<p>Per patient ({m.get('n_patients')} patients, score = {how} of the slices): ROC-AUC {_ci(pm['roc_auc'])}, "
+                   f"sensitivity {pm['sensitivity']['value']:.4f}, specificity {pm['specificity']['value']:.4f}.</p>")
+    figs = [("roc.png", "ROC curve with 95% bootstrap band"), ("pr.png", "Precision-recall curve"),
+            ("confusion_matrix.png", "Confusion matrix at the operating threshold"),
+            ("scores.png", "Score histogram per class")]
+    out.append('<div class="grid">' + "".join(_figure(ev / f, c) for f, c in figs) + "</div>")
+    op = _read_json(run / "operating_point.json") or {}
+    cal = (f"<p>Temperature scaling on validation: T = {op['temperature']:.3f}, ECE {op['ece_before']:.4f} → "
+           f"{op['ece_after']:.4f}.</p>") if op.get("temperature") else "<p>No temperature scaling (train with --calibrate).</p>"
+    out.append(f"<h3>Calibration</h3>{cal}" + _figure(ev / "reliability.png", "Reliability diagram"))
+    return "".join(out)
+
+
+def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
+    """Top false negatives and false positives, with their Grad-CAM panels."""
+    pred = ev / "predictions.csv"
+    m = _read_json(ev / "metrics.json")
+    if not pred.is_file() or m is None or "positive_class" not in m:
+        return "<p class='muted'>No binary predictions to show failures from.</p>"
+    pos = m["positive_class"]
+    rows = list(csv.DictReader(open(pred)))
+    fn = sorted((r for r in rows if r["label"] == pos and r["prediction"] != pos), key=lambda r: float(r["probability"]))[:k]
+    fp = sorted((r for r in rows if r["label"] != pos and r["prediction"] == pos), key=lambda r: -float(r["probability"]))[:k]
+    if not fn and not fp:
+        return "<p>No misclassified images.</p>"
+    from bonetumor.explain.run import explain
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, group in (("False negatives (missed cancer), lowest P first", fn), ("False positives, highest P first", fp)):
+            if not group:
+                continue
+            res = explain(run / "best.pt", [r["path"] for r in group], Path(tmp) / name[:5], target="predicted",
+                          faithfulness_samples=0)
+            out.append(f"<h3>{html.escape(name)}</h3><div class='grid'>"
+                       + "".join(_figure(Path(tmp) / name[:5] / r["panel"], f"{Path(r['path']).name}: P = {r['probability']:.3f}")
+                                 for r in res.rows if r.get("panel")) + "</div>")
+    return "".join(out)
+
+
+def _localization_section(explain_dir: Path | None) -> str:
+    loc = _read_json(explain_dir / "localization.json") if explain_dir else None
+    if not loc or "cam" not in loc:
+        return "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
+    base = loc["baseline_centred_gaussian"]
+    rows = [[k, _ci(loc["cam"][k]), _ci(base[k])] for k in loc["cam"]]
+    return (f"<p>{loc['method']} at {html.escape(loc['layer'])}, {loc['n_with_lesion']} images with a lesion.</p>"
+            + _table(rows, ["score", "heatmap [95% CI]", "centred Gaussian baseline"]))
+
+
+LIMITS = """<ul>
+<li>Intended use: research on retrospective images; not a medical device and not for clinical decisions.</li>
+<li>The figures hold for data like the evaluated split only: other scanners, sites, populations or
+preprocessing can change them; an external evaluation is labelled as such above when there is one.</li>
+<li>With image-level splits, or when the audit finds copies across splits, held-out figures are optimistic.</li>
+<li>Heatmaps show where the model's evidence lies, not where a tumour is; read their localization scores.</li>
+</ul>"""
+
+
+def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_dir: str | Path | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Write the report (default ``RUN/report.html``) and return its path."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
+        raise BonetumorError(f"{run}: not a run folder (config.yaml and best.pt expected)")
+    ev = Path(eval_dir) if eval_dir else None
+    if ev is not None and not (ev / "metrics.json").is_file():
+        raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    parts = [("1. Data", _data_section(run, cfg)), ("2. Methods", _method_section(run, cfg)),
+             ("3. Results", _metrics_section(ev, run) if ev else _metrics_section(run / "__none__", run)),
+             ("4. Failure gallery", _failure_gallery(run, ev) if ev else "<p class='muted'>Needs --eval.</p>"),
+             ("5. Heatmap localization", _localization_section(Path(explain_dir) if explain_dir else None)),
+             ("6. Intended use and limitations", LIMITS)]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{c}</section>" for t, c in parts)
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width,initial-scale=1'><title>bonetumor report: {html.escape(run.name)}</title>"
+            f"<style>{CSS}</style></head><body><main><h1>Model report: {html.escape(run.name)}</h1>"
+            f"<p class='muted'>Written {when} by bonetumor from the run folder and its evaluation.</p>{body}</main></body></html>")
+    path = Path(out) if out else run / "report.html"
+    atomic_write_text(path, page)
+    return path

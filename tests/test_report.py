@@ -1,0 +1,91 @@
+"""The report is one self-contained HTML file; headless Chromium loads it, every image loads and
+no text overflows its box, at desktop and at phone width."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from bonetumor import evaluate
+from bonetumor.errors import BonetumorError
+from bonetumor.explain.run import explain
+from bonetumor.report import build_report
+
+CHECK = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;
+  const over = [...document.querySelectorAll('main *')].filter(e => {
+    const s = getComputedStyle(e);
+    return s.display !== 'inline' && s.overflowX === 'visible' && e.scrollWidth > e.clientWidth + 1;
+  }).map(e => e.tagName + ':' + (e.textContent || '').slice(0, 40));
+  const page = document.documentElement.scrollWidth > window.innerWidth + 1;
+  const pre = document.createElement('pre'); pre.id = 'result';
+  pre.textContent = JSON.stringify({images: imgs.length, broken, overflow: over, page_overflow: page});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        if os.environ.get("BONETUMOR_REQUIRE_BROWSER"):
+            pytest.fail("headless Chromium is required here but not installed")
+        pytest.skip("no Chromium on this machine (CI installs it)")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run, tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    evaluate(tiny_run / "best.pt", str(tiny_data), tmp / "eval", "test", n_boot=100)
+    explain(tiny_run / "best.pt", [tiny_data / "test"], tmp / "explain", manifest=tiny_data / "manifest.csv",
+            device="cpu", faithfulness_samples=0)
+    return build_report(tiny_run, tmp / "eval", tmp / "explain", tmp / "report.html")
+
+
+def test_report_is_self_contained_and_complete(report):
+    text = report.read_text()
+    assert not re.findall(r'src="(?!data:)', text), "an image is not embedded"
+    for heading in ("1. Data", "2. Methods", "3. Results", "Calibration", "4. Failure gallery",
+                    "5. Heatmap localization", "6. Intended use and limitations"):
+        assert heading in text
+    assert "value [95% CI] at the operating threshold" in text and "centred Gaussian baseline" in text
+    assert text.count("data:image/png;base64,") >= 6  # curves, ROC, PR, confusion, scores, reliability
+
+
+def _render(html_text: str, tmp_path, width: int) -> dict:
+    """Load the page in headless Chromium at ``width`` px and return what the check script saw."""
+    exe = _chromium()
+    page = tmp_path / f"page{width}.html"
+    page.write_text(html_text.replace("</body>", CHECK + "</body>"))
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
+           "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           f"--window-size={width},2000", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert m, "the check script did not run"
+    return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+@pytest.mark.parametrize("width", [1200, 420])
+def test_report_renders_in_headless_chromium(report, tmp_path, width):
+    r = _render(report.read_text(), tmp_path, width)
+    assert r["images"] >= 6 and r["broken"] == 0
+    assert r["overflow"] == [] and r["page_overflow"] is False
+
+
+def test_the_browser_check_catches_a_broken_image_and_overflowing_text(tmp_path):
+    bad = ("<html><body><main><img src='data:image/png;base64,AAAA'>"
+           "<p style='white-space:nowrap;width:200px'>" + "x" * 400 + "</p></main></body></html>")
+    r = _render(bad, tmp_path, 800)
+    assert r["broken"] == 1 and r["overflow"] and r["page_overflow"] is True
+
+
+def test_report_needs_a_run_folder(tmp_path):
+    with pytest.raises(BonetumorError, match="not a run folder"):
+        build_report(tmp_path)
