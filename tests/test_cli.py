@@ -58,6 +58,15 @@ def test_cv_command(tmp_path, tiny_data):
     assert (tmp_path / "cv" / "oof_predictions.csv").is_file() and (tmp_path / "cv" / "cv.json").is_file()
 
 
+def test_report_command(tmp_path, tiny_run, tiny_data):
+    code, out = _run("evaluate", tiny_run / "best.pt", tiny_data, "--out", tmp_path / "e")
+    assert code == 0, out
+    code, out = _run("report", tiny_run, "--eval", tmp_path / "e", "--out", tmp_path / "r.html")
+    assert code == 0 and "report written" in out and (tmp_path / "r.html").stat().st_size > 10_000
+    code, out = _run("report", tmp_path)
+    assert code == 2 and "not a run folder" in out
+
+
 def test_config_file_and_unfreeze_flag(tmp_path, tiny_data):
     (tmp_path / "c.yaml").write_text("epochs: 1\nimage_size: 32\nbatch_size: 8\nweights: none\nlr: 0.01\n")
     code, out = _run("train", tiny_data, "--out", tmp_path / "r", "--config", tmp_path / "c.yaml",

@@ -45,7 +45,8 @@ def report(tiny_run, tiny_data, tmp_path_factory):
     evaluate(tiny_run / "best.pt", str(tiny_data), tmp / "eval", "test", n_boot=100)
     explain(tiny_run / "best.pt", [tiny_data / "test"], tmp / "explain", manifest=tiny_data / "manifest.csv",
             device="cpu", faithfulness_samples=0)
-    return build_report(tiny_run, tmp / "eval", tmp / "explain", tmp / "report.html")
+    evaluate(tiny_run / "best.pt", str(tiny_data / "valid"), tmp / "ext", "all", external=True, n_boot=50)
+    return build_report(tiny_run, tmp / "eval", tmp / "explain", tmp / "report.html", [tmp / "ext"])
 
 
 def test_report_is_self_contained_and_complete(report):
@@ -55,6 +56,7 @@ def test_report_is_self_contained_and_complete(report):
                     "5. Heatmap localization", "6. Intended use and limitations"):
         assert heading in text
     assert "value [95% CI] at the operating threshold" in text and "centred Gaussian baseline" in text
+    assert "Other evaluations" in text and "external: " in text
     assert text.count("data:image/png;base64,") >= 6  # curves, ROC, PR, confusion, scores, reliability
 
 

@@ -151,7 +151,8 @@ def cv(
 @_friendly
 def report(
     run: Path = typer.Argument(..., help="Run folder (holds best.pt, config.yaml)."),
-    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Folder written by evaluate."),
+    eval_dir: Optional[List[Path]] = typer.Option(None, "--eval", help="Folder written by evaluate; repeat it to add "
+                                                 "other evaluations (another split, external data) beside the first."),
     explain_dir: Optional[Path] = typer.Option(None, "--explain", help="Folder written by explain (for localization)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html)."),
 ):
@@ -159,7 +160,8 @@ def report(
     failure gallery with Grad-CAM, localization, intended use and limitations."""
     from bonetumor.report import build_report
 
-    path = build_report(run, eval_dir, explain_dir, out_file)
+    evals = list(eval_dir or [])
+    path = build_report(run, evals[0] if evals else None, explain_dir, out_file, evals[1:])
     out.print(f"report written to {path}")
 
 

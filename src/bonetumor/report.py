@@ -179,8 +179,27 @@ def _localization_section(explain_dir: Path | None) -> str:
         return "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
     base = loc["baseline_centred_gaussian"]
     rows = [[k, _ci(loc["cam"][k]), _ci(base[k])] for k in loc["cam"]]
+    beats = loc["cam"]["pointing"]["ci_low"] > base["pointing"]["value"]
+    verdict = ("The heatmaps point at the lesion more often than a centred blob does." if beats else
+               "<b>The heatmaps do not point at the lesion more reliably than a centred blob</b>: do not read them as "
+               "locating the tumour.")
     return (f"<p>{loc['method']} at {html.escape(loc['layer'])}, {loc['n_with_lesion']} images with a lesion.</p>"
-            + _table(rows, ["score", "heatmap [95% CI]", "centred Gaussian baseline"]))
+            + _table(rows, ["score", "heatmap [95% CI]", "centred Gaussian baseline"]) + f"<p>{verdict}</p>")
+
+
+def _other_evaluations(evals: list[Path]) -> str:
+    """Key figures of further evaluations (another split, external data), each labelled."""
+    rows = []
+    for ev in evals:
+        m = _read_json(ev / "metrics.json")
+        if m is None:
+            raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
+        kind = "external" if m.get("external") else "internal"
+        rows.append([f"{kind}: {m.get('data', '')} ({m.get('split')})", m["n"],
+                     *(_ci(m[k]) if k in m else "" for k in ("roc_auc", "accuracy", "sensitivity", "specificity"))])
+    return ("<h3>Other evaluations</h3><p>A model can score well inside its own data set and near chance outside it; "
+            "external figures are labelled as such.</p>"
+            + _table(rows, ["evaluation", "n", "ROC-AUC", "accuracy", "sensitivity", "specificity"]))
 
 
 LIMITS = """<ul>
@@ -193,8 +212,9 @@ preprocessing can change them; an external evaluation is labelled as such above 
 
 
 def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_dir: str | Path | None = None,
-                 out: str | Path | None = None) -> Path:
-    """Write the report (default ``RUN/report.html``) and return its path."""
+                 out: str | Path | None = None, more_evals: list[str | Path] | None = None) -> Path:
+    """Write the report (default ``RUN/report.html``) and return its path. ``eval_dir`` is the
+    main evaluation; ``more_evals`` (another split, external data) are tabulated beside it."""
     run = Path(run)
     if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
         raise BonetumorError(f"{run}: not a run folder (config.yaml and best.pt expected)")
@@ -203,7 +223,8 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
         raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     parts = [("1. Data", _data_section(run, cfg)), ("2. Methods", _method_section(run, cfg)),
-             ("3. Results", _metrics_section(ev, run) if ev else _metrics_section(run / "__none__", run)),
+             ("3. Results", (_metrics_section(ev, run) if ev else _metrics_section(run / "__none__", run))
+              + (_other_evaluations([Path(e) for e in more_evals]) if more_evals else "")),
              ("4. Failure gallery", _failure_gallery(run, ev) if ev else "<p class='muted'>Needs --eval.</p>"),
              ("5. Heatmap localization", _localization_section(Path(explain_dir) if explain_dir else None)),
              ("6. Intended use and limitations", LIMITS)]
