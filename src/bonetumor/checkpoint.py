@@ -19,7 +19,8 @@ from bonetumor.serialization import (
 )
 from bonetumor.utils import atomic_path
 
-__all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint"]
+__all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint",
+           "update_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
@@ -45,6 +46,16 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, 
         "threshold": float(threshold),
         "extra": extra or {},
     }
+    _write(path, payload)
+
+
+def update_checkpoint(path: str | Path, fields: dict, raw: dict | None = None) -> None:
+    """Rewrite a checkpoint with some entries set (e.g. the threshold chosen after training),
+    atomically; ``raw`` is its already-read content, if at hand."""
+    _write(path, {**(raw if raw is not None else read_torch_file(path)), **fields})
+
+
+def _write(path: str | Path, payload: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
-
 from bonetumor.config import TrainConfig, save_config
 from bonetumor.data.datasets import DatasetIndex, ImageDataset, with_splits
-from bonetumor.data.splits import _groups, assign_splits
+from bonetumor.checkpoint import load_checkpoint
+from bonetumor.data.splits import assign_folds, assign_splits, groups_per_class
 from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate import compute_metrics, predict_loader
@@ -31,16 +30,10 @@ FOLD_METRICS = ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivi
 def fold_indices(index: DatasetIndex, folds: int, seed: int) -> tuple[list, np.ndarray]:
     """(pooled samples, fold number per sample): everything but an existing test split."""
     pool = [dataclasses.replace(s, split=None) for s in index.samples if s.split != "test"]
-    labels = np.array([s.label for s in pool])
-    groups = _groups(pool)
-    per_class = min(len(set(groups[labels == c])) for c in set(labels))
+    per_class = min(groups_per_class(pool).values())
     if folds < 2 or folds > per_class:
         raise BonetumorError(f"--folds {folds}: need 2 to {per_class} (patients or images of the smallest class)")
-    fold = np.empty(len(pool), dtype=int)
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(cv.split(np.zeros(len(pool)), labels, groups)):
-        fold[held] = k
-    return pool, fold
+    return pool, assign_folds(pool, folds, seed)
 
 
 def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite: bool = False, verbose: bool = True,
@@ -65,8 +58,6 @@ def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite:
             console.print(f"fold {k + 1}/{folds}: train {sum(s.split == 'train' for s in rest)}, "
                   f"valid {sum(s.split == 'valid' for s in rest)}, held out {len(held)}")
         res = fit(dataclasses.replace(cfg), root / f"fold_{k + 1}", overwrite=overwrite, verbose=verbose, index=fold_index)
-        from bonetumor.checkpoint import load_checkpoint
-
         ck = load_checkpoint(res.run_dir / "best.pt", device)
         tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
         loader = torch.utils.data.DataLoader(ImageDataset(held, ck.classes, tf), batch_size=cfg.batch_size, shuffle=False)

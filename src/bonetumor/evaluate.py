@@ -183,6 +183,9 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     all_samples, samples, dropped = _select(data, manifest, ck, split, class_map)
     if not samples:
         raise BonetumorError(f"{data or manifest}: no images in the {split} split")
+    if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
+        raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
+                             f"{exclude_near_duplicates_of} split")
     outdir = prepare_out_dir(out, overwrite=overwrite)
     samples, skipped = check_files(samples, skip_bad_files)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
@@ -225,20 +228,25 @@ def _lookup_figures(m: dict, all_samples, ordered, preds: Predictions, ck, group
     """Add the 1-NN look-up baseline and the metrics without copies of ``exclude_of`` to ``m``."""
     from bonetumor.data.audit import copies_of, scan, split_baseline
 
-    if exclude_of is not None and not any(s.split == exclude_of for s in all_samples):
-        raise BonetumorError(f"--exclude-near-duplicates-of {exclude_of}: the data has no {exclude_of} split")
     train = [s for s in all_samples if s.split == "train"]
     if not ((baseline and train and m["split"] != "train") or exclude_of):
         return
     fh = scan(ordered)
+    cache: dict[str, tuple[list, list]] = {}  # a reference split is read once, even when both figures need it
+
+    def facts_of(split: str) -> tuple[list, list]:
+        if split not in cache:
+            refs = [s for s in all_samples if s.split == split]
+            cache[split] = (refs, scan(refs))
+        return cache[split]
+
     if baseline and train and m["split"] != "train":
         # Look-up alone, on the same images: when it comes near the model, the split measures memory.
-        b = split_baseline(train, scan(train), ordered, fh, ck.classes)
+        b = split_baseline(*facts_of("train"), ordered, fh, ck.classes)
         if b is not None:
             m["memorisation_baseline"] = b
     if exclude_of:
-        ref = [s for s in all_samples if s.split == exclude_of]
-        mask, why = copies_of(ordered, fh, ref, scan(ref))
+        mask, why = copies_of(ordered, fh, *facts_of(exclude_of))
         keep = ~mask
         sub = {"of": exclude_of, "removed": why, "n": int(keep.sum())}
         if keep.any():

@@ -31,13 +31,14 @@ def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, bins: int
         conf, hit = probs.max(1), probs.argmax(1) == targets
     if len(conf) == 0:
         return float("nan")
+    return float(sum(n / len(conf) * abs(rate - c) for _, c, rate, n in calibration_bins(conf, hit, bins)))
+
+
+def calibration_bins(conf: np.ndarray, hit: np.ndarray, bins: int = 10) -> list[tuple[int, float, float, int]]:
+    """(bin, mean confidence, observed rate, count) for each non-empty equal-width bin of ``conf``."""
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            total += m.mean() * abs(hit[m].mean() - conf[m].mean())
-    return float(total)
+    return [(b, float(conf[which == b].mean()), float(hit[which == b].mean()), int((which == b).sum()))
+            for b in range(bins) if (which == b).any()]
 
 
 def _ratio(a: float, b: float) -> float:

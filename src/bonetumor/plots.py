@@ -73,22 +73,17 @@ def plot_pr(targets: np.ndarray, probs: np.ndarray, path: str | Path, title: str
 def plot_reliability(targets: np.ndarray, probs: np.ndarray, path: str | Path, ece: float, bins: int = 10,
                      title: str = "Reliability") -> None:
     """Observed positive rate against mean predicted probability in equal-width bins, with counts."""
+    from bonetumor.metrics import calibration_bins
+
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    which = np.minimum((probs * bins).astype(int), bins - 1)
-    xs, ys, ns = [], [], []
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            xs.append(probs[m].mean())
-            ys.append(np.mean(targets[m] == 1))
-            ns.append(int(m.sum()))
+    cells = calibration_bins(probs, targets == 1, bins)
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    ax.plot(xs, ys, "o-", lw=2, label=f"model (ECE {ece:.3f})")
+    ax.plot([c[1] for c in cells], [c[2] for c in cells], "o-", lw=2, label=f"model (ECE {ece:.3f})")
     ax.set_ylabel("observed positive rate")
     ax.set_title(title)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    axh.bar((np.arange(bins) + 0.5) / bins, np.bincount(which, minlength=bins), width=1 / bins * 0.9, color="grey")
+    axh.bar([(c[0] + 0.5) / bins for c in cells], [c[3] for c in cells], width=1 / bins * 0.9, color="grey")
     axh.set_xlabel("predicted probability")
     axh.set_ylabel("images")
     _save(fig, path)

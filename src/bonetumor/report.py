@@ -110,8 +110,8 @@ def _method_section(run: Path, cfg: dict) -> str:
             + _figure(run / "curves.png", "Accuracy and loss per epoch, training vs validation"))
 
 
-def _metrics_section(ev: Path, run: Path) -> str:
-    m = _read_json(ev / "metrics.json")
+def _metrics_section(ev: Path | None, run: Path) -> str:
+    m = _read_json(ev / "metrics.json") if ev else None
     if m is None:
         return "<p class='warn'>No evaluation folder given: run <code>bonetumor evaluate</code> and pass --eval.</p>"
     names = [k for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
@@ -223,7 +223,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
         raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     parts = [("1. Data", _data_section(run, cfg)), ("2. Methods", _method_section(run, cfg)),
-             ("3. Results", (_metrics_section(ev, run) if ev else _metrics_section(run / "__none__", run))
+             ("3. Results", _metrics_section(ev, run)
               + (_other_evaluations([Path(e) for e in more_evals]) if more_evals else "")),
              ("4. Failure gallery", _failure_gallery(run, ev) if ev else "<p class='muted'>Needs --eval.</p>"),
              ("5. Heatmap localization", _localization_section(Path(explain_dir) if explain_dir else None)),

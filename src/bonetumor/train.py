@@ -36,7 +36,6 @@ from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.evaluate import binary_auc, loss_target, predict_loader
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
-    atomic_path,
     atomic_write_csv,
     atomic_write_json,
     autocast_dtype,
@@ -68,9 +67,10 @@ def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetI
     return index
 
 
-def check_data(index: DatasetIndex, cfg: TrainConfig) -> list[tuple[str, str]]:
-    """Decode every file once to catch bad ones before training; returns the skipped ones."""
-    index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2)
+def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None] | None = None) -> list[tuple[str, str]]:
+    """Decode every file once to catch bad ones before training (or use ``problems`` from a
+    decoding pass already made); returns the skipped ones."""
+    index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2, problems=problems)
     for split in ("train", "valid"):
         labels = {s.label for s in index.split(split)}
         if len(labels) < 2:
@@ -149,12 +149,12 @@ def _write_run_record(run: Path, cfg: TrainConfig, index: DatasetIndex, skipped,
                          ({"path": p, "problem": why} for p, why in skipped))
 
 
-def audit_data(index: DatasetIndex, run: Path, verbose: bool = True) -> dict:
-    """Run the leakage audit on the splits about to be used; write ``audit.json`` and warn,
-    never silently, when a split shares images or patients with another."""
+def audit_data(index: DatasetIndex, run: Path, verbose: bool = True, facts: list | None = None) -> dict:
+    """Run the leakage audit on the splits about to be used (``facts``: their scan, if made);
+    write ``audit.json`` and warn, never silently, when a split shares images or patients."""
     from bonetumor.data.audit import audit, leakage_summary
 
-    report = audit(index)
+    report = audit(index, facts=facts)
     atomic_write_json(run / "audit.json", report)
     summary = leakage_summary(report)
     if summary:
@@ -209,11 +209,17 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
                          cfg.output_stride)
     # Only now, with data and weights known to be usable, is an old run folder replaced.
     run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
-    skipped = check_data(index, cfg)
+    facts = None
+    if cfg.audit and not (run / "audit.json").is_file():
+        from bonetumor.data.audit import scan
+
+        # The audit decodes every file anyway: its read also serves the bad-file check.
+        facts = dict(zip((s.path for s in index.samples), scan(index.samples)))
+    skipped = check_data(index, cfg, [facts[s.path].error for s in index.samples] if facts else None)
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / 'skipped_files.csv'}")
-    if cfg.audit and not (run / "audit.json").is_file():
-        audit_data(index, run, verbose)
+    if facts is not None:
+        audit_data(index, run, verbose, [facts[s.path] for s in index.samples])
     model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -294,7 +300,7 @@ def set_operating_point(run: Path, cfg: TrainConfig, index: DatasetIndex, device
     """Fit the temperature (with ``cfg.calibrate``) and choose the threshold on the validation
     split with the best weights; store both in best.pt and write ``operating_point.json``."""
     from bonetumor.calibration import choose_threshold, fit_temperature, probabilities
-    from bonetumor.checkpoint import load_checkpoint
+    from bonetumor.checkpoint import load_checkpoint, update_checkpoint
     from bonetumor.metrics import binary_values, expected_calibration_error
 
     ck = load_checkpoint(run / "best.pt", device)
@@ -316,9 +322,7 @@ def set_operating_point(run: Path, cfg: TrainConfig, index: DatasetIndex, device
         chosen, half = binary_values(targets, probs, threshold), binary_values(targets, probs, 0.5)
         op["at_threshold"] = {k: chosen[k] for k in keep}
         op["at_threshold_0.5"] = {k: half[k] for k in keep}
-    raw = read_torch_file(run / "best.pt")
-    raw.update(threshold=float(threshold), temperature=float(temperature), operating_point=op)
-    with atomic_path(run / "best.pt") as tmp:
-        torch.save(raw, tmp)
+    update_checkpoint(run / "best.pt", {"threshold": float(threshold), "temperature": float(temperature),
+                                        "operating_point": op}, raw=ck.raw)
     atomic_write_json(run / "operating_point.json", op)
     return op

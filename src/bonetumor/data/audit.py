@@ -64,16 +64,11 @@ class ImageFacts:
 def scan_file(path: str | Path) -> ImageFacts:
     """Hash, thumbnail and describe one image file (errors are recorded, not raised)."""
     p = Path(path)
-    try:
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    except OSError as e:
-        return ImageFacts(sha256="", error=f"cannot read file ({e.strerror or e})")
-    facts = ImageFacts(sha256=digest, fmt=p.suffix.lower().lstrip("."))
-    try:
+    try:  # the same reader, and so the same one-line problems, as training's bad-file check
         arr = read_image(p)
     except BadImageError as e:
-        facts.error = e.problem
-        return facts
+        return ImageFacts(sha256="", error=e.problem)
+    facts = ImageFacts(sha256=hashlib.sha256(p.read_bytes()).hexdigest(), fmt=p.suffix.lower().lstrip("."))
     try:  # container facts (format, mode, metadata keys) where Pillow reads the file
         with Image.open(p) as im:
             facts.fmt, facts.mode = (im.format or facts.fmt).lower(), im.mode
@@ -118,38 +113,47 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
 
 
-def _duplicates(samples, facts, splits, threshold) -> dict:
+def _all_near_pairs(facts: list[ImageFacts], threshold: int) -> list[tuple[int, int]]:
+    """Every near-copy pair (i < j, indices into ``facts``) among the readable images, found once
+    and then read by the duplicate and the label-conflict counts."""
+    ok = [i for i, f in enumerate(facts) if f.error is None]
+    return [(ok[i], ok[j]) for i, j in _near_pairs([facts[i] for i in ok], [facts[i] for i in ok], threshold, True)]
+
+
+def _duplicates(samples, facts, splits, pairs) -> dict:
     """Exact and near-duplicate counts within each split and of each split against train."""
     by_split = {s: [i for i, x in enumerate(samples) if x.split == s and facts[i].error is None] for s in splits}
-    train = [facts[i] for i in by_split.get("train", [])]
-    train_sha = {f.sha256 for f in train}
+    train_sha = {facts[i].sha256 for i in by_split.get("train", [])}
+    near_within, near_train = set(), set()
+    for i, j in pairs:
+        a, b = samples[i].split, samples[j].split
+        if a == b:
+            near_within |= {i, j}
+        elif "train" in (a, b):
+            near_train.add(j if a == "train" else i)
     out = {}
     for split, idx in by_split.items():
-        fs = [facts[i] for i in idx]
-        sha = Counter(f.sha256 for f in fs)
-        near_within = {k for pair in _near_pairs(fs, fs, threshold, True) for k in pair}
+        sha = Counter(facts[i].sha256 for i in idx)
         row = {"n": len(idx), "distinct_files": len(sha),
                "exact_duplicates_within": sum(c - 1 for c in sha.values()),
-               "near_duplicates_within": len(near_within)}
-        if split != "train" and train:
-            exact = sum(f.sha256 in train_sha for f in fs)
-            near = {i for i, _ in _near_pairs(fs, train, threshold, False)} | {i for i, f in enumerate(fs) if f.sha256 in train_sha}
-            row.update({"exact_copies_of_train": exact, "exact_rate": exact / max(len(idx), 1),
+               "near_duplicates_within": sum(i in near_within for i in idx)}
+        if split != "train" and train_sha:
+            exact = {i for i in idx if facts[i].sha256 in train_sha}
+            near = exact | {i for i in idx if i in near_train}
+            row.update({"exact_copies_of_train": len(exact), "exact_rate": len(exact) / max(len(idx), 1),
                         "near_copies_of_train": len(near), "near_rate": len(near) / max(len(idx), 1)})
         out[split] = row
     return out
 
 
-def _label_conflicts(samples, facts, threshold) -> dict:
+def _label_conflicts(samples, facts, pairs) -> dict:
     """The same image (exact) or a near copy of it under two different labels."""
     by_sha = defaultdict(set)
     for s, f in zip(samples, facts):
         if f.error is None:
             by_sha[f.sha256].add(s.label)
     exact = sum(1 for labels in by_sha.values() if len(labels) > 1)
-    ok = [i for i, f in enumerate(facts) if f.error is None]
-    fs = [facts[i] for i in ok]
-    near = sum(1 for i, j in _near_pairs(fs, fs, threshold, True) if samples[ok[i]].label != samples[ok[j]].label)
+    near = sum(1 for i, j in pairs if samples[i].label != samples[j].label)
     return {"exact_images_with_two_labels": exact, "near_pairs_with_two_labels": near}
 
 
@@ -252,15 +256,16 @@ def memorisation_baseline(train_thumbs: np.ndarray, train_labels: Sequence[str],
 
 
 def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: bool = True,
-          workers: int | None = None) -> dict:
+          workers: int | None = None, facts: list[ImageFacts] | None = None) -> dict:
     """Audit the samples of ``index`` (with splits assigned). Returns a JSON-able dict whose
     ``leakage`` entry is true when any split shares images or patients with another, or an
-    image carries two labels."""
+    image carries two labels. ``facts``: the samples' ``scan``, when already made."""
     samples, classes = index.samples, index.classes
-    facts = scan(samples, workers)
+    facts = facts if facts is not None else scan(samples, workers)
     splits = [s for s in ("train", "valid", "test") if any(x.split == s for x in samples)]
-    dup = _duplicates(samples, facts, splits, near_threshold)
-    conflicts = _label_conflicts(samples, facts, near_threshold)
+    pairs = _all_near_pairs(facts, near_threshold)
+    dup = _duplicates(samples, facts, splits, pairs)
+    conflicts = _label_conflicts(samples, facts, pairs)
     patients = _patients_in_two_splits(samples)
     report = {
         "n_images": len(samples), "classes": classes, "layout": index.layout,
@@ -271,15 +276,13 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
         "shortcuts": _shortcuts(samples, facts, classes),
     }
     if baseline and "train" in splits:
-        tr = [i for i, s in enumerate(samples) if s.split == "train" and facts[i].error is None]
-        t_thumbs = np.stack([facts[i].thumb for i in tr]) if tr else np.zeros((0, THUMB * THUMB))
+        part = {sp: [(s, f) for s, f in zip(samples, facts) if s.split == sp] for sp in splits}
+        train, ft = zip(*part["train"])
         report["memorisation_baseline"] = {}
         for split in splits[1:]:
-            idx = [i for i, s in enumerate(samples) if s.split == split and facts[i].error is None]
-            if idx and tr:
-                report["memorisation_baseline"][split] = memorisation_baseline(
-                    t_thumbs, [samples[i].label for i in tr], np.stack([facts[i].thumb for i in idx]),
-                    [samples[i].label for i in idx], classes)
+            b = split_baseline(train, list(ft), *map(list, zip(*part[split])), classes) if part[split] else None
+            if b is not None:
+                report["memorisation_baseline"][split] = b
     for split, n in _same_source(samples, splits).items():
         dup[split]["same_source_name_as_train"] = n
     cross = [r.get("near_copies_of_train", 0) + r.get("same_source_name_as_train", 0) for r in dup.values()]

@@ -214,8 +214,10 @@ def discover(data=None, manifest=None, train_dir=None, val_dir=None, test_dir=No
     return DatasetIndex(samples, list(classes), layout, root, patient_level, [str(p) for p in ignored])
 
 
-def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4) -> tuple[list[Sample], list[tuple[str, str]]]:
+def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
+                problems: Sequence[str | None] | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Decode every image once; stop at the first bad one, or with ``skip_bad`` drop and list them.
+    ``problems`` (one per sample, None when readable) reuses a decoding pass already made.
 
     Returns:
         (good samples, [(path, problem), ...] of skipped ones).
@@ -230,8 +232,9 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4) -> 
             return e.problem
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        problems = list(ex.map(probe, samples))
+    if problems is None:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+            problems = list(ex.map(probe, samples))
     good, bad = [], []
     for s, prob in zip(samples, problems):
         if prob is None:

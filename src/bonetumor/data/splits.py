@@ -16,21 +16,31 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([s.patient_id or f"__image_{i}" for i, s in enumerate(samples)])
 
 
+def groups_per_class(samples: Sequence[Sample]) -> dict[str, int]:
+    """Number of patients (or images, without patient ids) of each class."""
+    labels, groups = np.array([s.label for s in samples]), _groups(samples)
+    return {str(c): len(set(groups[labels == c])) for c in sorted(set(labels))}
+
+
+def assign_folds(samples: Sequence[Sample], k: int, seed: int) -> np.ndarray:
+    """Fold number (0..k-1) of each sample: stratified by label, a patient's images in one fold."""
+    labels = np.array([s.label for s in samples])
+    fold = np.empty(len(samples), dtype=int)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held) in enumerate(cv.split(np.zeros(len(samples)), labels, _groups(samples))):
+        fold[held] = f
+    return fold
+
+
 def hold_out(samples: Sequence[Sample], fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of a held-out part of about ``fraction``, stratified by label, grouped by patient."""
-    labels = np.array([s.label for s in samples])
-    groups = _groups(samples)
+    counts = groups_per_class(samples)
     # Every class needs at least k groups to be stratified; tiny data sets get a larger held-out part.
-    per_class = min(len(set(groups[labels == c])) for c in set(labels))
-    if per_class < 2:
-        small = min(set(labels), key=lambda c: len(set(groups[labels == c])))
+    small = min(counts, key=counts.get)
+    if counts[small] < 2:
         raise BonetumorError(f"class {small!r} has too few images/patients to split (need at least 2)")
-    k = max(2, min(int(round(1.0 / fraction)), per_class))
-    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    _, held = next(cv.split(np.zeros(len(samples)), labels, groups))
-    mask = np.zeros(len(samples), dtype=bool)
-    mask[held] = True
-    return mask
+    k = max(2, min(int(round(1.0 / fraction)), counts[small]))
+    return assign_folds(samples, k, seed) == 0
 
 
 def assign_splits(samples: Sequence[Sample], val_fraction: float, test_fraction: float, seed: int,

@@ -13,6 +13,7 @@ No library draws anatomy like this, so the shapes are written here with plain nu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -239,14 +240,14 @@ def make_patient(modality: str, size: int, cancer: bool, n_slices: int, rng: np.
             "ang": rng.uniform(0, 2 * np.pi),
             "breakout": bool(rng.random() < 0.3),
         }
-    draw = _xray_slice if modality == "xray" else _mri_slice
+    draw = _xray_slice if modality == "xray" else partial(_mri_slice, stir=modality == "stir")
     out = []
     for k in range(n_slices):
         t = None
         if tumour0 is not None:
             # Neighbouring slices cut the tumour at different sizes.
             t = dict(tumour0, r=tumour0["r"] * rng.uniform(0.75, 1.1))
-        img, mask = draw(size, anat, t, rng, zoom, stir=True) if modality == "stir" else draw(size, anat, t, rng, zoom)
+        img, mask = draw(size, anat, t, rng, zoom)
         out.append((_finish(img, rng), (mask > 0.5).astype(np.uint8)))
     return out
 

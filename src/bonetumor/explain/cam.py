@@ -112,10 +112,7 @@ def _class_index(name: str, classes: list[str]) -> int:
     return classes.index(name)
 
 
-UPSAMPLE = "bicubic"
-
-
-def _normalise(cam: torch.Tensor, size: tuple[int, int], mode: str = UPSAMPLE) -> torch.Tensor:
+def _normalise(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Upsample to ``size`` and scale each map to [0, 1]; a flat map becomes zeros.
 
     Bicubic rather than the usual bilinear: a bilinear map's maximum always sits exactly on a
@@ -124,7 +121,7 @@ def _normalise(cam: torch.Tensor, size: tuple[int, int], mode: str = UPSAMPLE) -
     their peaks. Its overshoot is clipped to the coarse map's own range.
     """
     cam = cam[:, None].float()
-    up = F.interpolate(cam, size=size, mode=mode, align_corners=False)
+    up = F.interpolate(cam, size=size, mode="bicubic", align_corners=False)
     up = torch.maximum(torch.minimum(up, cam.amax(dim=(2, 3), keepdim=True)), cam.amin(dim=(2, 3), keepdim=True))[:, 0]
     lo = up.amin(dim=(1, 2), keepdim=True)
     hi = up.amax(dim=(1, 2), keepdim=True)
