@@ -75,6 +75,13 @@ class LoadedCheckpoint:
     raw: dict
 
     @property
+    def read_options(self):
+        """How the model's training read its images (window, slice axis), to read new ones alike."""
+        from bonetumor.config import read_options
+
+        return read_options(self.config)
+
+    @property
     def positive_class(self) -> str:
         """The class whose probability a binary model outputs."""
         return self.classes[-1]

@@ -20,6 +20,8 @@ from bonetumor.errors import BonetumorError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and explain CNN classifiers of bone-tumour images.")
 err = Console(stderr=True)
+WINDOW_HELP = ("Window: CENTRE,WIDTH in stored units (e.g. 40,400 Hounsfield) or pLOW,pHIGH percentiles "
+               "(e.g. p1,p99). Default: the file's own (DICOM header, NIfTI 0.5-99.5 percentiles).")
 out = Console(soft_wrap=True)
 
 
@@ -49,11 +51,12 @@ def synth(
     slices: int = typer.Option(4, help="Images per patient."),
     bit_depth: int = typer.Option(8, help="PNG bit depth: 8 or 16."),
     zoom: float = typer.Option(1.0, help="Narrow the field of view onto the bone by this factor."),
+    fmt: str = typer.Option("png", "--format", help="png, dicom (a series folder per patient) or nifti (a volume per patient)."),
 ):
     """Write a synthetic data set with tumour masks: OUT/{train,valid,test}/{cancer,normal}/ + manifest.csv."""
     from bonetumor.data.synth import create_synthetic_dataset
 
-    r = create_synthetic_dataset(out_dir, n_patients, size, seed, modality, slices, bit_depth, zoom)
+    r = create_synthetic_dataset(out_dir, n_patients, size, seed, modality, slices, bit_depth, zoom, fmt)
     out.print(f"wrote {r.n_images} images of {r.n_patients} patients to {r.root} (manifest: {r.manifest})")
 
 
@@ -89,6 +92,10 @@ def train(
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced"),
     skip_bad_files: Optional[bool] = typer.Option(None, "--skip-bad-files/--no-skip-bad-files"),
     audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Leakage audit before training (default on)."),
+    window: Optional[str] = typer.Option(None, help=WINDOW_HELP),
+    slice_axis: Optional[int] = typer.Option(None, help="NIfTI axis to slice across (0, 1 or 2; 2 = axial in RAS)."),
+    allow_large_images: Optional[bool] = typer.Option(None, "--allow-large-images/--no-allow-large-images",
+                                                      help="Read images above Pillow's decompression-bomb limit."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
     resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
 ):
@@ -102,7 +109,8 @@ def train(
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
         output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
-        threshold_rule=threshold_rule, calibrate=calibrate).items()}
+        threshold_rule=threshold_rule, calibrate=calibrate, window=window, slice_axis=slice_axis,
+        allow_large_images=allow_large_images).items()}
     cfg = load_config(config, overrides)
     res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)
     out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
@@ -250,15 +258,21 @@ def audit(
     seed: int = typer.Option(42, help="Split seed, when the tool splits (as train's --seed)."),
     near_threshold: int = typer.Option(6, help="Near-duplicate: pHash differs in at most this many of 64 bits."),
     strict: bool = typer.Option(False, help="Exit with code 1 when leakage is found."),
+    window: Optional[str] = typer.Option(None, help=WINDOW_HELP),
+    slice_axis: int = typer.Option(2, help="NIfTI axis to slice across."),
+    allow_large_images: bool = typer.Option(False, help="Read images above Pillow's decompression-bomb limit."),
     overwrite: bool = typer.Option(False),
 ):
     """Leakage and confound audit: duplicates within and across splits, patients in two splits,
     images with two labels, per-class shortcuts, and a 1-nearest-neighbour memorisation baseline."""
     from bonetumor.data.audit import leakage_summary, run_audit
+    from bonetumor.data.io import ReadOptions, parse_window
 
     if data is None and manifest is None:
         raise BonetumorError("no data given: pass DATA or --manifest")
-    r = run_audit(data, manifest, out_dir, seed=seed, near_threshold=near_threshold, overwrite=overwrite)
+    parse_window(window)
+    r = run_audit(data, manifest, out_dir, seed=seed, near_threshold=near_threshold, overwrite=overwrite,
+                  options=ReadOptions(window, slice_axis, allow_large_images))
     t = Table(title=f"duplicates ({r['n_images']} images, {r['split_level']}-level splits)")
     for col in ("split", "n", "exact within", "near within", "exact copies of train", "exact or near copies of train",
                 "same source name as train"):
@@ -295,27 +309,57 @@ def audit(
 @_friendly
 def predict(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
-    files: List[str] = typer.Argument(..., help="Image files or folders."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    files: List[str] = typer.Argument(..., help="Image files, DICOM files or series folders, NIfTI volumes, folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines (images, then studies) instead of tables."),
+    aggregate: str = typer.Option("topk:3", help="Study score from its slices: max, mean or topk:K (mean of the K highest)."),
+    window: Optional[str] = typer.Option(None, help=WINDOW_HELP + " Default: the model's."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Also write predictions.csv (and studies.csv) here."),
+    skip_bad_files: bool = typer.Option(False, help="List unreadable files with their problem instead of stopping."),
+    overwrite: bool = typer.Option(False),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(16),
 ):
-    """Probability of cancer (the positive class) and the label for each file."""
-    from bonetumor.predict import predict as run_predict
+    """Probability of cancer (the positive class) and the label for each image or slice, and one
+    aggregated score per volume or DICOM series."""
+    from bonetumor.predict import predict_studies
+    from bonetumor.utils import atomic_write_csv, prepare_out_dir
 
-    results = run_predict(checkpoint, files, device=device, batch_size=batch_size)
+    outdir = prepare_out_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
+    rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files)
+    if outdir is not None:
+        flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
+        atomic_write_csv(outdir / "predictions.csv", ["path", "slice", "study", "probability", "probabilities", "label",
+                                                      "threshold", "error"], flat)
+        if studies:
+            atomic_write_csv(outdir / "studies.csv", ["study", "n_slices", "aggregate", "probability", "probabilities",
+                                                      "label", "top_slices"],
+                             [{**s, "top_slices": " ".join(map(str, s["top_slices"])),
+                               **({"probabilities": json.dumps(s["probabilities"])} if "probabilities" in s else {})}
+                              for s in studies])
     if as_json:
-        for r in results:
+        for r in rows + studies:
             sys.stdout.write(json.dumps(r) + "\n")
         return
     t = Table()
-    t.add_column("file")
-    t.add_column("probability", justify="right")
-    t.add_column("label")
-    for r in results:
+    for col in ("file", "slice", "probability", "label"):
+        t.add_column(col, justify="right" if col in ("slice", "probability") else "left")
+    for r in rows:
         p = r.get("probability")
-        t.add_row(r["path"], f"{p:.4f}" if p is not None else json.dumps(r["probabilities"]), r["label"])
+        shown = r.get("error") and f"[red]{r['error']}[/]" or (f"{p:.4f}" if p is not None else json.dumps(r["probabilities"]))
+        t.add_row(r["path"], "" if r["slice"] is None else str(r["slice"]), shown, r.get("label", ""))
     out.print(t)
+    if studies:
+        t = Table(title=f"studies (score = {aggregate} of the slice scores)")
+        for col in ("study", "slices", "probability", "label", "top slices"):
+            t.add_column(col)
+        for s in studies:
+            p = s.get("probability")
+            t.add_row(s["study"], str(s["n_slices"]), f"{p:.4f}" if p is not None else json.dumps(s["probabilities"]),
+                      s["label"], " ".join(map(str, s["top_slices"][:3])))
+        out.print(t)
+    bad = sum("error" in r for r in rows)
+    if bad:
+        err.print(f"[yellow]{bad} unreadable file(s) skipped[/]")
 
 
 @app.command()
@@ -355,6 +399,7 @@ def explain(
     masks: Optional[Path] = typer.Option(None, help="Folder of lesion masks named like the images."),
     boxes: Optional[Path] = typer.Option(None, help="CSV path,x0,y0,x1,y1 of lesion boxes."),
     manifest: Optional[Path] = typer.Option(None, help="Manifest CSV with a mask_path column."),
+    top_slices: int = typer.Option(3, help="Slices explained per volume or DICOM series (the highest-scoring)."),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(16),
     overwrite: bool = typer.Option(False),
@@ -362,8 +407,10 @@ def explain(
     """Heatmaps (image | heatmap | overlay panels, raw .npy maps, index.html), scored against lesions."""
     from bonetumor.explain.run import explain as run_explain
 
+    if top_slices < 1:
+        raise BonetumorError(f"--top-slices must be at least 1, not {top_slices}")
     r = run_explain(checkpoint, files, out_dir, method, target, layer, masks, boxes, manifest, device, batch_size,
-                    overwrite=overwrite)
+                    overwrite=overwrite, top_slices=top_slices)
     _print_explain(r, method)
     out.print(f"{len(r.rows)} images explained; open {out_dir / 'index.html'}")
 

@@ -27,6 +27,10 @@ class TrainConfig:
     test_fraction: float = 0.15
     skip_bad_files: bool = False
     audit: bool = True  # leakage audit before training (audit.json in the run folder)
+    # Reading (see data.io.ReadOptions): kept with the model, so prediction reads alike
+    window: str | None = None  # None: the file's own; "C,W" centre,width; "pLO,pHI" percentiles
+    slice_axis: int = 2  # NIfTI volumes are sliced across this axis
+    allow_large_images: bool = False  # above Pillow's decompression-bomb limit
     # Preprocessing and augmentation (the original: flip, zoom 0.9-1.1, rotate)
     image_size: int = 224
     hflip: bool = True
@@ -79,11 +83,22 @@ class TrainConfig:
              f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
         ]
         from bonetumor.calibration import parse_rule
+        from bonetumor.data.io import parse_window
 
         parse_rule(self.threshold_rule)
+        parse_window(self.window)
+        checks.append((self.slice_axis in (0, 1, 2), f"--slice-axis must be 0, 1 or 2, not {self.slice_axis}"))
         for ok, msg in checks:
             if not ok:
                 raise BonetumorError(msg)
+
+
+def read_options(cfg: TrainConfig, window: str | None = None):
+    """The ReadOptions of a run (``window`` overrides the run's own, e.g. at prediction)."""
+    from bonetumor.data.io import ReadOptions
+
+    return ReadOptions(window=window if window is not None else cfg.window, slice_axis=cfg.slice_axis,
+                       allow_large=cfg.allow_large_images)
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:

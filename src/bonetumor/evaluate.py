@@ -129,7 +129,7 @@ def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None):
     from bonetumor.data.splits import assign_splits
 
     cfg = ck.config
-    index = discover(data, manifest, None, None, None, classes=None if class_map else ck.classes)
+    index = discover(data, manifest, None, None, None, classes=None if class_map else ck.classes, options=ck.read_options)
     samples, dropped = index.samples, {}
     if class_map:
         bad = sorted(set(class_map.values()) - set(ck.classes))
@@ -187,13 +187,15 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
         raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
                              f"{exclude_near_duplicates_of} split")
     outdir = prepare_out_dir(out, overwrite=overwrite)
-    samples, skipped = check_files(samples, skip_bad_files)
+    samples, skipped = check_files(samples, skip_bad_files, options=ck.read_options)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, ck.classes, tf), batch_size=batch_size or cfg.batch_size,
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, ck.classes, tf, ck.read_options),
+                                         batch_size=batch_size or cfg.batch_size,
                                          shuffle=False, num_workers=workers)
     preds = predict_loader(ck.model, loader, dev)
     ordered = [samples[i] for i in preds.indices]
-    groups = [s.patient_id for s in ordered] if all(s.patient_id for s in ordered) else None
+    # Intervals resample patients (or, without ids, whole volumes/series): their images are not independent.
+    groups = [s.patient_id or s.study for s in ordered] if all(s.patient_id or s.study for s in ordered) else None
     m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)
     m.update({"split": split, "checkpoint": str(checkpoint), "data": str(data or manifest), "external": bool(external),
               "skipped_files": len(skipped)})
@@ -204,7 +206,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     atomic_write_json(outdir / "metrics.json", m)
     atomic_write_text(outdir / "classification_report.txt", report)
     prob_cols = ["probability"] if preds.probs.ndim == 1 else [f"p_{c}" for c in ck.classes]
-    rows = ({"path": samples[i].path, "label": samples[i].label, "prediction": ck.label_for(p),
+    rows = ({"path": samples[i].ref, "label": samples[i].label, "prediction": ck.label_for(p),
              **dict(zip(prob_cols, (f"{v:.6f}" for v in np.atleast_1d(p))))}
             for i, p in zip(preds.indices, preds.probs))
     atomic_write_csv(outdir / "predictions.csv", ["path", "label", *prob_cols, "prediction"], rows)
@@ -231,13 +233,13 @@ def _lookup_figures(m: dict, all_samples, ordered, preds: Predictions, ck, group
     train = [s for s in all_samples if s.split == "train"]
     if not ((baseline and train and m["split"] != "train") or exclude_of):
         return
-    fh = scan(ordered)
+    fh = scan(ordered, options=ck.read_options)
     cache: dict[str, tuple[list, list]] = {}  # a reference split is read once, even when both figures need it
 
     def facts_of(split: str) -> tuple[list, list]:
         if split not in cache:
             refs = [s for s in all_samples if s.split == split]
-            cache[split] = (refs, scan(refs))
+            cache[split] = (refs, scan(refs, options=ck.read_options))
         return cache[split]
 
     if baseline and train and m["split"] != "train":

@@ -1,61 +1,141 @@
-"""Prediction on files and folders with a trained checkpoint."""
+"""Prediction on files, folders, volumes and DICOM series with a trained checkpoint.
+
+Every 2-D image gets a row; the slices of a volume or series also get one score per study,
+aggregated as ``max``, ``mean`` or ``topk:K`` (mean of the K highest slice scores).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from bonetumor.checkpoint import load_checkpoint
 from bonetumor.data.datasets import load_tensor
-from bonetumor.data.io import is_image_file
+from bonetumor.data.io import ReadOptions
 from bonetumor.data.transforms import create_transforms
-from bonetumor.errors import BonetumorError
+from bonetumor.data.volumes import SliceRef, expand_inputs
+from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.utils import select_device
 
-
-def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to the image files below them (sorted)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            if not found:
-                raise BonetumorError(f"{p}: folder holds no image files")
-            out += found
-        elif p.exists():
-            out.append(p)
-        else:
-            raise BonetumorError(f"{p}: file not found")
-    return out
+AGGREGATES = "max, mean or topk:K"
 
 
-@torch.inference_mode()
-def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 16) -> list[dict]:
-    """Probability of the positive class and the label at the checkpoint's threshold, per file.
+def expand_paths(paths: Sequence[str | Path], options: ReadOptions | None = None) -> list[SliceRef]:
+    """Files as given, folders expanded to the images below them, volumes to their slices."""
+    return expand_inputs(paths, options)
+
+
+def parse_aggregate(text: str) -> tuple[str, int]:
+    """'max' -> ('max', 1); 'mean' -> ('mean', 0); 'topk:3' -> ('topk', 3). Bad text: BonetumorError."""
+    t = str(text).strip().lower()
+    if t in ("max", "mean"):
+        return t, 1 if t == "max" else 0
+    if t.startswith("topk:"):
+        try:
+            k = int(t.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return "topk", k
+    raise BonetumorError(f"--aggregate {text!r}: use {AGGREGATES}")
+
+
+def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
+    """One study's slice scores (n,) or (n, classes) -> its score, by ``aggregate``."""
+    kind, k = parse_aggregate(aggregate)
+    s = np.asarray(scores, dtype=np.float64)
+    if kind == "mean":
+        return s.mean(axis=0)
+    key = s if s.ndim == 1 else s.max(axis=1)  # multiclass: rank slices by their top probability
+    top = np.argsort(-key, kind="stable")[: (1 if kind == "max" else k)]
+    return s[top].mean(axis=0)
+
+
+def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 16,
+            window: str | None = None, skip_bad: bool = False) -> list[dict]:
+    """Probability of the positive class and the label at the checkpoint's threshold, per image
+    (per slice for volumes and series).
+
+    Args:
+        window: override the window the model was trained with (see ``ReadOptions``).
+        skip_bad: give an unreadable file a row with its ``error`` instead of stopping.
 
     Returns:
-        [{"path", "probability", "label", "threshold"}] for binary models; multiclass models
-        give {"path", "probabilities": {class: p}, "label"}.
+        [{"path", "slice", "study", "probability", "label", "threshold"}] for binary models;
+        multiclass models give "probabilities": {class: p} instead of "probability".
 
     Raises:
         BonetumorError: a missing or unreadable file (one line naming it), a bad checkpoint.
     """
+    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad)[0]
+
+
+@torch.inference_mode()
+def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = "topk:3",
+                    device: str = "auto", batch_size: int = 16, window: str | None = None,
+                    skip_bad: bool = False) -> tuple[list[dict], list[dict]]:
+    """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
+    (see ``study_scores``; none when ``aggregate`` is None)."""
+    if aggregate is not None:
+        parse_aggregate(aggregate)
     dev = select_device(device)
     ck = load_checkpoint(checkpoint, dev)
-    files = expand_paths(paths)
+    options = ck.read_options if window is None else ReadOptions(window, ck.config.slice_axis, ck.config.allow_large_images)
+    refs = expand_paths(paths, options)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
     results = []
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        x = torch.stack([tf(load_tensor(f)) for f in chunk]).to(dev).contiguous(memory_format=torch.channels_last)
-        logits = ck.model(x).float()
+    for start in range(0, len(refs), batch_size):
+        chunk, xs = [], []
+        for r in refs[start : start + batch_size]:
+            base = {"path": r.path, "slice": r.frame, "study": r.study}
+            try:
+                xs.append(tf(load_tensor(r.path, r.frame, options)))
+                chunk.append(base)
+            except BadImageError as e:
+                if not skip_bad:
+                    raise
+                results.append({**base, "error": e.problem})
+        if not xs:
+            continue
+        logits = ck.model(torch.stack(xs).to(dev).contiguous(memory_format=torch.channels_last)).float()
         if logits.shape[1] == 1:
-            for f, p in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
-                results.append({"path": str(f), "probability": round(p, 6), "label": ck.label_for(p),
-                                "threshold": ck.threshold})
+            for base, p in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
+                results.append({**base, "probability": round(p, 6), "label": ck.label_for(p), "threshold": ck.threshold})
         else:
-            for f, p in zip(chunk, torch.softmax(logits, 1).tolist()):
-                results.append({"path": str(f), "probabilities": dict(zip(ck.classes, p)), "label": ck.label_for(p)})
-    return results
+            for base, p in zip(chunk, torch.softmax(logits, 1).tolist()):
+                results.append({**base, "probabilities": dict(zip(ck.classes, p)), "label": ck.label_for(p)})
+    studies = study_scores(results, aggregate, ck.label_for) if aggregate is not None else []
+    return results, studies
+
+
+def study_scores(rows: Sequence[dict], aggregate: str, label_for: Callable) -> list[dict]:
+    """One row per study (volume or series) from ``predict``'s slice rows; ``label_for`` turns
+    a score into a label (the checkpoint's threshold). 2-D images outside a study are left out.
+
+    Returns:
+        [{"study", "n_slices", "aggregate", "probability" (or "probabilities"), "label",
+          "top_slices": the five highest-scoring slices (numbers, or file names in a series)}]
+    """
+    parse_aggregate(aggregate)
+    by_study: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("study") and "error" not in r:
+            by_study.setdefault(r["study"], []).append(r)
+    out = []
+    for study, rs in by_study.items():
+        binary = "probability" in rs[0]
+        scores = np.array([r["probability"] if binary else list(r["probabilities"].values()) for r in rs])
+        agg = aggregate_scores(scores, aggregate)
+        order = np.argsort(-(scores if binary else scores.max(axis=1)), kind="stable")
+        top = [rs[i]["slice"] if rs[i]["slice"] is not None else Path(rs[i]["path"]).name for i in order[:5]]
+        row = {"study": study, "n_slices": len(rs), "aggregate": aggregate, "top_slices": top}
+        if binary:
+            row.update(probability=round(float(agg), 6), label=label_for(float(agg)))
+        else:
+            probs = dict(zip(rs[0]["probabilities"], map(float, agg)))
+            row.update(probabilities=probs, label=label_for(list(probs.values())))
+        out.append(row)
+    return out

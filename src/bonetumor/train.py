@@ -22,7 +22,7 @@ from rich.progress import track
 from torch import nn
 
 from bonetumor.checkpoint import read_torch_file, save_checkpoint
-from bonetumor.config import TrainConfig, config_from_dict, save_config
+from bonetumor.config import TrainConfig, config_from_dict, read_options, save_config
 from bonetumor.data.datasets import (
     DatasetIndex,
     ImageDataset,
@@ -62,7 +62,8 @@ class FitResult:
 
 def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetIndex:
     """Discover samples and give each a split (files are not decoded yet)."""
-    index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes)
+    index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes,
+                     options=read_options(cfg))
     index.samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     return index
 
@@ -70,7 +71,8 @@ def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetI
 def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None] | None = None) -> list[tuple[str, str]]:
     """Decode every file once to catch bad ones before training (or use ``problems`` from a
     decoding pass already made); returns the skipped ones."""
-    index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2, problems=problems)
+    index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2, problems=problems,
+                                         options=read_options(cfg))
     for split in ("train", "valid"):
         labels = {s.label for s in index.split(split)}
         if len(labels) < 2:
@@ -82,7 +84,7 @@ def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool
                   generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
     """DataLoader for one split with the train or eval transforms of ``cfg``."""
     tf = create_transforms(train, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max))
-    ds = ImageDataset(index.split(split), index.classes, tf)
+    ds = ImageDataset(index.split(split), index.classes, tf, read_options(cfg))
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=train, drop_last=False, num_workers=cfg.workers,
         generator=generator, pin_memory=device.type == "cuda",
@@ -141,9 +143,9 @@ def _write_run_record(run: Path, cfg: TrainConfig, index: DatasetIndex, skipped,
         "counts": index.counts(), "fingerprint": fingerprint(index.samples, index.root),
         "skipped_files": len(skipped), "ignored_non_image_files": len(index.ignored_files),
     })
-    atomic_write_csv(run / "splits.csv", ["path", "label", "patient_id", "split"],
-                     ({"path": s.path, "label": s.label, "patient_id": s.patient_id or "", "split": s.split}
-                      for s in index.samples))
+    atomic_write_csv(run / "splits.csv", ["path", "slice", "study", "label", "patient_id", "split"],
+                     ({"path": s.path, "slice": "" if s.frame is None else s.frame, "study": s.study or "",
+                       "label": s.label, "patient_id": s.patient_id or "", "split": s.split} for s in index.samples))
     if skipped:
         atomic_write_csv(run / "skipped_files.csv", ["path", "problem"],
                          ({"path": p, "problem": why} for p, why in skipped))
@@ -214,12 +216,12 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         from bonetumor.data.audit import scan
 
         # The audit decodes every file anyway: its read also serves the bad-file check.
-        facts = dict(zip((s.path for s in index.samples), scan(index.samples)))
-    skipped = check_data(index, cfg, [facts[s.path].error for s in index.samples] if facts else None)
+        facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=read_options(cfg))))
+    skipped = check_data(index, cfg, [facts[s.ref].error for s in index.samples] if facts else None)
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / 'skipped_files.csv'}")
     if facts is not None:
-        audit_data(index, run, verbose, [facts[s.path] for s in index.samples])
+        audit_data(index, run, verbose, [facts[s.ref] for s in index.samples])
     model.to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

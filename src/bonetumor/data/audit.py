@@ -31,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from bonetumor.data.datasets import DatasetIndex, Sample
-from bonetumor.data.io import read_image
+from bonetumor.data.io import ReadOptions, read_image
 from bonetumor.errors import BadImageError
 
 THUMB = 32
@@ -61,14 +61,16 @@ class ImageFacts:
     error: str | None = None
 
 
-def scan_file(path: str | Path) -> ImageFacts:
-    """Hash, thumbnail and describe one image file (errors are recorded, not raised)."""
+def scan_file(path: str | Path, frame: int | None = None, options: ReadOptions | None = None) -> ImageFacts:
+    """Hash, thumbnail and describe one image file or volume slice (errors are recorded, not raised)."""
     p = Path(path)
     try:  # the same reader, and so the same one-line problems, as training's bad-file check
-        arr = read_image(p)
+        arr = read_image(p, frame, options)
     except BadImageError as e:
         return ImageFacts(sha256="", error=e.problem)
-    facts = ImageFacts(sha256=hashlib.sha256(p.read_bytes()).hexdigest(), fmt=p.suffix.lower().lstrip("."))
+    # A slice's identity is its pixels (its file holds the whole volume); a 2-D file's, its bytes.
+    digest = hashlib.sha256(p.read_bytes() if frame is None else arr.tobytes()).hexdigest()
+    facts = ImageFacts(sha256=digest, fmt=p.suffix.lower().lstrip("."))
     try:  # container facts (format, mode, metadata keys) where Pillow reads the file
         with Image.open(p) as im:
             facts.fmt, facts.mode = (im.format or facts.fmt).lower(), im.mode
@@ -85,10 +87,10 @@ def scan_file(path: str | Path) -> ImageFacts:
     return facts
 
 
-def scan(samples: Sequence[Sample], workers: int | None = None) -> list[ImageFacts]:
+def scan(samples: Sequence[Sample], workers: int | None = None, options: ReadOptions | None = None) -> list[ImageFacts]:
     """``scan_file`` over all samples, in threads (decoding releases the GIL)."""
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as ex:
-        return list(ex.map(lambda s: scan_file(s.path), samples))
+        return list(ex.map(lambda s: scan_file(s.path, s.frame, options), samples))
 
 
 def _near_pairs(fa: list[ImageFacts], fb: list[ImageFacts], threshold: int, same: bool) -> list[tuple[int, int]]:
@@ -256,12 +258,12 @@ def memorisation_baseline(train_thumbs: np.ndarray, train_labels: Sequence[str],
 
 
 def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: bool = True,
-          workers: int | None = None, facts: list[ImageFacts] | None = None) -> dict:
+          workers: int | None = None, facts: list[ImageFacts] | None = None, options: ReadOptions | None = None) -> dict:
     """Audit the samples of ``index`` (with splits assigned). Returns a JSON-able dict whose
     ``leakage`` entry is true when any split shares images or patients with another, or an
     image carries two labels. ``facts``: the samples' ``scan``, when already made."""
     samples, classes = index.samples, index.classes
-    facts = facts if facts is not None else scan(samples, workers)
+    facts = facts if facts is not None else scan(samples, workers, options)
     splits = [s for s in ("train", "valid", "test") if any(x.split == s for x in samples)]
     pairs = _all_near_pairs(facts, near_threshold)
     dup = _duplicates(samples, facts, splits, pairs)
@@ -270,7 +272,7 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
     report = {
         "n_images": len(samples), "classes": classes, "layout": index.layout,
         "split_level": "patient" if index.patient_level else "image", "near_threshold_bits": near_threshold,
-        "unreadable": [{"path": s.path, "error": f.error} for s, f in zip(samples, facts) if f.error],
+        "unreadable": [{"path": s.ref, "error": f.error} for s, f in zip(samples, facts) if f.error],
         "duplicates": dup, "label_conflicts": conflicts,
         "patients_in_two_splits": {"n": len(patients), "examples": patients[:10]},
         "shortcuts": _shortcuts(samples, facts, classes),
@@ -293,17 +295,18 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
 
 def run_audit(data: str | None = None, manifest: str | None = None, out: str | Path | None = None, *,
               seed: int = 42, val_fraction: float = 0.15, test_fraction: float = 0.15,
-              near_threshold: int = NEAR_THRESHOLD, baseline: bool = True, overwrite: bool = False) -> dict:
+              near_threshold: int = NEAR_THRESHOLD, baseline: bool = True, overwrite: bool = False,
+              options: ReadOptions | None = None) -> dict:
     """Find the data set as ``train`` would (same layouts, same seeded split), audit it and,
     with ``out``, write ``out/audit.json``."""
     from bonetumor.data.datasets import discover
     from bonetumor.data.splits import assign_splits
     from bonetumor.utils import atomic_write_json, prepare_out_dir
 
-    index = discover(data, manifest)
+    index = discover(data, manifest, options=options)
     index.samples = assign_splits(index.samples, val_fraction, test_fraction, seed, refuse_shared_patients=False)
     outdir = prepare_out_dir(out, overwrite=overwrite) if out is not None else None
-    report = audit(index, near_threshold, baseline)
+    report = audit(index, near_threshold, baseline, options=options)
     report["data"] = str(data or manifest)
     if outdir is not None:
         atomic_write_json(outdir / "audit.json", report)

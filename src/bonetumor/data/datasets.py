@@ -2,10 +2,15 @@
 
 Layouts (first match wins):
     manifest   ``--manifest file.csv`` (or ``DATA/manifest.csv``): path,label[,patient_id][,split][,mask_path]
+               (a path may be an image, a DICOM file, a DICOM series folder or a NIfTI volume)
     dirs       ``--train-dir/--val-dir/--test-dir``, each ``<class>/*`` (any folder names)
     splits     ``DATA/{train,valid|val,test}/<class>/*``
     roboflow   ``DATA/<split>/_classes.csv`` with one-hot class columns, images beside it
     classes    ``DATA/<class>/*`` with no splits: the tool splits (stratified, seeded)
+
+Files may be PNG/JPEG/TIFF/BMP/WebP, DICOM (also extension-less, and series in folders) or
+NIfTI; each volume becomes its non-empty slices, which keep their volume as their study so
+that they never straddle splits.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from bonetumor.data.io import is_image_file, read_image
+from bonetumor.data.io import ReadOptions, image_kind, is_image_file, read_image
+from bonetumor.data.volumes import expand_file, expand_inputs
 from bonetumor.errors import BadImageError, BonetumorError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
@@ -35,6 +41,13 @@ class Sample:
     patient_id: str | None = None
     split: str | None = None
     mask_path: str | None = None
+    frame: int | None = None  # the slice of a volume (NIfTI, multi-frame DICOM); None for 2-D files
+    study: str | None = None  # the volume or series the slice belongs to
+
+    @property
+    def ref(self) -> str:
+        """A unique name for tables: the path, with ``#slice`` for a slice of a volume."""
+        return self.path if self.frame is None else f"{self.path}#{self.frame}"
 
 
 @dataclass
@@ -138,7 +151,15 @@ def read_manifest(path: Path) -> list[Sample]:
         if mask:
             mask = str((base / mask).resolve())
         split = _norm_split(r["split"], f"{path}, line {i}") if r.get("split") else None
-        samples.append(Sample(str(p), r["label"], r.get("patient_id") or None, split, mask))
+        sample = Sample(str(p), r["label"], r.get("patient_id") or None, split, mask)
+        if p.is_dir():  # a DICOM series (or any folder of slices): one study
+            try:
+                refs = expand_inputs([p])
+            except BonetumorError:
+                raise BonetumorError(f"{path}, line {i}: {r['path']} is a folder with no image files") from None
+            samples += [replace(sample, path=x.path, frame=x.frame, study=x.study or str(p)) for x in refs]
+        else:
+            samples.append(sample)
     if not samples:
         raise BonetumorError(f"{path}: manifest lists no images")
     return samples
@@ -195,15 +216,31 @@ def order_classes(labels: Sequence[str], positive_class: str | None) -> list[str
     return [c for c in classes if c != pos] + [pos]
 
 
+def expand_volumes(samples: Sequence[Sample], options: ReadOptions | None = None) -> list[Sample]:
+    """Each volume (NIfTI, multi-frame DICOM) as its non-empty slices; single DICOM files get
+    their series as study. 2-D images pass unchanged."""
+    out: list[Sample] = []
+    for s in samples:
+        if s.frame is not None or image_kind(s.path) not in ("nifti", "dicom"):
+            out.append(s)
+            continue
+        for x in expand_file(s.path, options):
+            out.append(replace(s, frame=x.frame, study=s.study or x.study))
+    return out
+
+
 def discover(data=None, manifest=None, train_dir=None, val_dir=None, test_dir=None,
-             positive_class=None, classes: Sequence[str] | None = None) -> DatasetIndex:
+             positive_class=None, classes: Sequence[str] | None = None,
+             options: ReadOptions | None = None) -> DatasetIndex:
     """Find every sample under the given data arguments (see the module docstring for layouts).
 
     Args:
         classes: a fixed class list (from a checkpoint); samples of other classes are an error.
+        options: how volumes are sliced (``slice_axis``).
     """
     ignored: list = []
     samples, layout, root = _find(data, manifest, train_dir, val_dir, test_dir, ignored)
+    samples = expand_volumes(samples, options)
     if classes is None:
         classes = order_classes([s.label for s in samples], positive_class)
     else:
@@ -215,7 +252,8 @@ def discover(data=None, manifest=None, train_dir=None, val_dir=None, test_dir=No
 
 
 def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
-                problems: Sequence[str | None] | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+                problems: Sequence[str | None] | None = None,
+                options: ReadOptions | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Decode every image once; stop at the first bad one, or with ``skip_bad`` drop and list them.
     ``problems`` (one per sample, None when readable) reuses a decoding pass already made.
 
@@ -227,7 +265,7 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
     """
     def probe(s: Sample) -> str | None:
         try:
-            read_image(s.path)
+            read_image(s.path, s.frame, options)
         except BadImageError as e:
             return e.problem
         return None
@@ -240,20 +278,23 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
         if prob is None:
             good.append(s)
         elif skip_bad:
-            bad.append((s.path, prob))
+            bad.append((s.ref, prob))
         else:
-            raise BadImageError(s.path, f"{prob} (pass --skip-bad-files to skip such files)")
+            raise BadImageError(s.ref, f"{prob} (pass --skip-bad-files to skip such files)")
     return good, bad
 
 
 def fingerprint(samples: Sequence[Sample], root: str | None = None) -> str:
-    """SHA-256 over (relative path, label, split, file content) of every sample, in a fixed order."""
+    """SHA-256 over (relative path, slice, label, split, file content) of every sample, in a fixed order."""
     h = hashlib.sha256()
-    for s in sorted(samples, key=lambda s: s.path):
+    contents: dict[str, str] = {}  # a volume's slices share one file: hash it once
+    for s in sorted(samples, key=lambda s: (s.path, s.frame or 0)):
         rel = str(Path(s.path).relative_to(root)) if root and Path(s.path).is_relative_to(root) else Path(s.path).name
-        with open(s.path, "rb") as f:
-            content = hashlib.sha256(f.read()).hexdigest()
-        h.update(f"{rel}\t{s.label}\t{s.split}\t{content}\n".encode())
+        if s.path not in contents:
+            with open(s.path, "rb") as f:
+                contents[s.path] = hashlib.sha256(f.read()).hexdigest()
+        frame = "" if s.frame is None else f"#{s.frame}"
+        h.update(f"{rel}{frame}\t{s.label}\t{s.split}\t{contents[s.path]}\n".encode())
     return h.hexdigest()
 
 
@@ -265,24 +306,26 @@ def with_splits(samples: Sequence[Sample], splits: Sequence[str]) -> list[Sample
 class ImageDataset(torch.utils.data.Dataset):
     """Samples → (image tensor 3xHxW, target, index). Grey images are repeated to 3 channels."""
 
-    def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable | None = None):
+    def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable | None = None,
+                 options: ReadOptions | None = None):
         self.samples = list(samples)
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.transform = transform
+        self.options = options
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        x = load_tensor(s.path)
+        x = load_tensor(s.path, s.frame, self.options)
         if self.transform is not None:
             x = self.transform(x)
         return x, self.class_to_idx[s.label], i
 
 
-def load_tensor(path: str | Path) -> torch.Tensor:
-    """Read an image file as a float tensor 3xHxW in [0, 1]."""
-    arr = read_image(path)
+def load_tensor(path: str | Path, frame: int | None = None, options: ReadOptions | None = None) -> torch.Tensor:
+    """Read an image (or a volume's slice) as a float tensor 3xHxW in [0, 1]."""
+    arr = read_image(path, frame, options)
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x

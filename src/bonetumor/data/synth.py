@@ -23,6 +23,7 @@ from bonetumor.errors import BonetumorError
 from bonetumor.utils import atomic_write_csv
 
 MODALITIES = ("mri", "stir", "xray")
+FORMATS = ("png", "dicom", "nifti")
 SPLITS = ("train", "valid", "test")
 
 
@@ -267,6 +268,24 @@ def _assign_splits(n_patients: int, rng: np.random.Generator) -> list[tuple[str,
     return [(str(s), bool(lab)) for s, lab in zip(splits, labels)]
 
 
+def _write_volume(root: Path, rel: Path, images: list[np.ndarray], fmt: str, pid: str) -> Path:
+    """One patient's slices as a DICOM series folder or a NIfTI volume; returns its relative path."""
+    from bonetumor.data.export import write_dicom, write_nifti
+
+    if fmt == "nifti":
+        write_nifti(root / rel.with_name(rel.name + ".nii.gz"), images, empty_ends=1)
+        return rel.with_name(rel.name + ".nii.gz")
+    from pydicom.uid import generate_uid
+
+    series = generate_uid(entropy_srcs=[str(rel)])  # deterministic: same seed, same files
+    # Written in reverse position order, so that readers must sort by position, not by name.
+    for k, img in enumerate(images):
+        write_dicom(root / rel / f"IM{len(images) - k:04d}.dcm", img, series_uid=series, instance=k + 1,
+                    position=2.5 * k, patient_id=pid, slope=1.0, intercept=-1024.0, window=(1023.5, 4096.0),
+                    uid_seed=f"{rel}/{k}")
+    return rel
+
+
 def create_synthetic_dataset(
     out: str | Path,
     n_patients: int = 100,
@@ -276,6 +295,7 @@ def create_synthetic_dataset(
     slices_per_patient: int = 4,
     bit_depth: int = 8,
     zoom: float = 1.0,
+    fmt: str = "png",
 ) -> SynthResult:
     """Write a synthetic data set to ``out`` in the ``{split}/{class}/`` layout plus ``manifest.csv``.
 
@@ -289,6 +309,9 @@ def create_synthetic_dataset(
         slices_per_patient: images per patient.
         bit_depth: 8 or 16 (PNG).
         zoom: field of view narrowed onto the bone by this factor (1 = whole limb).
+        fmt: ``png`` (one file per slice, with lesion masks), ``dicom`` (a series folder per
+            patient, 12-bit with rescale and window) or ``nifti`` (a ``.nii.gz`` volume per
+            patient, with an empty slice at each end). The manifest lists series and volumes.
 
     Raises:
         BonetumorError: on bad arguments or an existing non-empty ``out``.
@@ -301,6 +324,8 @@ def create_synthetic_dataset(
         raise BonetumorError(f"--n-patients must be at least 6 (one per class and split), not {n_patients}")
     if not 0.5 <= zoom <= 4:
         raise BonetumorError(f"--zoom must be between 0.5 and 4, not {zoom}")
+    if fmt not in FORMATS:
+        raise BonetumorError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if size < 32:
         raise BonetumorError(f"--size must be at least 32 pixels, not {size}")
     root = Path(out)
@@ -314,6 +339,10 @@ def create_synthetic_dataset(
         pid = f"P{p:04d}"
         label = "cancer" if cancer else "normal"
         slices = make_patient(modality, size, cancer, slices_per_patient, np.random.default_rng(ss), zoom)
+        if fmt != "png":
+            rel = _write_volume(root, Path(split) / label / pid, [img for img, _ in slices], fmt, pid)
+            rows.append({"path": rel.as_posix(), "label": label, "patient_id": pid, "split": split, "mask_path": ""})
+            continue
         for k, (img, mask) in enumerate(slices):
             rel = Path(split) / label / f"{pid}_s{k}.png"
             write_png(root / rel, img, bit_depth)
@@ -325,4 +354,5 @@ def create_synthetic_dataset(
                          "mask_path": Path(mask_rel).as_posix() if mask_rel else ""})
     manifest = root / "manifest.csv"
     atomic_write_csv(manifest, ["path", "label", "patient_id", "split", "mask_path"], rows)
-    return SynthResult(root=root, manifest=manifest, n_images=len(rows), n_patients=n_patients)
+    n_images = len(rows) if fmt == "png" else len(rows) * slices_per_patient
+    return SynthResult(root=root, manifest=manifest, n_images=n_images, n_patients=n_patients)

@@ -1,7 +1,8 @@
 """``explain``: heatmaps for files or folders, scored against lesion masks when they exist.
 
 Works batch by batch and writes each batch's outputs before the next, so memory stays flat
-however many images there are; only per-image scores are kept.
+however many images there are; only per-image scores are kept. For a volume or DICOM series,
+only its ``top_slices`` highest-scoring slices are explained.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bonetumor.explain.scores import (
 )
 from bonetumor.models import BACKBONES
 from bonetumor.plots import save_cam_panel
+from bonetumor.data.volumes import SliceRef
 from bonetumor.predict import expand_paths
 from bonetumor.utils import (
     atomic_path,
@@ -109,23 +111,25 @@ def _summary(rows: list[dict], prefix: str) -> dict:
 def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradcam", target: str = "predicted",
             layer: str | None = None, masks=None, boxes=None, manifest=None, device: str = "auto",
             batch_size: int = 16, faithfulness_samples: int = 32, max_panels: int | None = None,
-            overwrite: bool = False) -> ExplainResult:
+            overwrite: bool = False, top_slices: int = 3) -> ExplainResult:
     """Write a panel (image | heatmap | overlay), the raw map (.npy) per image and ``index.html``;
     with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
+    Volumes and series: the ``top_slices`` slices with the highest positive-class score.
     """
     dev = select_device(device)
     ck = load_checkpoint(checkpoint, dev)
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
-    files = expand_paths(paths)
+    options = ck.read_options
+    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    files = _top_slices(ck, expand_paths(paths, options), top_slices, tf, dev, batch_size)
     lookup = mask_lookup(masks, boxes, manifest)
     outdir = prepare_out_dir(out, overwrite=overwrite)
     (outdir / "maps").mkdir(exist_ok=True)
     (outdir / "panels").mkdir(exist_ok=True)
-    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
     rows, faith = [], {"deletion": [], "insertion": []}
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        originals = [load_tensor(f) for f in chunk]
+        originals = [load_tensor(f.path, f.frame, options) for f in chunk]
         x = torch.stack([tf(t) for t in originals]).to(dev).contiguous(memory_format=torch.channels_last)
         res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold)
         if len(faith["deletion"]) < faithfulness_samples:
@@ -141,24 +145,50 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     return result
 
 
-def _one_image(n: int, f: Path, original: torch.Tensor, res, j: int, ck, lookup, outdir: Path, max_panels) -> dict:
+@torch.inference_mode()
+def _top_slices(ck, refs: list[SliceRef], k: int, tf, dev, batch_size: int) -> list[SliceRef]:
+    """2-D images as they are; of each study, its ``k`` slices with the highest score (in slice order)."""
+    studies: dict[str, list[SliceRef]] = {}
+    for r in refs:
+        if r.study:
+            studies.setdefault(r.study, []).append(r)
+    big = {s for s, rs in studies.items() if len(rs) > k}
+    if not big:
+        return refs
+    ranked = [r for r in refs if r.study in big]
+    scores = []
+    for start in range(0, len(ranked), batch_size):
+        x = torch.stack([tf(load_tensor(r.path, r.frame, ck.read_options)) for r in ranked[start:start + batch_size]])
+        logits = ck.model(x.to(dev).contiguous(memory_format=torch.channels_last)).float()
+        # Binary: P(positive); multiclass: the top class's probability.
+        p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1).max(1).values
+        scores += p.tolist()
+    score = dict(zip(ranked, scores))
+    keep = {r for s in big for r in sorted(studies[s], key=lambda r: -score[r])[:k]}
+    return [r for r in refs if r.study not in big or r in keep]
+
+
+def _one_image(n: int, f: SliceRef, original: torch.Tensor, res, j: int, ck, lookup, outdir: Path, max_panels) -> dict:
     h, w = original.shape[-2:]
     cam = F.interpolate(res.maps[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     cam = cam.clamp(0, 1).cpu().numpy().astype(np.float32)
-    stem = f"{n:05d}_{f.stem}"
+    p_file = Path(f.path)
+    name = p_file.name if f.frame is None else f"{p_file.name} slice {f.frame}"
+    base = p_file.name[:-7] if p_file.name.lower().endswith(".nii.gz") else p_file.stem
+    stem = f"{n:05d}_{base}" + ("" if f.frame is None else f"_slice{f.frame:04d}")
     with atomic_path(outdir / "maps" / f"{stem}.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, cam)
     p = res.probs[j]
     prob, label = float(p.max()), ck.label_for(p.cpu())
-    row = {"path": str(f), "probability": round(prob, 6), "prediction": label,
+    row = {"path": f.path, "slice": f.frame, "study": f.study, "probability": round(prob, 6), "prediction": label,
            "explained_class": ck.classes[int(res.target_index[j])], "map": f"maps/{stem}.npy", "panel": ""}
-    mask = lookup(f, (h, w))
+    mask = lookup(p_file, (h, w)) if f.frame is None else None  # lesion masks are given per 2-D image
     if mask is not None and mask.any():
         row.update(localization_scores(cam, mask))
         row.update({f"baseline_{k}": v for k, v in localization_scores(gaussian_baseline((h, w)), mask).items()})
     if max_panels is None or n < max_panels:
         row["panel"] = f"panels/{stem}.png"
-        title = f"{f.name}  P({ck.classes[-1]})={prob:.3f} -> {label}"
+        title = f"{name}  P({ck.classes[-1]})={prob:.3f} -> {label}"
         save_cam_panel(original.permute(1, 2, 0).numpy(), cam, outdir / row["panel"], title, mask)
     return row
 
@@ -185,8 +215,9 @@ def _write_tables(result: ExplainResult, method: str, target: str, layer: str, p
         if not r["panel"]:
             continue
         extra = f" · pointing {'hit' if r['pointing'] else 'miss'}" if "pointing" in r else ""
-        cards.append(f'<figure><img src="{html.escape(r["panel"])}" alt="{html.escape(Path(r["path"]).name)}" loading="lazy">'
-                     f'<figcaption>{html.escape(Path(r["path"]).name)} · P={r["probability"]:.3f} · '
+        name = Path(r["path"]).name + ("" if r.get("slice") is None else f" slice {r['slice']}")
+        cards.append(f'<figure><img src="{html.escape(r["panel"])}" alt="{html.escape(name)}" loading="lazy">'
+                     f'<figcaption>{html.escape(name)} · P={r["probability"]:.3f} · '
                      f'{html.escape(r["prediction"])}{extra}</figcaption></figure>')
     atomic_write_text(out / "index.html", _INDEX.format(title=f"{method} ({target}, {layer})", n=len(rows), cards="\n".join(cards)))
 

@@ -1,0 +1,151 @@
+"""DICOM frames as a reader would see them: pydicom decodes, this module only orders its steps.
+
+Stored value -> modality LUT (rescale slope/intercept: Hounsfield units for CT) -> the user's
+window, else the header's VOI LUT or window centre/width, else the frame's min..max -> inverted
+for MONOCHROME1 (where 0 is white). Compressed transfer syntaxes use pydicom's pixel handlers;
+the JPEG-LS, JPEG 2000 and 12-bit JPEG ones come with ``pip install 'bonetumor[dicom]'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonetumor.data.io import ReadOptions, apply_window, linear_window
+from bonetumor.errors import BadImageError
+
+DECODERS_HINT = "install the DICOM decoders: pip install 'bonetumor[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """Header facts used to group files into series and order their slices."""
+
+    frames: int
+    series: str | None
+    position: float | None  # along the slice normal, in mm
+    instance: int | None
+    has_pixels: bool
+
+
+def _read(p: Path, pixels: bool):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(p, stop_before_pixels=not pixels)
+    except InvalidDicomError:
+        # Files without the 128-byte preamble are still common; accept them only if they parse
+        # as a dataset that looks like DICOM, so a text file named .dcm is not taken for one.
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=not pixels, force=True)
+        except Exception:  # noqa: BLE001 - any parser failure means "not DICOM"
+            ds = None
+        if ds is None or not ("SOPClassUID" in ds or "PixelData" in ds or "Rows" in ds):
+            raise BadImageError(p, "not a DICOM file (no DICM header and no DICOM elements)") from None
+        return ds
+    except (EOFError, OSError, ValueError, TypeError, KeyError) as e:
+        raise BadImageError(p, f"truncated or corrupt DICOM header ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _sop_name(ds) -> str:
+    uid = ds.get("SOPClassUID")
+    return getattr(uid, "name", None) or str(uid or "unknown")
+
+
+def dicom_info(path: str | Path) -> DicomInfo:
+    """Frame count, series UID, slice position and instance number, read without the pixels."""
+    p = Path(path)
+    ds = _read(p, pixels=False)
+    position = None
+    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+        normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+        position = float(np.dot(normal, np.array(ipp, float)))
+    inst = ds.get("InstanceNumber")
+    return DicomInfo(frames=int(ds.get("NumberOfFrames") or 1), series=str(ds.get("SeriesInstanceUID") or "") or None,
+                     position=position, instance=int(inst) if inst not in (None, "") else None,
+                     has_pixels=any(k in ds for k in ("Rows", "PixelData", "FloatPixelData", "DoubleFloatPixelData")))
+
+
+def order_series(paths: list[Path], infos: list[DicomInfo]) -> list[Path]:
+    """Slices of one series in anatomical order: by position along the slice normal, else by
+    instance number, else by name."""
+    def key(item):
+        p, info = item
+        return (info.position if info.position is not None else float("inf"),
+                info.instance if info.instance is not None else 1 << 30, p.name)
+
+    return [p for p, _ in sorted(zip(paths, infos), key=key)]
+
+
+def _decode(p: Path, frame: int | None):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import pixel_array
+
+    ds = _read(p, pixels=False)
+    if "Rows" not in ds:
+        raise BadImageError(p, f"DICOM file holds no image ({_sop_name(ds)})")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frame is not None and not 0 <= frame < frames:
+        raise BadImageError(p, f"frame {frame} does not exist (the file has {frames})")
+    index = (frame or 0) if frames > 1 else None  # a multi-frame file read as one image: frame 0
+    try:
+        try:
+            arr = pixel_array(p, index=index)
+        except InvalidDicomError:  # no preamble: read as _read did, with force
+            arr = pixel_array(pydicom.dcmread(p, force=True), index=index)
+    except AttributeError:
+        raise BadImageError(p, f"DICOM file holds no image ({_sop_name(ds)})") from None
+    except (NotImplementedError, RuntimeError) as e:
+        ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+        name = f"{getattr(ts, 'name', ts)} ({ts})" if ts else "an unknown transfer syntax"
+        reason = str(e).splitlines()[0].rstrip(":")
+        raise BadImageError(p, f"pixel data compressed as {name} cannot be decoded ({reason}); {DECODERS_HINT}") from None
+    except (ValueError, EOFError, OSError, KeyError, TypeError) as e:
+        raise BadImageError(p, f"truncated or corrupt DICOM pixel data ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return ds, arr, index or 0
+
+
+def read_dicom(path: str | Path, frame: int | None, options: ReadOptions) -> np.ndarray:
+    """One DICOM frame as float32 (H, W, C) in [0, 1] (see the module docstring for the steps)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    p = Path(path)
+    ds, arr, index = _decode(p, frame)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds).astype(np.float32)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return np.clip(rgb / (2**bits - 1), 0, 1)
+    if int(ds.get("SamplesPerPixel") or 1) == 3:  # colour (YBR already converted to RGB by pydicom)
+        values = arr.astype(np.float32)
+        user = apply_window(values, options.window)
+        bits = int(ds.get("BitsStored") or 8)
+        return user if user is not None else np.clip(values / (2**bits - 1), 0, 1)
+    values = apply_modality_lut(arr, ds).astype(np.float32)
+    out = apply_window(values, options.window)
+    if out is None and "VOILUTSequence" in ds:
+        lut = apply_voi_lut(arr if "ModalityLUTSequence" not in ds else values, ds, index=index, prefer_lut=True)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = np.clip(lut.astype(np.float32) / (2**bits - 1), 0, 1)
+    elif out is None and ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        centre, width = (_first(ds.WindowCenter, index), _first(ds.WindowWidth, index))
+        out = linear_window(values, centre, width)
+    elif out is None:
+        lo, hi = float(values.min()), float(values.max())
+        out = (values - lo) / (hi - lo if hi > lo else 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 1.0 - out  # MONOCHROME1: the lowest value is displayed white
+    return out.astype(np.float32)[..., None]
+
+
+def _first(value, index: int) -> float:
+    """Window centre/width may hold one value per frame (or alternatives): take this frame's."""
+    try:
+        seq = list(value)
+    except TypeError:
+        return float(value)
+    return float(seq[min(index, len(seq) - 1)]) if seq else float("nan")
