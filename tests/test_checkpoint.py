@@ -45,7 +45,7 @@ def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError):
+    with pytest.raises(BonetumorError, match="disk full while writing.*intact"):
         _save(tmp_path / "c.pt", epoch=2)
     assert (tmp_path / "c.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
@@ -70,3 +70,19 @@ def test_foreign_and_broken_files(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(BonetumorError, match="file not found"):
         load_checkpoint(tmp_path / "none.pt")
+
+
+def test_tampered_bytes_and_swapped_weights_are_refused(tmp_path):
+    _save(tmp_path / "c.pt", epoch=1)
+    data = bytearray((tmp_path / "c.pt").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # corrupt the middle of the archive
+    (tmp_path / "t.pt").write_bytes(bytes(data))
+    (tmp_path / "cut.pt").write_bytes(bytes(data[: len(data) // 3]))
+    for name in ("t.pt", "cut.pt"):
+        with pytest.raises(BonetumorError, match=name):
+            load_checkpoint(tmp_path / name)
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    raw["model"] = {k: torch.zeros(1) for k in list(raw["model"])[:3]}  # weights of some other network
+    torch.save(raw, tmp_path / "swapped.pt")
+    with pytest.raises(BonetumorError, match="swapped.pt"):
+        load_checkpoint(tmp_path / "swapped.pt")

@@ -1,5 +1,10 @@
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -145,3 +150,83 @@ def test_bf16_training_on_cpu_learns_and_records_its_precision(tmp_path, tiny_da
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["precision"] == "bf16"
     with pytest.raises(BonetumorError, match="fp16 needs a CUDA GPU"):
         fit(tiny_config(tiny_data, precision="fp16", device="cpu"), tmp_path / "r2", verbose=False)
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "bonetumor.cli", "train", str(data), "--out", str(out), "--epochs", "4",
+            "--image-size", "64", "--batch-size", "2", "--weights", "none", "--freeze", "none", "--device", "cpu",
+            "--seed", "5", "--workers", "0", "--no-audit", *extra]
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same float sums
+    subprocess.run(_train_cmd(tiny_data, tmp_path / "full"), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_train_cmd(tiny_data, tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    history = tmp_path / "cut" / "history.csv"
+    deadline = time.time() + 300
+    while not (history.is_file() and len(list(csv.DictReader(open(history)))) >= 1):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first epoch was written"
+        time.sleep(0.05)
+    epoch_seconds = float(list(csv.DictReader(open(history)))[0]["seconds"])
+    time.sleep(0.4 * epoch_seconds)  # well inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)  # loadable, not half-written
+    assert 1 <= state["epoch"] < 4
+    (tmp_path / "cut" / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves
+    subprocess.run(_train_cmd(tiny_data, tmp_path / "cut", "--resume"), env=env, check=True, capture_output=True,
+                   timeout=600)
+    assert not list((tmp_path / "cut").glob(".*.tmp"))
+    strip = lambda p: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(p))]  # noqa: E731
+    assert strip(history) == strip(tmp_path / "full" / "history.csv") and len(strip(history)) == 4
+    wf = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    wc = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)
+    assert wf["epoch"] == wc["epoch"] and wf["threshold"] == pytest.approx(wc["threshold"], abs=1e-6)
+    assert all(torch.allclose(wf["model"][k].float(), wc["model"][k].float(), atol=1e-6) for k in wf["model"])
+
+
+def test_full_disk_is_refused_before_training(tmp_path, tiny_data, monkeypatch):
+    import shutil
+
+    from bonetumor import utils
+
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10 * 2**20, 10 * 2**20))
+    with pytest.raises(BonetumorError, match=r"only 10 MB free on its disk, and a training run needs about \d[\d,]* MB"):
+        fit(tiny_config(tiny_data), tmp_path / "r", verbose=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_data, monkeypatch):
+    import errno
+
+    full = fit(tiny_config(tiny_data, epochs=2), tmp_path / "full", verbose=False)
+    real_save, calls = torch.save, []
+
+    def fills_up(obj, f, *a, **k):
+        calls.append(f)
+        if obj.get("epoch") == 2:  # the disk fills during epoch 2's checkpoint
+            with open(f, "wb") as fh:
+                fh.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(BonetumorError, match=r"last.pt|best.pt") as e:
+        fit(tiny_config(tiny_data, epochs=2), tmp_path / "r", verbose=False)
+    assert "disk full while writing" in str(e.value) and "--resume" in str(e.value)
+    assert load_checkpoint(tmp_path / "r" / "last.pt").epoch == 1  # the previous checkpoint, intact
+    assert not list((tmp_path / "r").glob(".*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = fit(tiny_config(tiny_data, epochs=2), tmp_path / "r", resume=True, verbose=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path, tiny_data):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BonetumorError, match="file/run: cannot write to output folder"):
+        fit(tiny_config(tiny_data), tmp_path / "file" / "run", verbose=False)
+    if sys.platform.startswith("linux"):  # not even root may create files in /proc
+        with pytest.raises(BonetumorError, match="cannot write to output folder"):
+            fit(tiny_config(tiny_data), "/proc/bonetumor-run", verbose=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, 
     Holds: model weights, optimizer state, epoch, config, class names, image size,
     normalisation and the decision threshold (plus ``extra``: history, early-stopping state).
     """
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": weights,
+        "model_sha256": weights_digest(weights),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler_state,
         "epoch": int(epoch),
@@ -47,6 +50,20 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, 
         "extra": extra or {},
     }
     _write(path, payload)
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of a state dict, in order.
+
+    torch's archive reader does not check its members, so altered weight bytes would load
+    silently; this digest, saved beside them, makes such a file refused.
+    """
+    h = hashlib.sha256()
+    for k, t in state.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def update_checkpoint(path: str | Path, fields: dict, raw: dict | None = None) -> None:
@@ -104,6 +121,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise BonetumorError(f"{path}: written by a newer bonetumor (format {obj['format_version']}); upgrade")
+    if "model_sha256" in obj and isinstance(obj.get("model"), dict) and weights_digest(obj["model"]) != obj["model_sha256"]:
+        raise BonetumorError(f"{path}: the weights do not match their checksum; the file was altered or damaged")
     try:
         cfg = config_from_dict(obj["config"])
         classes = list(obj["classes"])

@@ -71,6 +71,8 @@ def train(
     val_dir: Optional[str] = typer.Option(None, help="Validation folder of <class>/ subfolders."),
     test_dir: Optional[str] = typer.Option(None, help="Test folder of <class>/ subfolders."),
     positive_class: Optional[str] = typer.Option(None, help="Positive class when none is named 'cancer'."),
+    val_fraction: Optional[float] = typer.Option(None, help="Validation share when the tool splits (default 0.15)."),
+    test_fraction: Optional[float] = typer.Option(None, help="Test share when the tool splits (default 0.15; 0 for none)."),
     epochs: Optional[int] = typer.Option(None),
     image_size: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
@@ -105,7 +107,7 @@ def train(
 
     overrides = {k: v for k, v in dict(
         data=data, manifest=manifest, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir,
-        positive_class=positive_class, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+        positive_class=positive_class, val_fraction=val_fraction, test_fraction=test_fraction, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
         output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
@@ -192,6 +194,8 @@ def _print_metrics(m: dict) -> None:
     if "threshold" in m:
         t.add_row("threshold", f"{m['threshold']:.4f}", "", *(["0.5000"] if half else []))
     out.print(t)
+    for note in m.get("notes", []):
+        out.print(f"[yellow]note:[/] {note}")
     for how, pm in m.get("per_patient", {}).items():
         out.print(f"per patient ({m.get('n_patients')} patients, score = {how} over slices): ROC-AUC "
                   f"{pm['roc_auc']['value']:.4f} [{pm['roc_auc']['ci_low']:.4f}, {pm['roc_auc']['ci_high']:.4f}], "

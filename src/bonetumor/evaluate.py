@@ -199,6 +199,10 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)
     m.update({"split": split, "checkpoint": str(checkpoint), "data": str(data or manifest), "external": bool(external),
               "skipped_files": len(skipped)})
+    missing = [c for i, c in enumerate(ck.classes) if not (np.asarray(preds.targets) == i).any()]
+    if missing:
+        m["notes"] = [f"the {split} split holds no {', '.join(missing)} images: ROC-AUC and the metrics that "
+                      f"need them (sensitivity, PPV, F1) are undefined (nan)"]
     if class_map:
         m["class_map"], m["dropped_classes"] = class_map, dropped
     _lookup_figures(m, all_samples, ordered, preds, ck, groups, n_boot, baseline, exclude_near_duplicates_of)

@@ -49,7 +49,8 @@ def plot_roc(targets: np.ndarray, probs: np.ndarray, path: str | Path, title: st
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    if len(np.unique(targets)) == 2:  # one class only: no curve, so nothing to label
+        ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
@@ -65,7 +66,8 @@ def plot_pr(targets: np.ndarray, probs: np.ndarray, path: str | Path, title: str
     ax.set_ylabel("precision (PPV)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
-    ax.legend(loc="lower left")
+    if len(np.unique(targets)) == 2:
+        ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     _save(fig, path)
 

@@ -39,8 +39,11 @@ from bonetumor.utils import (
     atomic_write_csv,
     atomic_write_json,
     autocast_dtype,
+    check_free_space,
+    check_writable,
     environment_info,
     prepare_out_dir,
+    remove_stale_temporaries,
     seed_everything,
     select_device,
 )
@@ -65,7 +68,16 @@ def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetI
     index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes,
                      options=read_options(cfg))
     index.samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    require_every_class(index)
     return index
+
+
+def require_every_class(index: DatasetIndex) -> None:
+    """Training and validation need every class (the loss, early stopping and the threshold do)."""
+    for split in ("train", "valid"):
+        labels = {s.label for s in index.split(split)}
+        if len(labels) < len(index.classes):
+            raise BonetumorError(f"the {split} split holds only {sorted(labels) or 'no'} images; it needs every class")
 
 
 def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None] | None = None) -> list[tuple[str, str]]:
@@ -73,10 +85,7 @@ def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None]
     decoding pass already made); returns the skipped ones."""
     index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2, problems=problems,
                                          options=read_options(cfg))
-    for split in ("train", "valid"):
-        labels = {s.label for s in index.split(split)}
-        if len(labels) < 2:
-            raise BonetumorError(f"the {split} split holds only {sorted(labels) or 'no'} images; it needs every class")
+    require_every_class(index)  # again: skipped files may have removed a class
     return skipped
 
 
@@ -85,10 +94,20 @@ def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool
     """DataLoader for one split with the train or eval transforms of ``cfg``."""
     tf = create_transforms(train, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max))
     ds = ImageDataset(index.split(split), index.classes, tf, read_options(cfg))
+    # Batch norm cannot train on a batch of one: a lone last sample waits for the next
+    # epoch's shuffle instead.
+    lone = train and len(ds) % cfg.batch_size == 1 and len(ds) > 1
     return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=train, drop_last=False, num_workers=cfg.workers,
+        ds, batch_size=cfg.batch_size, shuffle=train, drop_last=lone, num_workers=cfg.workers,
         generator=generator, pin_memory=device.type == "cuda",
     )
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Size of a checkpoint of ``model``: its weights, plus Adam's two moments per trainable weight."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return total + 2 * trainable
 
 
 def create_loss(index: DatasetIndex, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -209,8 +228,10 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     # The model (and its weights) come before the file scan, so a weights problem shows at once.
     model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, n_out, cfg.hidden, cfg.dropout,
                          cfg.output_stride)
-    # Only now, with data and weights known to be usable, is an old run folder replaced.
-    run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
+    # A full disk is known now, not at the first checkpoint: best.pt and last.pt, each briefly
+    # twice while replaced atomically, plus plots and records.
+    check_writable(run)
+    check_free_space(run, 3 * checkpoint_bytes(model) + 50 * 2**20, "a training run")
     facts = None
     if cfg.audit and not (run / "audit.json").is_file():
         from bonetumor.data.audit import scan
@@ -218,6 +239,10 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         # The audit decodes every file anyway: its read also serves the bad-file check.
         facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=read_options(cfg))))
     skipped = check_data(index, cfg, [facts[s.ref].error for s in index.samples] if facts else None)
+    # Only now, with data and weights known to be usable, is an old run folder replaced.
+    run = prepare_out_dir(run, overwrite=overwrite, resume=resume)
+    if resume:
+        remove_stale_temporaries(run)  # left by a write that a kill interrupted
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / 'skipped_files.csv'}")
     if facts is not None:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonetumor.data.io import read_image, write_png
-from bonetumor.errors import BadImageError
+from bonetumor.data.io import ReadOptions, parse_window, read_image, write_png
+from bonetumor.errors import BadImageError, BonetumorError
 
 
 @pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3), ("RGBA", 3), ("P", 3), ("LA", 1), ("1", 1), ("CMYK", 3)])
@@ -70,3 +70,63 @@ def test_one_pixel_image_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(BadImageError, match="file not found"):
         read_image(tmp_path / "nope.png")
+
+
+def _bars(h, w, levels=4):
+    """Vertical bars of ``levels`` grey levels, each bar wide enough to survive shrinking."""
+    x = np.arange(w)[None, :].repeat(h, 0)
+    return (x * levels // w).astype(np.float64) / (levels - 1)
+
+
+def test_4000px_16bit_tiff_and_png_are_shrunk_while_read(tmp_path):
+    # A 4000x4000 16-bit radiograph: read at most max_side wide, with its grey levels kept.
+    img = _bars(4000, 4000)
+    write_png(tmp_path / "big.png", img, bit_depth=16)
+    Image.fromarray(np.round(img * 65535).astype(np.uint16)).save(tmp_path / "big.tif")
+    for name in ("big.png", "big.tif"):
+        a = read_image(tmp_path / name)
+        assert a.shape == (1024, 1024, 1) and a.dtype == np.float32
+        # Bar interiors keep their exact value (area averaging only mixes the 3 bar edges).
+        cols = [128, 384, 640, 896]
+        np.testing.assert_allclose(a[512, cols, 0], [0, 1 / 3, 2 / 3, 1], atol=1e-4)
+    assert read_image(tmp_path / "big.png", options=ReadOptions(max_side=4000)).shape == (4000, 4000, 1)
+
+
+def test_16bit_png_windows(tmp_path):
+    # A 12-bit image stored in a 16-bit PNG looks black at full range; a window fixes that.
+    vals = np.linspace(0, 4095, 64 * 64).reshape(64, 64) / 65535
+    write_png(tmp_path / "t.png", vals, bit_depth=16)
+    raw = np.round(vals * 65535)
+    full = read_image(tmp_path / "t.png")[..., 0]
+    assert full.max() < 0.07
+    pct = read_image(tmp_path / "t.png", options=ReadOptions(window="p0,p100"))[..., 0]
+    np.testing.assert_allclose(pct, raw / raw.max(), atol=1e-6)
+    cw = read_image(tmp_path / "t.png", options=ReadOptions(window="2048,4096"))[..., 0]
+    np.testing.assert_allclose(cw, np.clip((raw - 2047.5) / 4095 + 0.5, 0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("text, problem", [("40", "expected CENTRE,WIDTH"), ("40,-1", "width must be positive"),
+                                           ("p99,p1", "percentiles must satisfy"), ("a,b", "expected CENTRE,WIDTH")])
+def test_bad_window_text(text, problem):
+    with pytest.raises(BonetumorError, match=problem):
+        parse_window(text)
+
+
+def test_decompression_bomb_guard_is_answered(tmp_path, monkeypatch):
+    write_png(tmp_path / "wide.png", np.zeros((100, 300)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 30,000 pixels: above it (and above twice it)
+    with pytest.raises(BadImageError) as e:
+        read_image(tmp_path / "wide.png")
+    msg = str(e.value)
+    assert "wide.png: 300x100 = 30,000 pixels is above Pillow's decompression-bomb limit of 10,000" in msg
+    assert "--allow-large-images" in msg and "\n" not in msg
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # between the limit and twice it: Pillow only warns
+    with pytest.raises(BadImageError, match="decompression-bomb"):
+        read_image(tmp_path / "wide.png")
+    assert read_image(tmp_path / "wide.png", options=ReadOptions(allow_large=True)).shape == (100, 300, 1)
+
+
+def test_content_decides_not_the_extension(tmp_path):
+    arr = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "really_png.jpg", format="PNG")
+    np.testing.assert_allclose(read_image(tmp_path / "really_png.jpg")[..., 0], arr / 255, atol=1e-7)

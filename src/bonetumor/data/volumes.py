@@ -169,7 +169,7 @@ def expand_inputs(paths: Iterable[str | Path], options: ReadOptions | None = Non
     out: list[SliceRef] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and image_kind(f) is not None)
+            files = sorted(f for f in p.rglob("*") if not f.is_dir() and image_kind(f) is not None)
             if not files:
                 raise BonetumorError(f"{p}: folder holds no image files")
         elif p.exists() or p.is_symlink():
