@@ -91,3 +91,18 @@ def test_explain_maps_the_top_slices_of_each_study(volume_run, tmp_path):
         want = {(r["path"], r["slice"]) for r in best}
         assert {(r["path"], r["slice"]) for r in res.rows if r["study"] == study} == want
     assert all((tmp_path / "x" / r["map"]).is_file() and (tmp_path / "x" / r["panel"]).is_file() for r in res.rows)
+
+
+def test_evaluate_and_audit_read_volumes_unchanged(volume_run, tmp_path):
+    fmt, root = volume_run
+    manifest = root / "d" / "manifest.csv"
+    r = runner.invoke(app, ["evaluate", str(root / "run" / "best.pt"), "--manifest", str(manifest), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["n"] == 8 and m["interval"]["unit"] == "patient"
+    preds = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    assert len({p["path"] for p in preds}) == 8  # slices of one volume are told apart (path#slice)
+    r = runner.invoke(app, ["audit", "--manifest", str(manifest), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert a["n_images"] == 48 and not a["unreadable"] and a["patients_in_two_splits"]["n"] == 0

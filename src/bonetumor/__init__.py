@@ -16,14 +16,16 @@ except PackageNotFoundError:  # running from a source tree
 
 from bonetumor.checkpoint import load_checkpoint
 from bonetumor.config import TrainConfig, load_config
+from bonetumor.data.io import ReadOptions, read_image
 from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.evaluate import compute_metrics, evaluate
 from bonetumor.models import create_model
-from bonetumor.predict import predict
+from bonetumor.predict import predict, predict_studies
 from bonetumor.train import fit
 
 __all__ = [
-    "BadImageError", "BonetumorError", "TrainConfig", "compute_metrics", "create_model",
+    "BadImageError", "BonetumorError", "ReadOptions", "TrainConfig", "compute_metrics", "create_model",
     "create_synthetic_dataset", "evaluate", "fit", "load_checkpoint", "load_config", "predict",
+    "predict_studies", "read_image",
 ]

@@ -145,3 +145,20 @@ def test_text_and_truncated_header_named_dcm(tmp_path):
     (tmp_path / "cut.dcm").write_bytes(data[:300])  # cut inside the header
     with pytest.raises(BadImageError, match="cut.dcm: (truncated or corrupt|DICOM file holds no image)"):
         read_image(tmp_path / "cut.dcm")
+
+
+def test_voi_lut_sequence_is_applied(tmp_path):
+    # A non-linear VOI LUT (square root, 8-bit output) in the header, as some radiographs carry.
+    img = ramp()
+    write_dicom(tmp_path / "lut.dcm", img, window=(100, 200))
+    ds = pydicom.dcmread(tmp_path / "lut.dcm")
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    lut = np.round(np.sqrt(np.arange(4096) / 4095) * 255).astype(np.uint16)
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data, explicitly as unsigned shorts
+    ds.VOILUTSequence = [item]
+    ds.save_as(tmp_path / "lut.dcm")
+    stored = pydicom.dcmread(tmp_path / "lut.dcm").pixel_array
+    ours = read_image(tmp_path / "lut.dcm")[..., 0]
+    assert stored.max() > 256  # entries past 256: where pydicom 3.0's own lookup wraps
+    np.testing.assert_allclose(ours, lut[stored] / 255, atol=1e-6)  # the LUT wins over the window

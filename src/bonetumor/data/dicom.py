@@ -112,7 +112,7 @@ def _decode(p: Path, frame: int | None):
 
 def read_dicom(path: str | Path, frame: int | None, options: ReadOptions) -> np.ndarray:
     """One DICOM frame as float32 (H, W, C) in [0, 1] (see the module docstring for the steps)."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     p = Path(path)
     ds, arr, index = _decode(p, frame)
@@ -127,10 +127,8 @@ def read_dicom(path: str | Path, frame: int | None, options: ReadOptions) -> np.
         return user if user is not None else np.clip(values / (2**bits - 1), 0, 1)
     values = apply_modality_lut(arr, ds).astype(np.float32)
     out = apply_window(values, options.window)
-    if out is None and "VOILUTSequence" in ds:
-        lut = apply_voi_lut(arr if "ModalityLUTSequence" not in ds else values, ds, index=index, prefer_lut=True)
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = np.clip(lut.astype(np.float32) / (2**bits - 1), 0, 1)
+    if out is None and ds.get("VOILUTSequence"):
+        out = voi_lut(values, ds.VOILUTSequence[min(index, len(ds.VOILUTSequence) - 1)])
     elif out is None and ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         centre, width = (_first(ds.WindowCenter, index), _first(ds.WindowWidth, index))
         out = linear_window(values, centre, width)
@@ -140,6 +138,20 @@ def read_dicom(path: str | Path, frame: int | None, options: ReadOptions) -> np.
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 1.0 - out  # MONOCHROME1: the lowest value is displayed white
     return out.astype(np.float32)[..., None]
+
+
+def voi_lut(values: np.ndarray, item) -> np.ndarray:
+    """A VOI LUT Sequence item applied to modality-LUT values, in [0, 1] (PS3.3 C.11.2.1.1).
+
+    Written here because pydicom 3.0's ``apply_voi_lut`` indexes with the LUT's output dtype,
+    so an 8-bit LUT of more than 256 entries wraps (entry 272 reads as entry 16).
+    """
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536
+    raw = item.LUTData
+    lut = np.frombuffer(raw, dtype="<u2")[:n] if isinstance(raw, (bytes, bytearray)) else np.asarray(raw, dtype=np.int64)
+    index = np.clip(np.round(values).astype(np.int64) - first, 0, len(lut) - 1)
+    return np.clip(lut[index].astype(np.float32) / (2**bits - 1), 0, 1)
 
 
 def _first(value, index: int) -> float:
