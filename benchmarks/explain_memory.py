@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -18,20 +17,12 @@ import time
 from pathlib import Path
 
 CHILD = """
-import resource, sys, time, json
+import sys, time, json
 from bonetumor.explain.run import explain
+from bonetumor.utils import peak_rss_mb
 t = time.perf_counter()
 r = explain(sys.argv[1], [sys.argv[2]], sys.argv[3], device="cpu", batch_size=16, faithfulness_samples=0)
-def peak_mb():
-    # VmHWM is this process's own peak; ru_maxrss on Linux keeps the parent's across exec.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"images": len(r.rows), "seconds": time.perf_counter() - t, "peak_rss_mb": peak_mb()}))
+print(json.dumps({"images": len(r.rows), "seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -46,7 +37,7 @@ def main() -> None:
     from bonetumor.config import TrainConfig
     from bonetumor.data.io import write_png
     from bonetumor.models import create_model
-    from bonetumor.utils import atomic_write_json
+    from bonetumor.utils import atomic_write_json, peak_rss_mb
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +61,7 @@ def main() -> None:
             results.append(row)
     res = {"image_size": args.size, "results": results,
            "peak_rss_ratio_1000_vs_100": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
-           "parent_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "parent_peak_rss_mb": peak_rss_mb()}
     atomic_write_json(args.out, res)
     print(json.dumps(res, indent=2))
 

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from bonetumor.data.datasets import load_tensor
 from bonetumor.data.io import ReadOptions
+from bonetumor.utils import peak_rss_mb
 case, folder = sys.argv[1], Path(sys.argv[2])
 t = time.perf_counter()
 if case == "predict":
@@ -35,17 +36,8 @@ else:
     for f in files[:20]:
         x = load_tensor(f, None, opts)
     n = min(len(files), 20)
-def peak_mb():
-    # VmHWM is this process's own peak; ru_maxrss on Linux keeps the parent's across exec.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"case": case, "images": n, "seconds": round(time.perf_counter() - t, 2),
-                  "peak_rss_mb": round(peak_mb(), 1)}))
+                  "peak_rss_mb": round(peak_rss_mb(), 1)}))
 """
 
 

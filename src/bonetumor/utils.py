@@ -143,6 +143,22 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return n
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (Linux: VmHWM, since ru_maxrss keeps a
+    parent's peak across exec; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KB on Linux
+
+
 def select_device(name: str = "auto") -> torch.device:
     """Pick cuda > mps > cpu for ``auto``; check that an explicit choice exists."""
     if name == "auto":
