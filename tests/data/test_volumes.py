@@ -81,3 +81,24 @@ def test_volume_data_set_splits_by_patient_and_keeps_slices_together(tmp_path):
         by_volume.setdefault(s.path, set()).add(s.split)
     assert len(by_volume) == 8 and all(len(v) == 1 for v in by_volume.values())
     assert {next(iter(v)) for v in by_volume.values()} == {"train", "valid"}
+
+
+def test_manifest_of_volumes_without_splits_is_split_by_patient(tmp_path):
+    import csv
+
+    from bonetumor.train import prepare_data
+    from conftest import tiny_config
+
+    r = create_synthetic_dataset(tmp_path / "d", n_patients=20, size=32, slices_per_patient=3, fmt="nifti")
+    rows = list(csv.DictReader(open(r.manifest)))
+    with open(tmp_path / "d" / "volumes.csv", "w", newline="") as f:  # path,label,patient_id only
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient_id"])
+        w.writerows([row["path"], row["label"], row["patient_id"]] for row in rows)
+    index = prepare_data(tiny_config(None, manifest=str(tmp_path / "d" / "volumes.csv")))
+    assert len(index.samples) == 60 and index.patient_level
+    splits = {}
+    for s in index.samples:
+        splits.setdefault(s.patient_id, set()).add(s.split)
+    assert len(splits) == 20 and all(len(v) == 1 for v in splits.values())
+    assert {next(iter(v)) for v in splits.values()} == {"train", "valid", "test"}
