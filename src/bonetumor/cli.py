@@ -94,6 +94,10 @@ def train(
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced"),
     skip_bad_files: Optional[bool] = typer.Option(None, "--skip-bad-files/--no-skip-bad-files"),
     audit: Optional[bool] = typer.Option(None, "--audit/--no-audit", help="Leakage audit before training (default on)."),
+    cache_features: Optional[bool] = typer.Option(None, "--cache-features/--no-cache-features",
+                                                  help="Frozen backbone: compute its features once (default on)."),
+    feature_views: Optional[int] = typer.Option(None, help="Augmented views per training image for the feature cache (default 4; 1 = none)."),
+    feature_cache_dir: Optional[str] = typer.Option(None, help="Keep cached features on disk here, for later runs."),
     window: Optional[str] = typer.Option(None, help=WINDOW_HELP),
     slice_axis: Optional[int] = typer.Option(None, help="NIfTI axis to slice across (0, 1 or 2; 2 = axial in RAS)."),
     allow_large_images: Optional[bool] = typer.Option(None, "--allow-large-images/--no-allow-large-images",
@@ -112,6 +116,7 @@ def train(
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
         output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
         threshold_rule=threshold_rule, calibrate=calibrate, window=window, slice_axis=slice_axis,
+        cache_features=cache_features, feature_views=feature_views, feature_cache_dir=feature_cache_dir,
         allow_large_images=allow_large_images).items()}
     cfg = load_config(config, overrides)
     res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)

@@ -45,6 +45,10 @@ class TrainConfig:
     dropout: float = 0.5
     hidden: int = 256
     output_stride: int = 32  # 16 or 8 (resnet50): finer last feature map, finer Grad-CAM
+    # Frozen-backbone fast path: features computed once per image and view (see features.py)
+    cache_features: bool = True
+    feature_views: int = 4  # augmented views per training image; 1 = no augmentation
+    feature_cache_dir: str | None = None  # also keep features on disk, keyed by content and recipe
     # Optimisation (the original: Adam, binary cross-entropy, early stopping patience 5)
     epochs: int = 30
     batch_size: int = 32
@@ -73,6 +77,7 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive, not {self.lr}"),
             (self.patience >= 1, f"--patience must be at least 1, not {self.patience}"),
             (self.workers >= 0, f"--workers must be 0 or more, not {self.workers}"),
+            (self.feature_views >= 1, f"--feature-views must be at least 1, not {self.feature_views}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), not {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), not {self.test_fraction}"),
             (self.zoom_min <= self.zoom_max, "zoom_min must not exceed zoom_max"),

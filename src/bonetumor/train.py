@@ -33,7 +33,8 @@ from bonetumor.data.datasets import (
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError, LeakageWarning
-from bonetumor.evaluate import binary_auc, loss_target, predict_loader
+from bonetumor.evaluate import binary_auc, loss_target, predict_loader, to_device
+from bonetumor.features import FeatureDataset, cached_features, uses_feature_cache
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
     atomic_write_csv,
@@ -110,6 +111,28 @@ def checkpoint_bytes(model: nn.Module) -> int:
     return total + 2 * trainable
 
 
+def create_feature_loaders(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device,
+                           dtype, generator: torch.Generator, verbose: bool = False):
+    """Train and validation loaders over cached backbone features (``cfg.feature_views`` views of
+    each training image, one plain view of each validation image)."""
+    t0 = time.perf_counter()
+    loaders, notes = [], []
+    for split, views, train in (("train", cfg.feature_views, True), ("valid", 1, False)):
+        samples = index.split(split)
+        feats, hit = cached_features(model, samples, cfg, views, device, dtype, verbose and console.is_terminal,
+                                     f"{split} features")
+        notes.append(f"{split} {len(samples)}x{views}{' (from disk)' if hit else ''}")
+        targets = [index.classes.index(s.label) for s in samples]
+        ds = FeatureDataset(feats, targets, cfg.seed)
+        lone = train and len(ds) % cfg.batch_size == 1 and len(ds) > 1  # as create_loader does
+        loaders.append(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, drop_last=lone,
+                                                   generator=generator if train else None))
+    if verbose:
+        console.print(f"frozen backbone: features computed once ({', '.join(notes)} views) in "
+                      f"{time.perf_counter() - t0:.1f} s; the head trains from them")
+    return loaders[0], loaders[1]
+
+
 def create_loss(index: DatasetIndex, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """BCEWithLogits for two classes, cross-entropy otherwise; optionally class-balanced."""
     counts = np.array([sum(s.label == c for s in index.split("train")) for c in index.classes], dtype=float)
@@ -126,7 +149,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, dtype=None, scale
     model.train()
     total, n, correct = 0.0, 0, 0
     for x, y, _ in track(loader, description=desc, transient=True, disable=not (verbose and console.is_terminal), console=console):
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = to_device(x, device)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
@@ -271,8 +294,14 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         console.print(f"model: {cfg.backbone} ({cfg.weights} weights), {tr:,} of {tot:,} parameters trainable; device {device}, "
                       f"{'fp32' if dtype is None else str(dtype).split('.')[-1]} compute")
     gen = torch.Generator()
-    train_loader = create_loader(index, "train", cfg, True, device, gen)
-    val_loader = create_loader(index, "valid", cfg, False, device)
+    net = model
+    if uses_feature_cache(cfg, model):
+        # Frozen backbone: its features never change, so they are computed once and the head trains alone.
+        train_loader, val_loader = create_feature_loaders(model, index, cfg, device, dtype, gen, verbose)
+        net = model.head
+    else:
+        train_loader = create_loader(index, "train", cfg, True, device, gen)
+        val_loader = create_loader(index, "valid", cfg, False, device)
     stopped = bad_epochs >= cfg.patience
     for epoch in range(start, cfg.epochs + 1):
         if stopped:
@@ -284,9 +313,11 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         lr = lr_at_epoch(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tr_loss, tr_acc = train_one_epoch(model, train_loader, optimizer, loss_fn, device, dtype, scaler, verbose,
+        if isinstance(train_loader.dataset, FeatureDataset):
+            train_loader.dataset.set_epoch(epoch)
+        tr_loss, tr_acc = train_one_epoch(net, train_loader, optimizer, loss_fn, device, dtype, scaler, verbose,
                                           f"epoch {epoch}/{cfg.epochs}")
-        val = predict_loader(model, val_loader, device, loss_fn=loss_fn, dtype=dtype)
+        val = predict_loader(net, val_loader, device, loss_fn=loss_fn, dtype=dtype)
         row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
                "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
                "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if n_out == 1 else "",
