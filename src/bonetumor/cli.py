@@ -325,6 +325,7 @@ def predict(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Also write predictions.csv (and studies.csv) here."),
     skip_bad_files: bool = typer.Option(False, help="List unreadable files with their problem instead of stopping."),
     overwrite: bool = typer.Option(False),
+    engine: str = typer.Option("torch", help="torch (RUN/best.pt) or onnx (a model.onnx from export, ONNX Runtime on the CPU)."),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(16),
 ):
@@ -334,7 +335,7 @@ def predict(
     from bonetumor.utils import atomic_write_csv, prepare_out_dir
 
     outdir = prepare_out_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
-    rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files)
+    rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine)
     if outdir is not None:
         flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
         atomic_write_csv(outdir / "predictions.csv", ["path", "slice", "study", "probability", "probabilities", "label",
@@ -444,6 +445,21 @@ def _print_explain(r, method: str) -> None:
         out.print(f"faithfulness on {r.faithfulness['deletion']['n']} images: deletion AUC "
                   f"{r.faithfulness['deletion']['value']:.3f} (lower is better), insertion AUC "
                   f"{r.faithfulness['insertion']['value']:.3f} (higher is better)")
+
+
+@app.command()
+@_friendly
+def export(
+    checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
+    onnx: Path = typer.Option(..., "--onnx", help="The .onnx file to write."),
+    overwrite: bool = typer.Option(False),
+):
+    """Export a checkpoint to one ONNX file (checked against PyTorch) for `predict --engine onnx`."""
+    from bonetumor.export import export_onnx
+
+    r = export_onnx(checkpoint, onnx, overwrite=overwrite)
+    out.print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MB); ONNX Runtime vs PyTorch on 4 images: "
+              f"max |Δ probability| {r['max_abs_diff_probability']:.2e}, max |Δ logit| {r['max_abs_diff_logit']:.2e}")
 
 
 @app.command("fetch-weights")

@@ -6,6 +6,7 @@ aggregated as ``max``, ``mean`` or ``topk:K`` (mean of the K highest slice score
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -55,13 +56,15 @@ def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
 
 
 def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 16,
-            window: str | None = None, skip_bad: bool = False) -> list[dict]:
+            window: str | None = None, skip_bad: bool = False, engine: str = "torch") -> list[dict]:
     """Probability of the positive class and the label at the checkpoint's threshold, per image
     (per slice for volumes and series).
 
     Args:
         window: override the window the model was trained with (see ``ReadOptions``).
         skip_bad: give an unreadable file a row with its ``error`` instead of stopping.
+        engine: ``torch`` (a ``.pt`` checkpoint) or ``onnx`` (a ``.onnx`` file from ``export``,
+            run in ONNX Runtime on the CPU).
 
     Returns:
         [{"path", "slice", "study", "probability", "label", "threshold"}] for binary models;
@@ -70,20 +73,19 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
     Raises:
         BonetumorError: a missing or unreadable file (one line naming it), a bad checkpoint.
     """
-    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad)[0]
+    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad, engine)[0]
 
 
 @torch.inference_mode()
 def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = "topk:3",
                     device: str = "auto", batch_size: int = 16, window: str | None = None,
-                    skip_bad: bool = False) -> tuple[list[dict], list[dict]]:
+                    skip_bad: bool = False, engine: str = "torch") -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
     (see ``study_scores``; none when ``aggregate`` is None)."""
     if aggregate is not None:
         parse_aggregate(aggregate)
-    dev = select_device(device)
-    ck = load_checkpoint(checkpoint, dev)
-    options = ck.read_options if window is None else ReadOptions(window, ck.config.slice_axis, ck.config.allow_large_images)
+    ck, dev = load_model(checkpoint, device, engine)
+    options = ck.read_options if window is None else replace(ck.read_options, window=window)
     refs = expand_paths(paths, options)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
     results = []
@@ -109,6 +111,20 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
                 results.append({**base, "probabilities": dict(zip(ck.classes, p)), "label": ck.label_for(p)})
     studies = study_scores(results, aggregate, ck.label_for) if aggregate is not None else []
     return results, studies
+
+
+def load_model(path: str | Path, device: str = "auto", engine: str = "torch"):
+    """(LoadedCheckpoint, device) for ``engine`` torch (a .pt checkpoint) or onnx (an exported .onnx)."""
+    if engine == "onnx":
+        from bonetumor.export import load_onnx
+
+        return load_onnx(path), torch.device("cpu")
+    if engine != "torch":
+        raise BonetumorError(f"--engine must be torch or onnx, not {engine!r}")
+    if str(path).lower().endswith(".onnx"):
+        raise BonetumorError(f"{path}: an ONNX file; pass --engine onnx")
+    dev = select_device(device)
+    return load_checkpoint(path, dev), dev
 
 
 def study_scores(rows: Sequence[dict], aggregate: str, label_for: Callable) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from bonetumor.data.export import write_dicom
+from bonetumor.data.writers import write_dicom
 from bonetumor.data.io import ReadOptions, image_kind, read_image
 from bonetumor.data.volumes import expand_inputs
 from bonetumor.errors import BadImageError

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bonetumor.data.datasets import discover
-from bonetumor.data.export import write_nifti
+from bonetumor.data.writers import write_nifti
 from bonetumor.data.io import ReadOptions, read_image
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.synth import create_synthetic_dataset

@@ -270,7 +270,7 @@ def _assign_splits(n_patients: int, rng: np.random.Generator) -> list[tuple[str,
 
 def _write_volume(root: Path, rel: Path, images: list[np.ndarray], fmt: str, pid: str) -> Path:
     """One patient's slices as a DICOM series folder or a NIfTI volume; returns its relative path."""
-    from bonetumor.data.export import write_dicom, write_nifti
+    from bonetumor.data.writers import write_dicom, write_nifti
 
     if fmt == "nifti":
         write_nifti(root / rel.with_name(rel.name + ".nii.gz"), images, empty_ends=1)

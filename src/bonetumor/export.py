@@ -1,0 +1,130 @@
+"""ONNX export and ONNX Runtime inference.
+
+``export_onnx`` writes one self-contained ``.onnx`` file (weights inside, a dynamic batch axis)
+whose metadata holds what prediction needs besides the graph: classes, threshold, image size,
+normalisation and the run's config (window, slice axis). The temperature, if fitted, is part of
+the graph. Every export is checked against PyTorch on a batch before it is kept.
+``load_onnx`` returns the same ``LoadedCheckpoint`` that ``load_checkpoint`` does, its model
+running in ONNX Runtime, so ``predict --engine onnx`` shares every other step with PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bonetumor.checkpoint import LoadedCheckpoint, load_checkpoint
+from bonetumor.config import config_from_dict, config_to_dict
+from bonetumor.errors import BonetumorError
+from bonetumor.utils import atomic_path
+
+META_KEY = "bonetumor"
+INSTALL_HINT = "ONNX export and inference need: pip install 'bonetumor[onnx]' (onnx, onnxruntime, onnxscript)"
+
+
+def _require():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise BonetumorError(INSTALL_HINT) from None
+    return onnx, onnxruntime
+
+
+class OnnxRunner(nn.Module):
+    """An ONNX Runtime session behind the nn.Module call: image batch (N, 3, H, W) -> logits."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def _session(path: Path, threads: int | None = None):
+    _, ort = _require()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False, tolerance: float = 1e-4) -> dict:
+    """Export a checkpoint to ``out`` (.onnx) and check ONNX Runtime against PyTorch.
+
+    Returns:
+        {"path", "max_abs_diff_probability", "max_abs_diff_logit", "bytes"}.
+
+    Raises:
+        BonetumorError: missing packages, an existing ``out`` without ``overwrite``, or an export
+            whose probabilities differ from PyTorch's by more than ``tolerance``.
+    """
+    onnx, _ = _require()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BonetumorError(f"{out} already exists; pass --overwrite to replace it")
+    ck = load_checkpoint(checkpoint, "cpu")
+    model = ck.model.eval()
+    size = ck.image_size
+    example = torch.randn(2, 3, size, size)
+    meta = {"format": "bonetumor-onnx", "classes": ck.classes, "threshold": ck.threshold, "image_size": size,
+            "mean": list(ck.mean), "std": list(ck.std), "epoch": ck.epoch, "temperature": float(model.temperature),
+            "config": config_to_dict(ck.config)}
+    with atomic_path(out) as tmp:
+        staged = tmp.with_name(tmp.name + ".onnx")  # the exporter wants an .onnx name
+        try:
+            torch.onnx.export(model, (example,), str(staged), input_names=["image"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
+                              external_data=False, verbose=False)
+            graph = onnx.load(str(staged))
+        finally:
+            staged.unlink(missing_ok=True)
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta)
+        onnx.save(graph, str(tmp))
+        diff = _verify(model, tmp, size)
+        if diff["max_abs_diff_probability"] > tolerance:
+            raise BonetumorError(f"{out}: ONNX Runtime differs from PyTorch by {diff['max_abs_diff_probability']:.2e} "
+                                 f"in probability (limit {tolerance:g}); not written")
+    return {"path": str(out), **diff, "bytes": out.stat().st_size}
+
+
+@torch.inference_mode()
+def _verify(model: nn.Module, path: Path, size: int) -> dict:
+    """Largest logit and probability differences, PyTorch vs ONNX Runtime, on 4 random images."""
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ref = model(x).float()
+    got = OnnxRunner(_session(path))(x)
+    prob = (lambda t: torch.sigmoid(t) if t.shape[1] == 1 else torch.softmax(t, 1))  # noqa: E731
+    return {"max_abs_diff_logit": float((ref - got).abs().max()),
+            "max_abs_diff_probability": float((prob(ref) - prob(got)).abs().max())}
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> LoadedCheckpoint:
+    """Load an exported model for inference in ONNX Runtime (CPU), as a LoadedCheckpoint.
+
+    Raises:
+        BonetumorError: missing packages, a missing file, or an ONNX file bonetumor did not write.
+    """
+    onnx, _ = _require()
+    p = Path(path)
+    if not p.is_file():
+        raise BonetumorError(f"{p}: file not found")
+    try:
+        meta_props = {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
+        meta = json.loads(meta_props[META_KEY])
+    except KeyError:
+        raise BonetumorError(f"{p}: not an ONNX model exported by bonetumor (no metadata); use bonetumor export") from None
+    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is one line
+        raise BonetumorError(f"{p}: not a readable ONNX file ({str(e).splitlines()[0][:120]})") from None
+    runner = OnnxRunner(_session(p, threads))
+    return LoadedCheckpoint(runner, config_from_dict(meta["config"]), list(meta["classes"]), int(meta["image_size"]),
+                            tuple(meta["mean"]), tuple(meta["std"]), float(meta["threshold"]), int(meta.get("epoch", 0)),
+                            meta)
+

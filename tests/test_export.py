@@ -1,0 +1,84 @@
+"""ONNX export and ONNX Runtime inference give PyTorch's probabilities."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+
+from bonetumor.checkpoint import load_checkpoint, update_checkpoint  # noqa: E402
+from bonetumor.cli import app  # noqa: E402
+from bonetumor.errors import BonetumorError  # noqa: E402
+from bonetumor.export import export_onnx, load_onnx  # noqa: E402
+from bonetumor.predict import predict  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_run):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    r = runner.invoke(app, ["export", str(tiny_run / "best.pt"), "--onnx", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "max |Δ probability|" in r.output
+    return out
+
+
+def test_onnx_runtime_gives_the_same_probabilities(exported, tiny_run, tiny_data):
+    ours = predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu")
+    theirs = predict(exported, [tiny_data / "test"], engine="onnx")
+    assert [r["path"] for r in ours] == [r["path"] for r in theirs] and len(ours) == 8
+    diff = np.abs(np.array([r["probability"] for r in ours]) - np.array([r["probability"] for r in theirs]))
+    assert diff.max() <= 1e-4
+    assert [r["label"] for r in ours] == [r["label"] for r in theirs]
+
+
+def test_metadata_carries_what_prediction_needs(exported, tiny_run):
+    ck, ox = load_checkpoint(tiny_run / "best.pt"), load_onnx(exported)
+    assert (ox.classes, ox.threshold, ox.image_size, ox.mean, ox.std) == (ck.classes, ck.threshold, ck.image_size, ck.mean, ck.std)
+    assert ox.read_options == ck.read_options
+    graph = onnx.load(str(exported))
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)  # one file
+
+
+def test_temperature_is_part_of_the_graph(tmp_path, tiny_run, tiny_data):
+    import shutil
+
+    shutil.copy(tiny_run / "best.pt", tmp_path / "t.pt")
+    update_checkpoint(tmp_path / "t.pt", {"temperature": 2.5})
+    export_onnx(tmp_path / "t.pt", tmp_path / "t.onnx")
+    ours = predict(tmp_path / "t.pt", [tiny_data / "valid"], device="cpu")
+    theirs = predict(tmp_path / "t.onnx", [tiny_data / "valid"], engine="onnx")
+    plain = predict(tiny_run / "best.pt", [tiny_data / "valid"], device="cpu")
+    a, b = np.array([r["probability"] for r in ours]), np.array([r["probability"] for r in theirs])
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - np.array([r["probability"] for r in plain])).max() > 1e-3  # the temperature did act
+
+
+def test_refusals(tmp_path, exported, tiny_run):
+    with pytest.raises(BonetumorError, match="already exists; pass --overwrite"):
+        export_onnx(tiny_run / "best.pt", exported)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(BonetumorError, match="junk.onnx: not a readable ONNX file"):
+        load_onnx(tmp_path / "junk.onnx")
+    graph = onnx.load(str(exported))
+    del graph.metadata_props[:]
+    onnx.save(graph, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(BonetumorError, match="foreign.onnx: not an ONNX model exported by bonetumor"):
+        load_onnx(tmp_path / "foreign.onnx")
+    with pytest.raises(BonetumorError, match="pass --engine onnx"):
+        predict(exported, [tmp_path])
+
+
+def test_missing_packages_say_what_to_install(tiny_run, tmp_path):
+    code = ("import sys\nsys.modules['onnx'] = None\nsys.modules['onnxruntime'] = None\n"
+            "from bonetumor.export import export_onnx\nfrom bonetumor.errors import BonetumorError\n"
+            f"try:\n    export_onnx({str(tiny_run / 'best.pt')!r}, {str(tmp_path / 'x.onnx')!r})\n"
+            "except BonetumorError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'bonetumor[onnx]'" in out.stdout, out.stderr
