@@ -98,6 +98,8 @@ def train(
                                                   help="Frozen backbone: compute its features once (default on)."),
     feature_views: Optional[int] = typer.Option(None, help="Augmented views per training image for the feature cache (default 4; 1 = none)."),
     feature_cache_dir: Optional[str] = typer.Option(None, help="Keep cached features on disk here, for later runs."),
+    cache_images: Optional[bool] = typer.Option(None, "--cache-images/--no-cache-images",
+                                                help="Keep decoded, resized images in memory (default: on for GPUs)."),
     window: Optional[str] = typer.Option(None, help=WINDOW_HELP),
     slice_axis: Optional[int] = typer.Option(None, help="NIfTI axis to slice across (0, 1 or 2; 2 = axial in RAS)."),
     allow_large_images: Optional[bool] = typer.Option(None, "--allow-large-images/--no-allow-large-images",
@@ -117,6 +119,7 @@ def train(
         output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
         threshold_rule=threshold_rule, calibrate=calibrate, window=window, slice_axis=slice_axis,
         cache_features=cache_features, feature_views=feature_views, feature_cache_dir=feature_cache_dir,
+        cache_images=cache_images,
         allow_large_images=allow_large_images).items()}
     cfg = load_config(config, overrides)
     res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)

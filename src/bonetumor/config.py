@@ -49,6 +49,7 @@ class TrainConfig:
     cache_features: bool = True
     feature_views: int = 4  # augmented views per training image; 1 = no augmentation
     feature_cache_dir: str | None = None  # also keep features on disk, keyed by content and recipe
+    cache_images: bool | None = None  # decoded, resized images kept in memory; None: on for GPUs
     # Optimisation (the original: Adam, binary cross-entropy, early stopping patience 5)
     epochs: int = 30
     batch_size: int = 32

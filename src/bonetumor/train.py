@@ -31,7 +31,7 @@ from bonetumor.data.datasets import (
     fingerprint,
 )
 from bonetumor.data.splits import assign_splits
-from bonetumor.data.transforms import create_transforms
+from bonetumor.data.transforms import create_resize, create_transforms
 from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.evaluate import binary_auc, loss_target, predict_loader, to_device
 from bonetumor.features import FeatureDataset, cached_features, uses_feature_cache
@@ -92,14 +92,17 @@ def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None]
 
 def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool, device: torch.device,
                   generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    """DataLoader for one split with the train or eval transforms of ``cfg``."""
-    tf = create_transforms(train, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max))
-    ds = ImageDataset(index.split(split), index.classes, tf, read_options(cfg))
+    """DataLoader for one split with the train or eval transforms of ``cfg``; with the image cache
+    (``cfg.cache_images``, by default on for GPUs) images are decoded and resized once."""
+    cache = cfg.cache_images if cfg.cache_images is not None else device.type in ("cuda", "mps")
+    tf = create_transforms(train, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max), resize=not cache)
+    ds = ImageDataset(index.split(split), index.classes, tf, read_options(cfg), create_resize(cfg.image_size) if cache else None)
     # Batch norm cannot train on a batch of one: a lone last sample waits for the next
     # epoch's shuffle instead.
     lone = train and len(ds) % cfg.batch_size == 1 and len(ds) > 1
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=train, drop_last=lone, num_workers=cfg.workers,
+        persistent_workers=cache and cfg.workers > 0,  # each worker keeps its part of the cache
         generator=generator, pin_memory=device.type == "cuda",
     )
 

@@ -304,21 +304,41 @@ def with_splits(samples: Sequence[Sample], splits: Sequence[str]) -> list[Sample
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples → (image tensor 3xHxW, target, index). Grey images are repeated to 3 channels."""
+    """Samples → (image tensor 3xHxW, target, index). Grey images are repeated to 3 channels.
+
+    With ``resize`` (the deterministic first step of the transform, kept apart from ``transform``)
+    each image is decoded and resized once and kept in memory (a grey image as one channel, 200 KB
+    at 224 px), up to ``cache_mb``; later epochs only augment, so decoding never bounds a fast
+    device. The cache keeps float32: even float16 rounding changed a from-scratch run's loss by 0.08.
+    """
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable | None = None,
-                 options: ReadOptions | None = None):
+                 options: ReadOptions | None = None, resize: Callable | None = None, cache_mb: float = 4096):
         self.samples = list(samples)
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.transform = transform
         self.options = options
+        self.resize = resize
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cache_left = cache_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        x = load_tensor(s.path, s.frame, self.options)
+        if self.resize is None:
+            x = load_tensor(s.path, s.frame, self.options)
+        else:
+            c = self._cache.get(i)
+            if c is None:
+                x = self.resize(load_tensor(s.path, s.frame, self.options))
+                grey = bool((x[0] == x[1]).all() and (x[1] == x[2]).all())
+                c = (x[:1] if grey else x).contiguous()
+                if c.numel() * 4 <= self._cache_left:
+                    self._cache[i] = c
+                    self._cache_left -= c.numel() * 4
+            x = c.expand(3, -1, -1).contiguous() if c.shape[0] == 1 else c.clone()
         if self.transform is not None:
             x = self.transform(x)
         return x, self.class_to_idx[s.label], i

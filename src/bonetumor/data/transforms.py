@@ -13,6 +13,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def create_resize(size: int) -> v2.Resize:
+    """The deterministic first step of every transform: antialiased resize to size x size."""
+    return v2.Resize((size, size), antialias=True)
+
+
 def create_transforms(
     train: bool,
     size: int,
@@ -21,9 +26,11 @@ def create_transforms(
     zoom: tuple[float, float] = (0.9, 1.1),
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    resize: bool = True,
 ) -> v2.Compose:
-    """Train: resize + horizontal flip + rotation ±degrees + zoom; eval: resize only. Both normalise."""
-    ops: list = [v2.Resize((size, size), antialias=True)]
+    """Train: resize + horizontal flip + rotation ±degrees + zoom; eval: resize only. Both normalise.
+    ``resize=False`` leaves out the resize (for images already resized, see ``create_resize``)."""
+    ops: list = [create_resize(size)] if resize else []
     if train:
         if hflip:
             ops.append(v2.RandomHorizontalFlip())

@@ -1,0 +1,154 @@
+"""The Keras original against bonetumor, in one run: frozen-backbone training and inference.
+
+The original's pipeline is rebuilt in Keras 3 (TensorFlow backend): ResNet50(include_top=False,
+weights=None) frozen, GlobalAveragePooling -> Dense(256, relu) -> Dropout(0.5) -> Dense(1,
+sigmoid), Adam(1e-3), binary cross-entropy, flip/zoom/rotate augmentation, batch 32, 224 px,
+early stopping (patience = epochs, so both sides run every epoch) and a best-model checkpoint.
+It runs in its own environment (TensorFlow is not a dependency of bonetumor):
+
+    python -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu
+    python benchmarks/keras_original.py --keras-python /tmp/tfenv/bin/python [--epochs 10] [--reps 3]
+
+Alternating in one run, repetition by repetition: the Keras original's training (wall time of
+``model.fit`` for E epochs) and inference (images/s at batch 8, tf.function), then bonetumor's
+``fit`` (frozen, features cached with 1 and with 4 views, and uncached) and inference (PyTorch
+eager and ONNX Runtime, batch 8). Same synthetic data, same image size, random weights on both
+sides. Results: ``benchmarks/results/keras_original_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+KERAS_CHILD = r'''
+import json, os, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import keras
+import tensorflow as tf
+root, epochs, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+keras.utils.set_random_seed(0)
+load = lambda split, shuffle: keras.utils.image_dataset_from_directory(
+    os.path.join(root, split), labels="inferred", label_mode="binary", image_size=(224, 224), batch_size=32,
+    shuffle=shuffle, seed=0, verbose=False)
+train, valid = load("train", True), load("valid", False)
+augment = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomZoom(0.1),
+                            keras.layers.RandomRotation(15 / 360)])
+pre = keras.applications.resnet50.preprocess_input
+train = train.map(lambda x, y: (pre(augment(x, training=True)), y)).prefetch(tf.data.AUTOTUNE)
+valid = valid.map(lambda x, y: (pre(x), y)).prefetch(tf.data.AUTOTUNE)
+base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(224, 224, 3))
+base.trainable = False
+inputs = keras.Input((224, 224, 3))
+x = keras.layers.GlobalAveragePooling2D()(base(inputs, training=False))
+x = keras.layers.Dense(256, activation="relu")(x)
+x = keras.layers.Dropout(0.5)(x)
+model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
+callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs, restore_best_weights=True),
+             keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor="val_loss", save_best_only=True)]
+t0 = time.perf_counter()
+hist = model.fit(train, validation_data=valid, epochs=epochs, callbacks=callbacks, verbose=0)
+train_seconds = time.perf_counter() - t0
+best = int(np.argmin(hist.history["val_loss"]))
+xb = tf.random.normal((8, 224, 224, 3))
+infer = tf.function(lambda t: model(t, training=False))
+infer(xb)
+rates = []
+for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(3):
+        infer(xb).numpy()
+    rates.append(24 / (time.perf_counter() - t0))
+print(json.dumps({"train_seconds": train_seconds, "best_epoch": best + 1, "val_auc": float(hist.history["val_auc"][best]),
+                  "inference_images_per_second": sorted(rates)[1], "tensorflow": tf.__version__, "keras": keras.__version__}))
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keras-python", required=True, help="Python of an environment with tensorflow-cpu installed")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/keras_original_cpu.json")
+    args = ap.parse_args()
+    import torch
+
+    from bonetumor import TrainConfig, create_synthetic_dataset, fit
+    from bonetumor.checkpoint import load_checkpoint
+    from bonetumor.export import export_onnx, load_onnx
+    from bonetumor.utils import atomic_write_json, environment_info
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = create_synthetic_dataset(tmp / "data", n_patients=40, size=224, seed=0, modality="stir",
+                                        slices_per_patient=3).root
+        (tmp / "child.py").write_text(KERAS_CHILD)
+        base = TrainConfig(data=str(root), image_size=224, batch_size=32, epochs=args.epochs, patience=args.epochs,
+                           weights="none", freeze="backbone", precision="fp32", seed=0, audit=False)
+        ours = {"cached_k1": dict(feature_views=1), "cached_k4": dict(feature_views=4), "uncached": dict(cache_features=False)}
+        fit(dataclasses.replace(base, epochs=1), tmp / "warmup", verbose=False)
+        results: dict[str, list] = {"keras": [], **{k: [] for k in ours}, "torch_inference": [], "onnx_inference": []}
+        x = torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+
+        def rate(model) -> float:
+            with torch.inference_mode():
+                model(x)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        model(x)
+                    times.append(24 / (time.perf_counter() - t0))
+                return sorted(times)[1]
+
+        for rep in range(args.reps):
+            kdir = tmp / f"keras_{rep}"
+            kdir.mkdir()
+            out = subprocess.run([args.keras_python, str(tmp / "child.py"), str(root), str(args.epochs), str(kdir)],
+                                 capture_output=True, text=True, check=True)
+            results["keras"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print("keras", rep, results["keras"][-1])
+            for name, kw in ours.items():
+                t0 = time.perf_counter()
+                r = fit(dataclasses.replace(base, **kw), tmp / f"{name}_{rep}", verbose=False)
+                best = next(h for h in r.history if h["epoch"] == r.best_epoch)
+                results[name].append({"train_seconds": time.perf_counter() - t0, "best_epoch": r.best_epoch,
+                                      "val_auc": best["val_roc_auc"]})
+                print(name, rep, results[name][-1])
+            ck = load_checkpoint(tmp / f"cached_k1_{rep}" / "best.pt")
+            export_onnx(tmp / f"cached_k1_{rep}" / "best.pt", tmp / f"m{rep}.onnx")
+            results["torch_inference"].append(rate(ck.model))
+            results["onnx_inference"].append(rate(load_onnx(tmp / f"m{rep}.onnx").model))
+            print("inference", rep, results["torch_inference"][-1], results["onnx_inference"][-1])
+    med = lambda v: statistics.median(v)  # noqa: E731
+    keras_train = med([r["train_seconds"] for r in results["keras"]])
+    keras_infer = med([r["inference_images_per_second"] for r in results["keras"]])
+    train = {k: med([r["train_seconds"] for r in results[k]]) for k in ours}
+    summary = {
+        "benchmark": "keras_original", "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "image_size": 224,
+        "batch_size": 32, "data": "synthetic stir, 40 patients x 3 slices (84 train, 18 valid)", "reps": args.reps,
+        "keras_versions": {k: results["keras"][0][k] for k in ("tensorflow", "keras")},
+        "train_seconds": {"keras_original": keras_train, **train},
+        "training_speedup_vs_keras": {k: keras_train / v for k, v in train.items()},
+        "inference_images_per_second": {"keras_original": keras_infer, "torch_eager": med(results["torch_inference"]),
+                                        "onnx_runtime": med(results["onnx_inference"])},
+        "inference_ratio_vs_keras": {"torch_eager": med(results["torch_inference"]) / keras_infer,
+                                     "onnx_runtime": med(results["onnx_inference"]) / keras_infer},
+        "val_auc_best_epoch": {k: [r["val_auc"] for r in results[k]] for k in ("keras", *ours)},
+        "runs": results, "environment": environment_info(torch.device("cpu")),
+    }
+    atomic_write_json(args.out, summary)
+    print(json.dumps({k: summary[k] for k in ("train_seconds", "training_speedup_vs_keras", "inference_images_per_second",
+                                              "inference_ratio_vs_keras")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
