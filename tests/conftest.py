@@ -12,7 +12,7 @@ from PIL import Image
 from bonetumor import TrainConfig, create_synthetic_dataset, fit
 
 TINY = dict(image_size=32, epochs=2, batch_size=8, lr=1e-3, weights="none", freeze="none",
-            patience=5, seed=3, device="cpu", workers=0)
+            patience=5, seed=3, device="cpu", workers=0, precision="fp32")
 
 
 def tiny_config(data, **kw) -> TrainConfig:

@@ -329,6 +329,8 @@ def predict(
     skip_bad_files: bool = typer.Option(False, help="List unreadable files with their problem instead of stopping."),
     overwrite: bool = typer.Option(False),
     engine: str = typer.Option("torch", help="torch (RUN/best.pt) or onnx (a model.onnx from export, ONNX Runtime on the CPU)."),
+    precision: str = typer.Option("auto", help="auto (the device's native bf16/fp16 when a batch agrees with fp32 within 0.01; "
+                                  "fp32 for a single batch), fp32, bf16 or fp16."),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(16),
 ):
@@ -338,7 +340,8 @@ def predict(
     from bonetumor.utils import atomic_write_csv, prepare_out_dir
 
     outdir = prepare_out_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
-    rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine)
+    rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
+                                    precision)
     if outdir is not None:
         flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
         atomic_write_csv(outdir / "predictions.csv", ["path", "slice", "study", "probability", "probabilities", "label",

@@ -19,7 +19,8 @@ from bonetumor.data.io import ReadOptions
 from bonetumor.data.transforms import create_transforms
 from bonetumor.data.volumes import SliceRef, expand_inputs
 from bonetumor.errors import BadImageError, BonetumorError
-from bonetumor.utils import select_device
+from bonetumor.precision import resolve_precision
+from bonetumor.utils import autocast_dtype, select_device
 
 AGGREGATES = "max, mean or topk:K"
 
@@ -56,7 +57,7 @@ def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
 
 
 def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 16,
-            window: str | None = None, skip_bad: bool = False, engine: str = "torch") -> list[dict]:
+            window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "fp32") -> list[dict]:
     """Probability of the positive class and the label at the checkpoint's threshold, per image
     (per slice for volumes and series).
 
@@ -65,6 +66,9 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         skip_bad: give an unreadable file a row with its ``error`` instead of stopping.
         engine: ``torch`` (a ``.pt`` checkpoint) or ``onnx`` (a ``.onnx`` file from ``export``,
             run in ONNX Runtime on the CPU).
+        precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
+            of images, the device's native reduced precision if the first batch's probabilities
+            stay within 0.01 of fp32's (see precision.py); a single batch stays fp32.
 
     Returns:
         [{"path", "slice", "study", "probability", "label", "threshold"}] for binary models;
@@ -73,13 +77,14 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
     Raises:
         BonetumorError: a missing or unreadable file (one line naming it), a bad checkpoint.
     """
-    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad, engine)[0]
+    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad, engine, precision)[0]
 
 
 @torch.inference_mode()
 def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = "topk:3",
                     device: str = "auto", batch_size: int = 16, window: str | None = None,
-                    skip_bad: bool = False, engine: str = "torch") -> tuple[list[dict], list[dict]]:
+                    skip_bad: bool = False, engine: str = "torch",
+                    precision: str = "fp32") -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
     (see ``study_scores``; none when ``aggregate`` is None)."""
     if aggregate is not None:
@@ -88,6 +93,10 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
     refs = expand_paths(paths, options)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    if engine == "onnx" or (precision == "auto" and len(refs) <= batch_size):
+        precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise BonetumorError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     results = []
     for start in range(0, len(refs), batch_size):
         chunk, xs = [], []
@@ -102,7 +111,12 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
                 results.append({**base, "error": e.problem})
         if not xs:
             continue
-        logits = ck.model(torch.stack(xs).to(dev).contiguous(memory_format=torch.channels_last)).float()
+        x = torch.stack(xs).to(dev).contiguous(memory_format=torch.channels_last)
+        if precision == "auto":
+            precision = resolve_precision("auto", ck.model, x, dev)["chosen"]
+        dtype = autocast_dtype(precision, dev)
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = ck.model(x).float()
         if logits.shape[1] == 1:
             for base, p in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
                 results.append({**base, "probability": round(p, 6), "label": ck.label_for(p), "threshold": ck.threshold})

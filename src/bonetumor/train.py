@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,18 @@ def checkpoint_bytes(model: nn.Module) -> int:
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return total + 2 * trainable
+
+
+def choose_training_precision(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device) -> dict:
+    """Resolve ``cfg.precision`` (``auto``: see precision.py) on the first validation batch;
+    the choice is recorded in ``precision.json`` beside the config that then holds it."""
+    from bonetumor.precision import resolve_precision
+
+    x = None
+    if cfg.precision == "auto" and index.split("valid"):
+        x, _, _ = next(iter(create_loader(index, "valid", replace(cfg, batch_size=min(cfg.batch_size, 16)), False, device)))
+        x = to_device(x, device)
+    return resolve_precision(cfg.precision, model, x, device)
 
 
 def create_feature_loaders(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device,
@@ -274,6 +286,14 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     if facts is not None:
         audit_data(index, run, verbose, [facts[s.ref] for s in index.samples])
     model.to(device).to(memory_format=torch.channels_last)
+    if not state:  # a resumed run keeps the precision its first epoch chose
+        precision = choose_training_precision(model, index, cfg, device)
+        cfg = replace(cfg, precision=precision["chosen"])  # saved with the run, so --resume keeps it
+        atomic_write_json(run / "precision.json", precision)
+        if verbose and precision["requested"] == "auto" and "max_abs_diff_probability" in precision:
+            console.print(f"precision auto: {precision['chosen']} ({precision['candidate']} vs fp32 on {precision['n']} "
+                          f"validation images: max |Δ probability| {precision['max_abs_diff_probability']:.4f}, "
+                          f"limit {precision['tolerance']})")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = autocast_dtype(cfg.precision, device)
