@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--keras-python", required=True, help="Python of an environment with tensorflow-cpu installed")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--precision", default="fp32", help="bonetumor's precision (the Keras original runs fp32, as it did)")
     ap.add_argument("--out", default="benchmarks/results/keras_original_cpu.json")
     args = ap.parse_args()
     import torch
@@ -92,7 +93,7 @@ def main() -> None:
                                         slices_per_patient=3).root
         (tmp / "child.py").write_text(KERAS_CHILD)
         base = TrainConfig(data=str(root), image_size=224, batch_size=32, epochs=args.epochs, patience=args.epochs,
-                           weights="none", freeze="backbone", precision="fp32", seed=0, audit=False)
+                           weights="none", freeze="backbone", precision=args.precision, seed=0, audit=False)
         ours = {"cached_k1": dict(feature_views=1), "cached_k4": dict(feature_views=4), "uncached": dict(cache_features=False)}
         fit(dataclasses.replace(base, epochs=1), tmp / "warmup", verbose=False)
         results: dict[str, list] = {"keras": [], **{k: [] for k in ours}, "torch_inference": [], "onnx_inference": []}
@@ -134,6 +135,7 @@ def main() -> None:
     train = {k: med([r["train_seconds"] for r in results[k]]) for k in ours}
     summary = {
         "benchmark": "keras_original", "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "image_size": 224,
+        "bonetumor_precision": args.precision,
         "batch_size": 32, "data": "synthetic stir, 40 patients x 3 slices (84 train, 18 valid)", "reps": args.reps,
         "keras_versions": {k: results["keras"][0][k] for k in ("tensorflow", "keras")},
         "train_seconds": {"keras_original": keras_train, **train},
