@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 
 from bonetumor.errors import BonetumorError
 from bonetumor.metrics import N_BOOT, binary_values, multiclass_values, patient_scores, roc_band, with_intervals
-from bonetumor.utils import atomic_write_csv, atomic_write_json, atomic_write_text
+from bonetumor.utils import atomic_write_csv, atomic_write_json, atomic_write_text, to_device
 
 
 @dataclass
@@ -61,12 +61,6 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn
     cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
     return Predictions(cat(probs), cat(targets).astype(int), cat(indices).astype(int), total / n if n else float("nan"),
                        cat(raw))
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to ``device``; image batches in channels_last (faster convolutions on CPU and GPU)."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def binary_auc(targets: np.ndarray, probs: np.ndarray) -> float:

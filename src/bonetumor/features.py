@@ -26,7 +26,7 @@ from bonetumor.checkpoint import weights_digest
 from bonetumor.config import TrainConfig, read_options
 from bonetumor.data.datasets import Sample, load_tensor
 from bonetumor.data.transforms import create_transforms
-from bonetumor.utils import atomic_path
+from bonetumor.utils import atomic_path, to_device
 
 
 def uses_feature_cache(cfg: TrainConfig, model: torch.nn.Module) -> bool:
@@ -83,7 +83,7 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], cfg: Tra
     backbone = model.backbone.eval()
     out = []
     for x in track(loader, description=desc, transient=True, disable=not verbose):
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = to_device(x, device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out.append(backbone(x).float().cpu())
     feats = torch.cat(out) if out else torch.zeros(0, 0)

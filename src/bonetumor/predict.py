@@ -15,19 +15,13 @@ import torch
 
 from bonetumor.checkpoint import load_checkpoint
 from bonetumor.data.datasets import load_tensor
-from bonetumor.data.io import ReadOptions
 from bonetumor.data.transforms import create_transforms
-from bonetumor.data.volumes import SliceRef, expand_inputs
+from bonetumor.data.volumes import expand_inputs
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.precision import resolve_precision
-from bonetumor.utils import autocast_dtype, select_device
+from bonetumor.utils import autocast_dtype, select_device, to_device
 
 AGGREGATES = "max, mean or topk:K"
-
-
-def expand_paths(paths: Sequence[str | Path], options: ReadOptions | None = None) -> list[SliceRef]:
-    """Files as given, folders expanded to the images below them, volumes to their slices."""
-    return expand_inputs(paths, options)
 
 
 def parse_aggregate(text: str) -> tuple[str, int]:
@@ -91,7 +85,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         parse_aggregate(aggregate)
     ck, dev = load_model(checkpoint, device, engine)
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
-    refs = expand_paths(paths, options)
+    refs = expand_inputs(paths, options)
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
     if engine == "onnx" or (precision == "auto" and len(refs) <= batch_size):
         precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
@@ -111,7 +105,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
                 results.append({**base, "error": e.problem})
         if not xs:
             continue
-        x = torch.stack(xs).to(dev).contiguous(memory_format=torch.channels_last)
+        x = to_device(torch.stack(xs), dev)
         if precision == "auto":
             precision = resolve_precision("auto", ck.model, x, dev)["chosen"]
         dtype = autocast_dtype(precision, dev)

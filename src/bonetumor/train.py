@@ -33,7 +33,7 @@ from bonetumor.data.datasets import (
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_resize, create_transforms
 from bonetumor.errors import BonetumorError, LeakageWarning
-from bonetumor.evaluate import binary_auc, loss_target, predict_loader, to_device
+from bonetumor.evaluate import binary_auc, loss_target, predict_loader
 from bonetumor.features import FeatureDataset, cached_features, uses_feature_cache
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
@@ -47,6 +47,7 @@ from bonetumor.utils import (
     remove_stale_temporaries,
     seed_everything,
     select_device,
+    to_device,
 )
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)

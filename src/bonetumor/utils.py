@@ -159,6 +159,12 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KB on Linux
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch to ``device``; image batches in channels_last (faster convolutions on CPU and GPU)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 def select_device(name: str = "auto") -> torch.device:
     """Pick cuda > mps > cpu for ``auto``; check that an explicit choice exists."""
     if name == "auto":

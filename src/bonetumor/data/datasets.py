@@ -218,10 +218,11 @@ def order_classes(labels: Sequence[str], positive_class: str | None) -> list[str
 
 def expand_volumes(samples: Sequence[Sample], options: ReadOptions | None = None) -> list[Sample]:
     """Each volume (NIfTI, multi-frame DICOM) as its non-empty slices; single DICOM files get
-    their series as study. 2-D images pass unchanged."""
+    their series as study. 2-D images, and samples already expanded (a manifest's series
+    folders), pass unchanged."""
     out: list[Sample] = []
     for s in samples:
-        if s.frame is not None or image_kind(s.path) not in ("nifti", "dicom"):
+        if s.frame is not None or s.study is not None or image_kind(s.path) not in ("nifti", "dicom"):
             out.append(s)
             continue
         for x in expand_file(s.path, options):

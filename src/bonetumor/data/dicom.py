@@ -34,13 +34,15 @@ def _read(p: Path, pixels: bool):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # With pixels, large elements are deferred: the pixel data is read only when decoded.
+    opts = {"stop_before_pixels": not pixels, "defer_size": "1 MB" if pixels else None}
     try:
-        return pydicom.dcmread(p, stop_before_pixels=not pixels)
+        return pydicom.dcmread(p, **opts)
     except InvalidDicomError:
         # Files without the 128-byte preamble are still common; accept them only if they parse
         # as a dataset that looks like DICOM, so a text file named .dcm is not taken for one.
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=not pixels, force=True)
+            ds = pydicom.dcmread(p, force=True, **opts)
         except Exception:  # noqa: BLE001 - any parser failure means "not DICOM"
             ds = None
         if ds is None or not ("SOPClassUID" in ds or "PixelData" in ds or "Rows" in ds):
@@ -82,11 +84,9 @@ def order_series(paths: list[Path], infos: list[DicomInfo]) -> list[Path]:
 
 
 def _decode(p: Path, frame: int | None):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import pixel_array
 
-    ds = _read(p, pixels=False)
+    ds = _read(p, pixels=True)  # the header is parsed once, for the checks and the decoding
     if "Rows" not in ds:
         raise BadImageError(p, f"DICOM file holds no image ({_sop_name(ds)})")
     frames = int(ds.get("NumberOfFrames") or 1)
@@ -94,10 +94,9 @@ def _decode(p: Path, frame: int | None):
         raise BadImageError(p, f"frame {frame} does not exist (the file has {frames})")
     index = (frame or 0) if frames > 1 else None  # a multi-frame file read as one image: frame 0
     try:
-        try:
-            arr = pixel_array(p, index=index)
-        except InvalidDicomError:  # no preamble: read as _read did, with force
-            arr = pixel_array(pydicom.dcmread(p, force=True), index=index)
+        # A multi-frame file is decoded from the file itself, one frame, so that its other frames
+        # are never held in memory; a single frame from the dataset already parsed.
+        arr = pixel_array(p if frames > 1 and getattr(ds, "preamble", None) is not None else ds, index=index)
     except AttributeError:
         raise BadImageError(p, f"DICOM file holds no image ({_sop_name(ds)})") from None
     except (NotImplementedError, RuntimeError) as e:

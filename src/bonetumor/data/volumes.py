@@ -118,18 +118,19 @@ def expand_file(path: str | Path, options: ReadOptions | None = None) -> list[Sl
         if kind == "dicom":
             from bonetumor.data.dicom import dicom_info
 
-            info = dicom_info(path)
-            if info.frames > 1:
-                return [SliceRef(p, k, p) for k in range(info.frames)]
-            return [SliceRef(p, None, series_study(Path(p), info.series))]
+            return _dicom_refs(Path(p), dicom_info(path))
     except (BadImageError, OSError):
         pass
     return [SliceRef(p)]
 
 
-def series_study(path: Path, series: str | None) -> str | None:
-    """Study name of a single-frame DICOM file: its folder and SeriesInstanceUID."""
-    return f"{path.parent}#{series}" if series else None
+def _dicom_refs(path: Path, info) -> list[SliceRef]:
+    """A multi-frame file as its frames (the file is the study); a single-frame file as itself,
+    its study being its folder and SeriesInstanceUID."""
+    p = str(path)
+    if info.frames > 1:
+        return [SliceRef(p, k, p) for k in range(info.frames)]
+    return [SliceRef(p, None, f"{path.parent}#{info.series}" if info.series else None)]
 
 
 def _dicom_series(files: Sequence[Path]) -> list[SliceRef]:
@@ -145,13 +146,11 @@ def _dicom_series(files: Sequence[Path]) -> list[SliceRef]:
         except BadImageError:
             out.append(SliceRef(str(f)))  # kept, so the bad-file check names it
             continue
-        study = series_study(f, info.series)
-        if info.frames > 1:
-            out += [SliceRef(str(f), k, str(f)) for k in range(info.frames)]
-        elif study is None:
-            out.append(SliceRef(str(f)))
+        refs = _dicom_refs(f, info)
+        if info.frames > 1 or refs[0].study is None:  # frames, or a file outside any series
+            out += refs
         else:
-            series.setdefault(study, []).append((f, info))
+            series.setdefault(refs[0].study, []).append((f, info))
     for study, items in series.items():
         out += [SliceRef(str(p), None, study) for p in order_series([p for p, _ in items], [i for _, i in items])]
     return out

@@ -31,8 +31,7 @@ from bonetumor.explain.scores import (
 )
 from bonetumor.models import BACKBONES
 from bonetumor.plots import save_cam_panel
-from bonetumor.data.volumes import SliceRef
-from bonetumor.predict import expand_paths
+from bonetumor.data.volumes import SliceRef, expand_inputs
 from bonetumor.utils import (
     atomic_path,
     atomic_write_csv,
@@ -40,6 +39,7 @@ from bonetumor.utils import (
     atomic_write_text,
     prepare_out_dir,
     select_device,
+    to_device,
 )
 
 SCORES = ("pointing", "energy", "iou_top15")
@@ -121,7 +121,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
     options = ck.read_options
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
-    files = _top_slices(ck, expand_paths(paths, options), top_slices, tf, dev, batch_size)
+    files = _top_slices(ck, expand_inputs(paths, options), top_slices, tf, dev, batch_size)
     lookup = mask_lookup(masks, boxes, manifest)
     outdir = prepare_out_dir(out, overwrite=overwrite)
     (outdir / "maps").mkdir(exist_ok=True)
@@ -130,7 +130,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         originals = [load_tensor(f.path, f.frame, options) for f in chunk]
-        x = torch.stack([tf(t) for t in originals]).to(dev).contiguous(memory_format=torch.channels_last)
+        x = to_device(torch.stack([tf(t) for t in originals]), dev)
         res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold)
         if len(faith["deletion"]) < faithfulness_samples:
             k = faithfulness_samples - len(faith["deletion"])
@@ -159,7 +159,7 @@ def _top_slices(ck, refs: list[SliceRef], k: int, tf, dev, batch_size: int) -> l
     scores = []
     for start in range(0, len(ranked), batch_size):
         x = torch.stack([tf(load_tensor(r.path, r.frame, ck.read_options)) for r in ranked[start:start + batch_size]])
-        logits = ck.model(x.to(dev).contiguous(memory_format=torch.channels_last)).float()
+        logits = ck.model(to_device(x, dev)).float()
         # Binary: P(positive); multiclass: the top class's probability.
         p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1).max(1).values
         scores += p.tolist()
