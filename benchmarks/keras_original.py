@@ -9,11 +9,14 @@ It runs in its own environment (TensorFlow is not a dependency of bonetumor):
     python -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu
     python benchmarks/keras_original.py --keras-python /tmp/tfenv/bin/python [--epochs 10] [--reps 3]
 
-Alternating in one run, repetition by repetition: the Keras original's training (wall time of
-``model.fit`` for E epochs) and inference (images/s at batch 8, tf.function), then bonetumor's
-``fit`` (frozen, features cached with 1 and with 4 views, and uncached) and inference (PyTorch
-eager and ONNX Runtime, batch 8). Same synthetic data, same image size, random weights on both
-sides. Results: ``benchmarks/results/keras_original_cpu.json``.
+Alternating in one run, repetition by repetition: the machine's ceiling (benchmarks/ceiling.py),
+the Keras original's training (wall time of ``model.fit`` for E epochs) and inference (images/s
+at batch 8, tf.function), then bonetumor's ``fit`` (frozen; features cached with 1 and with 4
+views; uncached with augmentation, and uncached without it, the like-for-like twin of 1 view) and
+inference at batch 8 (PyTorch eager fp32 and bf16, torch.compile bf16, ONNX Runtime), plus
+``predict`` over the data folder with its defaults, file decoding included. Same synthetic data,
+same image size, random weights on both sides; bonetumor at ``--precision auto`` unless told.
+Results: ``benchmarks/results/keras_original_cpu.json``.
 """
 
 from __future__ import annotations
@@ -77,30 +80,44 @@ def main() -> None:
     ap.add_argument("--keras-python", required=True, help="Python of an environment with tensorflow-cpu installed")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--precision", default="fp32", help="bonetumor's precision (the Keras original runs fp32, as it did)")
+    ap.add_argument("--precision", default="auto",
+                    help="bonetumor's precision (default auto, what a user gets; the Keras original runs fp32, as it did)")
     ap.add_argument("--out", default="benchmarks/results/keras_original_cpu.json")
     args = ap.parse_args()
     import torch
+    from ceiling import measure_ceiling, share
 
     from bonetumor import TrainConfig, create_synthetic_dataset, fit
     from bonetumor.checkpoint import load_checkpoint
+    from bonetumor.compiled import CompiledInference
     from bonetumor.export import export_onnx, load_onnx
-    from bonetumor.utils import atomic_write_json, environment_info
+    from bonetumor.predict import predict
+    from bonetumor.utils import atomic_write_json, cpu_has_fast_bf16, environment_info
 
+    cpu = torch.device("cpu")
+    bf16 = cpu_has_fast_bf16()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = create_synthetic_dataset(tmp / "data", n_patients=40, size=224, seed=0, modality="stir",
                                         slices_per_patient=3).root
+        files = sorted(str(p) for p in root.rglob("*.png"))
         (tmp / "child.py").write_text(KERAS_CHILD)
         base = TrainConfig(data=str(root), image_size=224, batch_size=32, epochs=args.epochs, patience=args.epochs,
                            weights="none", freeze="backbone", precision=args.precision, seed=0, audit=False)
-        ours = {"cached_k1": dict(feature_views=1), "cached_k4": dict(feature_views=4), "uncached": dict(cache_features=False)}
+        plain = dict(hflip=False, rotate_degrees=0.0, zoom_min=1.0, zoom_max=1.0)
+        # cached_k1 sees no augmentation, so its like-for-like uncached twin is uncached_plain.
+        ours = {"cached_k1": dict(feature_views=1), "cached_k4": dict(feature_views=4),
+                "uncached": dict(cache_features=False), "uncached_plain": dict(cache_features=False, **plain)}
         fit(dataclasses.replace(base, epochs=1), tmp / "warmup", verbose=False)
-        results: dict[str, list] = {"keras": [], **{k: [] for k in ours}, "torch_inference": [], "onnx_inference": []}
+        infer_kinds = ["torch_eager_fp32", "onnx_runtime_fp32", "predict_folder_default"]
+        if bf16:
+            infer_kinds[1:1] = ["torch_eager_bf16", "torch_compiled_bf16"]
+        results: dict[str, list] = {"keras": [], "ceiling": [], "precision_chosen": [], **{k: [] for k in ours},
+                                    **{k: [] for k in infer_kinds}}
         x = torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
-        def rate(model) -> float:
-            with torch.inference_mode():
+        def rate(model, dtype=None) -> float:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 model(x)
                 times = []
                 for _ in range(3):
@@ -110,46 +127,68 @@ def main() -> None:
                     times.append(24 / (time.perf_counter() - t0))
                 return sorted(times)[1]
 
+        compiled = None
         for rep in range(args.reps):
+            results["ceiling"].append(measure_ceiling(cpu, bf16))
             kdir = tmp / f"keras_{rep}"
             kdir.mkdir()
             out = subprocess.run([args.keras_python, str(tmp / "child.py"), str(root), str(args.epochs), str(kdir)],
                                  capture_output=True, text=True, check=True)
             results["keras"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print("keras", rep, results["keras"][-1])
+            print("keras", rep, results["keras"][-1], flush=True)
             for name, kw in ours.items():
                 t0 = time.perf_counter()
                 r = fit(dataclasses.replace(base, **kw), tmp / f"{name}_{rep}", verbose=False)
                 best = next(h for h in r.history if h["epoch"] == r.best_epoch)
                 results[name].append({"train_seconds": time.perf_counter() - t0, "best_epoch": r.best_epoch,
                                       "val_auc": best["val_roc_auc"]})
-                print(name, rep, results[name][-1])
-            ck = load_checkpoint(tmp / f"cached_k1_{rep}" / "best.pt")
-            export_onnx(tmp / f"cached_k1_{rep}" / "best.pt", tmp / f"m{rep}.onnx")
-            results["torch_inference"].append(rate(ck.model))
-            results["onnx_inference"].append(rate(load_onnx(tmp / f"m{rep}.onnx").model))
-            print("inference", rep, results["torch_inference"][-1], results["onnx_inference"][-1])
-    med = lambda v: statistics.median(v)  # noqa: E731
+                print(name, rep, results[name][-1], flush=True)
+            run = tmp / f"cached_k1_{rep}"
+            results["precision_chosen"].append(json.loads((run / "precision.json").read_text())["chosen"])
+            ck = load_checkpoint(run / "best.pt")
+            model = ck.model.to(memory_format=torch.channels_last).eval()
+            export_onnx(run / "best.pt", tmp / f"m{rep}.onnx")
+            results["torch_eager_fp32"].append(rate(model))
+            if bf16:
+                results["torch_eager_bf16"].append(rate(model, torch.bfloat16))
+                if compiled is None:  # compiled once; its compile time is reported by resnet50_throughput.py
+                    compiled = CompiledInference(model, 8)
+                    rate(compiled, torch.bfloat16)
+                results["torch_compiled_bf16"].append(rate(compiled, torch.bfloat16))
+            results["onnx_runtime_fp32"].append(rate(load_onnx(tmp / f"m{rep}.onnx").model))
+            t0 = time.perf_counter()  # what `bonetumor predict RUN/best.pt FOLDER` does, file decoding included
+            predict(run / "best.pt", files, device="cpu", precision="auto")
+            results["predict_folder_default"].append(len(files) / (time.perf_counter() - t0))
+            print("inference", rep, {k: round(results[k][-1], 2) for k in infer_kinds}, flush=True)
+    med = statistics.median
+    ceiling = {p: {k: med([c[p][k] for c in results["ceiling"]]) for k in results["ceiling"][0][p]}
+               for p in results["ceiling"][0]}
     keras_train = med([r["train_seconds"] for r in results["keras"]])
     keras_infer = med([r["inference_images_per_second"] for r in results["keras"]])
     train = {k: med([r["train_seconds"] for r in results[k]]) for k in ours}
+    infer = {k: med(results[k]) for k in infer_kinds}
+    auc = {k: med([r["val_auc"] for r in results[k]]) for k in ("keras", *ours)}
     summary = {
         "benchmark": "keras_original", "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs, "image_size": 224,
-        "bonetumor_precision": args.precision,
-        "batch_size": 32, "data": "synthetic stir, 40 patients x 3 slices (84 train, 18 valid)", "reps": args.reps,
+        "bonetumor_precision_requested": args.precision, "bonetumor_precision_chosen": results["precision_chosen"],
+        "batch_size": 32, "data": f"synthetic stir, 40 patients x 3 slices (84 train, 18 valid; predict: {len(files)} files)",
+        "reps": args.reps,
         "keras_versions": {k: results["keras"][0][k] for k in ("tensorflow", "keras")},
+        "ceiling": ceiling,
         "train_seconds": {"keras_original": keras_train, **train},
         "training_speedup_vs_keras": {k: keras_train / v for k, v in train.items()},
-        "inference_images_per_second": {"keras_original": keras_infer, "torch_eager": med(results["torch_inference"]),
-                                        "onnx_runtime": med(results["onnx_inference"])},
-        "inference_ratio_vs_keras": {"torch_eager": med(results["torch_inference"]) / keras_infer,
-                                     "onnx_runtime": med(results["onnx_inference"]) / keras_infer},
-        "val_auc_best_epoch": {k: [r["val_auc"] for r in results[k]] for k in ("keras", *ours)},
-        "runs": results, "environment": environment_info(torch.device("cpu")),
+        "val_auc_best_epoch_median": auc,
+        "val_auc_cached_k1_minus_uncached_plain": auc["cached_k1"] - auc["uncached_plain"],
+        "inference_images_per_second": {"keras_original": keras_infer, **infer},
+        "inference_ratio_vs_keras": {k: v / keras_infer for k, v in infer.items()},
+        "inference_share_of_ceiling": {k: share(v, ceiling, "bf16" if "bf16" in k or (k.startswith("predict") and bf16)
+                                                else "fp32") for k, v in {"keras_original": keras_infer, **infer}.items()},
+        "runs": results, "environment": environment_info(cpu),
     }
     atomic_write_json(args.out, summary)
-    print(json.dumps({k: summary[k] for k in ("train_seconds", "training_speedup_vs_keras", "inference_images_per_second",
-                                              "inference_ratio_vs_keras")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("train_seconds", "training_speedup_vs_keras", "val_auc_best_epoch_median",
+                                              "inference_images_per_second", "inference_ratio_vs_keras",
+                                              "inference_share_of_ceiling")}, indent=1))
 
 
 if __name__ == "__main__":

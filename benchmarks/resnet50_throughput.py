@@ -1,7 +1,9 @@
-"""ResNet50 at 224 px: inference and training images/s, beside the machine's fp32 matmul peak.
+"""ResNet50 at 224 px: inference and training images/s, each as a share of the same run's ceiling.
 
-Everything is measured in one run, so the ratios hold even when the machine's speed drifts.
-Each figure is the median of >= 3 timed repetitions after a warm-up.
+The ceiling (benchmarks/ceiling.py) is a large channels_last convolution's GFLOP/s, measured in
+this run, so the ratios hold even when the machine's speed drifts between runs. Each figure is the
+median of >= 3 timed repetitions after a warm-up. Inference: eager and torch.compile (weights
+frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam) in fp32 and bf16.
 
     python benchmarks/resnet50_throughput.py [--out benchmarks/results/resnet50_cpu.json] [--reps 3]
 """
@@ -10,62 +12,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import time
 
 import torch
+from ceiling import measure_ceiling, median_seconds, share
 
 from bonetumor.models import create_model
-from bonetumor.utils import atomic_write_json, environment_info, select_device
-
-RESNET50_GFLOP_PER_IMAGE = 8.2  # forward pass at 224x224 (4.1 GMAC); a training step costs about 3x
+from bonetumor.utils import atomic_write_json, autocast_dtype, cpu_has_fast_bf16, environment_info, select_device
 
 
-def _median_time(fn, reps: int, sync) -> float:
-    fn()  # warm-up (allocations, oneDNN kernel selection)
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_peak_gflops(device: torch.device, reps: int, sync, n: int = 2048) -> float:
-    """fp32 GEMM throughput of this machine (the practical ceiling for dense layers)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    inner = 10 if device.type == "cpu" else 100
-    t = _median_time(lambda: [a @ b for _ in range(inner)], reps, sync)
-    return 2 * n**3 * inner / t / 1e9
-
-
-def inference_ips(model, device, batch: int, reps: int, sync) -> float:
+def inference_ips(model, device, batch: int, precision: str, reps: int) -> float:
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    model.eval()
+    dtype = autocast_dtype(precision, device)
 
     def step():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             model(x)
 
-    return batch / _median_time(step, reps, sync)
+    return batch / median_seconds(step, device, reps, warmup=2)
 
 
-def training_ips(model, device, batch: int, reps: int, sync) -> float:
+def training_ips(model, device, batch: int, precision: str, reps: int) -> float:
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch, 1), device=device).float()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    dtype = autocast_dtype(precision, device)
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(model(x).float(), y)
+        loss.backward()
         opt.step()
 
-    return batch / _median_time(step, reps, sync)
+    return batch / median_seconds(step, device, reps)
 
 
 def main() -> None:
@@ -73,28 +55,49 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/resnet50_cpu.json")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-compile", action="store_true", help="Skip the torch.compile figures.")
     args = ap.parse_args()
     device = select_device(args.device)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    bf16 = cpu_has_fast_bf16() if device.type == "cpu" else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+    if device.type == "cuda":
+        precisions.append("fp16")
     torch.manual_seed(0)
-    res: dict = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+    res: dict = {"benchmark": "resnet50_throughput", "date": time.strftime("%Y-%m-%d"), "device": str(device),
                  "threads": torch.get_num_threads(), "reps": args.reps, "image_size": 224}
-    res["matmul_fp32_gflops"] = round(matmul_peak_gflops(device, args.reps, sync), 1)
-    full = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last)
-    frozen = create_model("resnet50", "none", freeze="backbone").to(device).to(memory_format=torch.channels_last)
-    for batch in (1, 32):
-        ips = inference_ips(full, device, batch, args.reps, sync)
-        res[f"inference_b{batch}_ips"] = round(ips, 2)
-        res[f"inference_b{batch}_gflops"] = round(ips * RESNET50_GFLOP_PER_IMAGE, 1)
-        res[f"inference_b{batch}_vs_matmul_peak"] = round(ips * RESNET50_GFLOP_PER_IMAGE / res["matmul_fp32_gflops"], 3)
-        ips = training_ips(full, device, batch, args.reps, sync)
-        res[f"train_full_b{batch}_ips"] = round(ips, 2)
-        res[f"train_full_b{batch}_vs_matmul_peak"] = round(ips * 3 * RESNET50_GFLOP_PER_IMAGE / res["matmul_fp32_gflops"], 3)
-        res[f"train_frozen_b{batch}_ips"] = round(training_ips(frozen, device, batch, args.reps, sync), 2)
-        print(json.dumps({k: v for k, v in res.items() if f"b{batch}" in k}))
+    res["ceiling"] = measure_ceiling(device, bf16, args.reps)
+    print("ceiling", json.dumps(res["ceiling"]), flush=True)
+    model = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last).eval()
+    inf: dict = {}
+    for p in precisions:
+        ref = "bf16" if p == "fp16" else p  # fp16 against the bf16 ceiling (same tensor-core rate)
+        for batch in (8, 32):
+            ips = inference_ips(model, device, batch, p, args.reps)
+            inf[f"eager_{p}_b{batch}"] = {"ips": round(ips, 2), "of_ceiling": share(ips, res["ceiling"], ref)}
+            print(f"eager_{p}_b{batch}", inf[f"eager_{p}_b{batch}"], flush=True)
+        if not args.no_compile:
+            compiled = torch.compile(model, dynamic=False, options={"freezing": True})
+            x = torch.randn(8, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+            dtype = autocast_dtype(p, device)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                first = median_seconds(lambda: compiled(x), device, reps=1, warmup=0)  # the compile, on its own
+            ips = inference_ips(compiled, device, 8, p, args.reps)
+            inf[f"compiled_{p}_b8"] = {"ips": round(ips, 2), "of_ceiling": share(ips, res["ceiling"], ref),
+                                       "compile_seconds": round(first, 1)}
+            print(f"compiled_{p}_b8", inf[f"compiled_{p}_b8"], flush=True)
+            torch._dynamo.reset()
+    res["inference"] = inf
+    tr: dict = {}
+    for p in precisions:
+        ref = "bf16" if p == "fp16" else p
+        full = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last)
+        ips = training_ips(full, device, 32, p, args.reps)
+        tr[f"full_finetune_{p}_b32"] = {"ips": round(ips, 2), "of_ceiling": share(ips, res["ceiling"], ref, "training")}
+        print(f"full_finetune_{p}_b32", tr[f"full_finetune_{p}_b32"], flush=True)
+    res["training"] = tr
     res["environment"] = environment_info(device)
     atomic_write_json(args.out, res)
-    print(json.dumps(res, indent=2))
+    print(json.dumps({k: res[k] for k in ("ceiling", "inference", "training")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_backbone_passes_do_not_grow_with_epochs(tmp_path, tiny_data, monkeypatc
             verbose=False)
         counts[epochs] = sum(seen)
     # 3 views of each training image and the validation images once, whatever the number of
-    # epochs (the operating point's one validation pass runs on the reloaded best.pt).
+    # epochs; the operating point reuses the best epoch's validation logits.
     assert counts[2] == counts[6] == 3 * n_train + n_valid
 
 
@@ -62,6 +62,8 @@ def test_views_are_fixed_by_the_seed_not_the_batching(tiny_data):
     assert a.shape == (10, 3, 2048)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # batch size changes oneDNN's sums a little
     assert (a[:, 0] - a[:, 1]).abs().max() > 1e-3  # augmented views differ
+    compiled = extract_features(model, samples, tiny_config(tiny_data, compile="on"), 3, torch.device("cpu"))
+    torch.testing.assert_close(a, compiled, rtol=1e-4, atol=1e-4)  # torch.compile, padded last batch: same features
     plain = extract_features(model, samples, cfg, 1, torch.device("cpu"))
     from bonetumor.data.datasets import load_tensor
     from bonetumor.data.transforms import create_transforms

@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,7 +157,7 @@ def test_bf16_training_on_cpu_learns_and_records_its_precision(tmp_path, tiny_da
 def _train_cmd(data, out, *extra):
     return [sys.executable, "-m", "bonetumor.cli", "train", str(data), "--out", str(out), "--epochs", "4",
             "--image-size", "64", "--batch-size", "2", "--weights", "none", "--freeze", "none", "--device", "cpu",
-            "--seed", "5", "--workers", "0", "--no-audit", *extra]
+            "--seed", "5", "--workers", "0", "--no-audit", "--checkpoint-seconds", "0", *extra]
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
@@ -200,7 +202,7 @@ def test_full_disk_is_refused_before_training(tmp_path, tiny_data, monkeypatch):
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_data, monkeypatch):
     import errno
 
-    full = fit(tiny_config(tiny_data, epochs=2), tmp_path / "full", verbose=False)
+    full = fit(tiny_config(tiny_data, epochs=2, checkpoint_seconds=0), tmp_path / "full", verbose=False)
     real_save, calls = torch.save, []
 
     def fills_up(obj, f, *a, **k):
@@ -213,14 +215,31 @@ def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_
 
     monkeypatch.setattr(torch, "save", fills_up)
     with pytest.raises(BonetumorError, match=r"last.pt|best.pt") as e:
-        fit(tiny_config(tiny_data, epochs=2), tmp_path / "r", verbose=False)
+        fit(tiny_config(tiny_data, epochs=2, checkpoint_seconds=0), tmp_path / "r", verbose=False)
     assert "disk full while writing" in str(e.value) and "--resume" in str(e.value)
     assert load_checkpoint(tmp_path / "r" / "last.pt").epoch == 1  # the previous checkpoint, intact
     assert not list((tmp_path / "r").glob(".*.tmp"))
     monkeypatch.setattr(torch, "save", real_save)
-    resumed = fit(tiny_config(tiny_data, epochs=2), tmp_path / "r", resume=True, verbose=False)
+    resumed = fit(tiny_config(tiny_data, epochs=2, checkpoint_seconds=0), tmp_path / "r", resume=True, verbose=False)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
+
+
+def test_checkpoints_wait_for_their_interval_and_hold_the_same_best_epoch(tmp_path, tiny_data, monkeypatch):
+    from bonetumor import checkpoint
+
+    writes, real = [], checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda path, payload: (writes.append(Path(path).name), real(path, payload)))
+    cfg = tiny_config(tiny_data, epochs=4, freeze="backbone", feature_views=1)
+    every = fit(replace(cfg, checkpoint_seconds=0), tmp_path / "every", verbose=False)
+    n_every, writes[:] = len(writes), []
+    deferred = fit(cfg, tmp_path / "deferred", verbose=False)  # 30 s: only the end of this run writes
+    assert sorted(writes) == ["best.pt", "last.pt"] and n_every >= 4 + 1 + 1  # last.pt each epoch, best.pt, threshold
+    assert deferred.best_epoch == every.best_epoch and deferred.history[-1]["val_loss"] == every.history[-1]["val_loss"]
+    a, b = (load_checkpoint(tmp_path / r / "best.pt") for r in ("every", "deferred"))
+    assert a.epoch == b.epoch == every.best_epoch and a.threshold == pytest.approx(b.threshold, abs=1e-6)
+    assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
+    assert load_checkpoint(tmp_path / "deferred" / "last.pt").epoch == 4
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path, tiny_data):

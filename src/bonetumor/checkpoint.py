@@ -21,7 +21,7 @@ from bonetumor.serialization import (
 from bonetumor.utils import atomic_path
 
 __all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint",
-           "update_checkpoint"]
+           "checkpoint_payload", "update_checkpoint", "write_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
@@ -32,14 +32,21 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, 
     Holds: model weights, optimizer state, epoch, config, class names, image size,
     normalisation and the decision threshold (plus ``extra``: history, early-stopping state).
     """
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {
+    write_checkpoint(path, checkpoint_payload(model, cfg, classes, optimizer=optimizer, scaler_state=scaler_state,
+                                              epoch=epoch, threshold=threshold, extra=extra, copy=False))
+
+
+def checkpoint_payload(model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
+                       optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
+                       epoch: int = 0, threshold: float = 0.5, extra: dict | None = None, copy: bool = True) -> dict:
+    """The content of a checkpoint, for ``write_checkpoint``; with ``copy`` a snapshot on the CPU
+    that later training steps leave unchanged (so the best epoch can be written later)."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": weights,
-        "model_sha256": weights_digest(weights),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler_state,
+        "model": _cpu(model.state_dict(), copy),
+        "optimizer": _cpu(optimizer.state_dict(), copy) if optimizer is not None else None,
+        "scaler": _cpu(scaler_state, copy),
         "epoch": int(epoch),
         "config": config_to_dict(cfg),
         "classes": list(classes),
@@ -47,9 +54,24 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, 
         "image_size": int(cfg.image_size),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "threshold": float(threshold),
-        "extra": extra or {},
+        "extra": _cpu(extra or {}, copy),
     }
-    _write(path, payload)
+
+
+def _cpu(obj, copy: bool):
+    """``obj`` with every tensor on the CPU (copied, with ``copy``) and containers rebuilt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=copy)
+    if isinstance(obj, dict):
+        return {k: _cpu(v, copy) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v, copy) for v in obj)
+    return obj
+
+
+def write_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` (from ``checkpoint_payload``) atomically, with the digest of its weights."""
+    _write(path, {**payload, "model_sha256": weights_digest(payload["model"])})
 
 
 def weights_digest(state: dict) -> str:

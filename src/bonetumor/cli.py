@@ -81,13 +81,16 @@ def train(
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
     workers: Optional[int] = typer.Option(None, help="Data-loading worker processes."),
-    precision: Optional[str] = typer.Option(None, help="auto (fp16 on CUDA, else fp32), fp32, bf16 or fp16."),
+    precision: Optional[str] = typer.Option(None, help="auto (the device's native bf16/fp16 when a validation batch "
+                                            "agrees with fp32 within 0.01, else fp32), fp32, bf16 or fp16."),
     weights: Optional[str] = typer.Option(None, help="imagenet, none, or a weights/checkpoint file."),
     backbone: Optional[str] = typer.Option(None, help="resnet50, densenet121 or efficientnet_b0."),
     freeze: Optional[str] = typer.Option(None, help="backbone (train the head only) or none."),
     unfreeze: Optional[str] = typer.Option(None, help="Blocks to fine-tune, e.g. layer4,layer3."),
     output_stride: Optional[int] = typer.Option(None, help="32, or 16/8 for resnet50: finer feature map and Grad-CAM."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    checkpoint_seconds: Optional[float] = typer.Option(None, help="Write best.pt/last.pt when this many seconds have "
+                                                       "passed since the last write, and at the end (default 30; 0 = every epoch)."),
     threshold_rule: Optional[str] = typer.Option(None, help="Operating point chosen on validation: youden (default), "
                                                 "sensitivity:0.95, specificity:0.9 or fixed:0.5."),
     calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="Temperature scaling fitted on validation."),
@@ -100,6 +103,8 @@ def train(
     feature_cache_dir: Optional[str] = typer.Option(None, help="Keep cached features on disk here, for later runs."),
     cache_images: Optional[bool] = typer.Option(None, "--cache-images/--no-cache-images",
                                                 help="Keep decoded, resized images in memory (default: on for GPUs)."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="torch.compile the frozen backbone's feature pass: "
+                                               "auto (from 5,000 image views on), on or off."),
     window: Optional[str] = typer.Option(None, help=WINDOW_HELP),
     slice_axis: Optional[int] = typer.Option(None, help="NIfTI axis to slice across (0, 1 or 2; 2 = axial in RAS)."),
     allow_large_images: Optional[bool] = typer.Option(None, "--allow-large-images/--no-allow-large-images",
@@ -116,10 +121,10 @@ def train(
         positive_class=positive_class, val_fraction=val_fraction, test_fraction=test_fraction, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
-        output_stride=output_stride, patience=patience, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
+        output_stride=output_stride, patience=patience, checkpoint_seconds=checkpoint_seconds, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
         threshold_rule=threshold_rule, calibrate=calibrate, window=window, slice_axis=slice_axis,
         cache_features=cache_features, feature_views=feature_views, feature_cache_dir=feature_cache_dir,
-        cache_images=cache_images,
+        cache_images=cache_images, compile=compile_mode,
         allow_large_images=allow_large_images).items()}
     cfg = load_config(config, overrides)
     res = fit(cfg, out_dir, overwrite=overwrite, resume=resume)
@@ -331,6 +336,8 @@ def predict(
     engine: str = typer.Option("torch", help="torch (RUN/best.pt) or onnx (a model.onnx from export, ONNX Runtime on the CPU)."),
     precision: str = typer.Option("auto", help="auto (the device's native bf16/fp16 when a batch agrees with fp32 within 0.01; "
                                   "fp32 for a single batch), fp32, bf16 or fp16."),
+    compile_mode: str = typer.Option("auto", "--compile", help="torch.compile the model: auto (from 5,000 images on, "
+                                     "where its compile time pays), on or off."),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(16),
 ):
@@ -341,7 +348,7 @@ def predict(
 
     outdir = prepare_out_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
-                                    precision)
+                                    precision, compile_mode)
     if outdir is not None:
         flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
         atomic_write_csv(outdir / "predictions.csv", ["path", "slice", "study", "probability", "probabilities", "label",

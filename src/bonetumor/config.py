@@ -49,6 +49,7 @@ class TrainConfig:
     cache_features: bool = True
     feature_views: int = 4  # augmented views per training image; 1 = no augmentation
     feature_cache_dir: str | None = None  # also keep features on disk, keyed by content and recipe
+    compile: str = "auto"  # torch.compile the frozen backbone's feature pass: auto (large jobs), on, off
     cache_images: bool | None = None  # decoded, resized images kept in memory; None: on for GPUs
     # Optimisation (the original: Adam, binary cross-entropy, early stopping patience 5)
     epochs: int = 30
@@ -58,6 +59,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_balanced: bool = False
     patience: int = 5
+    # best.pt/last.pt are written when this many seconds have passed since the last write, and at
+    # the end: every epoch of a long run, but not 94 MB per sub-second epoch of the cached head.
+    checkpoint_seconds: float = 30.0
     # Operating point and calibration, fitted on validation after training
     threshold_rule: str = "youden"  # youden | sensitivity:X | specificity:X | fixed:X
     calibrate: bool = False  # temperature scaling
@@ -65,7 +69,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     workers: int = 0
-    precision: str = "auto"  # auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16
+    precision: str = "auto"  # auto: the native bf16/fp16 if it agrees with fp32 (precision.py); fp32, bf16, fp16
 
     def validate(self) -> None:
         """Raise BonetumorError on values that cannot work, naming the option."""
@@ -78,6 +82,8 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be positive, not {self.lr}"),
             (self.patience >= 1, f"--patience must be at least 1, not {self.patience}"),
             (self.workers >= 0, f"--workers must be 0 or more, not {self.workers}"),
+            (self.checkpoint_seconds >= 0, f"--checkpoint-seconds must be 0 or more, not {self.checkpoint_seconds}"),
+            (self.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, not {self.compile!r}"),
             (self.feature_views >= 1, f"--feature-views must be at least 1, not {self.feature_views}"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), not {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), not {self.test_fraction}"),

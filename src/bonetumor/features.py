@@ -23,6 +23,7 @@ import torch
 from rich.progress import track
 
 from bonetumor.checkpoint import weights_digest
+from bonetumor.compiled import maybe_compiled
 from bonetumor.config import TrainConfig, read_options
 from bonetumor.data.datasets import Sample, load_tensor
 from bonetumor.data.transforms import create_transforms
@@ -80,7 +81,7 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], cfg: Tra
     """Pooled backbone features of every sample's ``views`` views: float32 (N, views, F) on the CPU."""
     loader = torch.utils.data.DataLoader(_Views(samples, cfg, views), batch_size=cfg.batch_size, shuffle=False,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    backbone = model.backbone.eval()
+    backbone = maybe_compiled(model.backbone.eval(), cfg.compile, len(loader.dataset), cfg.batch_size, device)
     out = []
     for x in track(loader, description=desc, transient=True, disable=not verbose):
         x = to_device(x, device)

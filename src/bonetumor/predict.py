@@ -18,6 +18,7 @@ from bonetumor.data.datasets import load_tensor
 from bonetumor.data.transforms import create_transforms
 from bonetumor.data.volumes import expand_inputs
 from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.compiled import maybe_compiled
 from bonetumor.precision import resolve_precision
 from bonetumor.utils import autocast_dtype, select_device, to_device
 
@@ -51,7 +52,8 @@ def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
 
 
 def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 16,
-            window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "fp32") -> list[dict]:
+            window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "fp32",
+            compile_mode: str = "auto") -> list[dict]:
     """Probability of the positive class and the label at the checkpoint's threshold, per image
     (per slice for volumes and series).
 
@@ -63,6 +65,8 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
             of images, the device's native reduced precision if the first batch's probabilities
             stay within 0.01 of fp32's (see precision.py); a single batch stays fp32.
+        compile_mode: ``auto`` (torch.compile from ``compiled.COMPILE_MIN_IMAGES`` images on),
+            ``on`` or ``off`` (see compiled.py).
 
     Returns:
         [{"path", "slice", "study", "probability", "label", "threshold"}] for binary models;
@@ -71,14 +75,15 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
     Raises:
         BonetumorError: a missing or unreadable file (one line naming it), a bad checkpoint.
     """
-    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad, engine, precision)[0]
+    return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad, engine, precision,
+                           compile_mode)[0]
 
 
 @torch.inference_mode()
 def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = "topk:3",
                     device: str = "auto", batch_size: int = 16, window: str | None = None,
                     skip_bad: bool = False, engine: str = "torch",
-                    precision: str = "fp32") -> tuple[list[dict], list[dict]]:
+                    precision: str = "fp32", compile_mode: str = "auto") -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
     (see ``study_scores``; none when ``aggregate`` is None)."""
     if aggregate is not None:
@@ -91,6 +96,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise BonetumorError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    run = ck.model if engine == "onnx" else maybe_compiled(ck.model, compile_mode, len(refs), batch_size, dev)
     results = []
     for start in range(0, len(refs), batch_size):
         chunk, xs = [], []
@@ -110,7 +116,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
             precision = resolve_precision("auto", ck.model, x, dev)["chosen"]
         dtype = autocast_dtype(precision, dev)
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = ck.model(x).float()
+            logits = run(x).float()
         if logits.shape[1] == 1:
             for base, p in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
                 results.append({**base, "probability": round(p, 6), "label": ck.label_for(p), "threshold": ck.threshold})

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from torch import nn
 
-from bonetumor.checkpoint import read_torch_file, save_checkpoint
+from bonetumor.checkpoint import checkpoint_payload, read_torch_file, save_checkpoint, write_checkpoint
 from bonetumor.config import TrainConfig, config_from_dict, read_options, save_config
 from bonetumor.data.datasets import (
     DatasetIndex,
@@ -33,7 +33,7 @@ from bonetumor.data.datasets import (
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_resize, create_transforms
 from bonetumor.errors import BonetumorError, LeakageWarning
-from bonetumor.evaluate import binary_auc, loss_target, predict_loader
+from bonetumor.evaluate import Predictions, binary_auc, loss_target, predict_loader
 from bonetumor.features import FeatureDataset, cached_features, uses_feature_cache
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
@@ -327,6 +327,11 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         train_loader = create_loader(index, "train", cfg, True, device, gen)
         val_loader = create_loader(index, "valid", cfg, False, device)
     stopped = bad_epochs >= cfg.patience
+    # The best epoch's checkpoint waits in memory until a write is due (cfg.checkpoint_seconds),
+    # and with it that epoch's validation logits, from which the operating point is chosen.
+    pending_best: dict | None = None
+    best_val = None
+    last_write = time.monotonic()
     for epoch in range(start, cfg.epochs + 1):
         if stopped:
             break
@@ -349,16 +354,22 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         history.append(row)
         improved = val.loss < best_loss - 1e-7
         if improved:
-            best_loss, best_epoch, bad_epochs = val.loss, epoch, 0
+            best_loss, best_epoch, bad_epochs, best_val = val.loss, epoch, 0, val
         else:
             bad_epochs += 1
         stopped = bad_epochs >= cfg.patience
+        final = stopped or epoch == cfg.epochs
         extra = {"history": history, "best_val_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs}
         state_kw = {"optimizer": optimizer, "scaler_state": scaler.state_dict() if scaler else None,
                     "epoch": epoch, "extra": extra}
         if improved:
-            save_checkpoint(run / "best.pt", model, cfg, index.classes, **state_kw)
-        save_checkpoint(run / "last.pt", model, cfg, index.classes, **state_kw)
+            pending_best = checkpoint_payload(model, cfg, index.classes, **state_kw)
+        if final or time.monotonic() - last_write >= cfg.checkpoint_seconds:
+            if pending_best is not None and not final:  # the final best.pt is written with its operating point
+                write_checkpoint(run / "best.pt", pending_best)
+                pending_best = None
+            save_checkpoint(run / "last.pt", model, cfg, index.classes, **state_kw)
+            last_write = time.monotonic()
         atomic_write_csv(run / "history.csv", HISTORY_FIELDS, history)
         if verbose:
             console.print(f"epoch {epoch:3d}  loss {tr_loss:.4f}  acc {tr_acc:.3f}  val_loss {val.loss:.4f}  "
@@ -369,8 +380,11 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     from bonetumor.plots import plot_curves
 
     plot_curves(history, run / "curves.png")
-    if (run / "best.pt").is_file():
-        op = set_operating_point(run, cfg, index, device)
+    if pending_best is not None or (run / "best.pt").is_file():
+        if best_val is None:  # resumed after its best epoch: that epoch's logits, again, from best.pt
+            model.load_state_dict(read_torch_file(run / "best.pt")["model"])
+            best_val = predict_loader(net, val_loader, device, dtype=dtype)
+        op = set_operating_point(run, cfg, best_val, pending_best)
         if verbose:
             t = op.get("temperature")
             console.print(f"operating point ({cfg.threshold_rule}, on validation): threshold {op['threshold']:.4f}"
@@ -378,18 +392,16 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     return FitResult(run, best_epoch, best_loss, history, stopped)
 
 
-def set_operating_point(run: Path, cfg: TrainConfig, index: DatasetIndex, device: torch.device) -> dict:
-    """Fit the temperature (with ``cfg.calibrate``) and choose the threshold on the validation
-    split with the best weights; store both in best.pt and write ``operating_point.json``."""
+def set_operating_point(run: Path, cfg: TrainConfig, val: Predictions, pending: dict | None = None) -> dict:
+    """Fit the temperature (with ``cfg.calibrate``) and choose the threshold on the best epoch's
+    validation logits ``val``; store both in best.pt (written from ``pending``, the best epoch's
+    checkpoint still in memory, if given) and write ``operating_point.json``."""
     from bonetumor.calibration import choose_threshold, fit_temperature, probabilities
-    from bonetumor.checkpoint import load_checkpoint, update_checkpoint
+    from bonetumor.checkpoint import update_checkpoint
     from bonetumor.metrics import binary_values, expected_calibration_error
 
-    ck = load_checkpoint(run / "best.pt", device)
-    ck.model.temperature = 1.0
-    val = predict_loader(ck.model, create_loader(index, "valid", cfg, False, device), device)
     logits, targets = val.logits.astype(np.float64), val.targets
-    op: dict = {"split": "valid", "n": len(targets), "rule": cfg.threshold_rule}
+    op: dict = {"split": "valid", "n": len(targets), "rule": cfg.threshold_rule, "precision": cfg.precision}
     temperature = 1.0
     if cfg.calibrate:
         temperature = fit_temperature(logits, targets)
@@ -404,7 +416,10 @@ def set_operating_point(run: Path, cfg: TrainConfig, index: DatasetIndex, device
         chosen, half = binary_values(targets, probs, threshold), binary_values(targets, probs, 0.5)
         op["at_threshold"] = {k: chosen[k] for k in keep}
         op["at_threshold_0.5"] = {k: half[k] for k in keep}
-    update_checkpoint(run / "best.pt", {"threshold": float(threshold), "temperature": float(temperature),
-                                        "operating_point": op}, raw=ck.raw)
+    fields = {"threshold": float(threshold), "temperature": float(temperature), "operating_point": op}
+    if pending is not None:
+        write_checkpoint(run / "best.pt", {**pending, **fields})
+    else:
+        update_checkpoint(run / "best.pt", fields)
     atomic_write_json(run / "operating_point.json", op)
     return op
