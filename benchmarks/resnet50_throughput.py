@@ -1,7 +1,8 @@
 """ResNet50 at 224 px: inference and training images/s, each as a share of the same run's ceiling.
 
-The ceiling (benchmarks/ceiling.py) is a large channels_last convolution's GFLOP/s, measured in
-this run, so the ratios hold even when the machine's speed drifts between runs. Each figure is the
+The ceiling (benchmarks/ceiling.py) is a large channels_last convolution's GFLOP/s, measured just
+before and just after each figure (their mean), so the ratios hold even when the machine's speed
+drifts, between runs or within one. Each figure is the
 median of >= 3 timed repetitions after a warm-up. Inference: eager and torch.compile (weights
 frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam) in fp32 and bf16.
 
@@ -67,13 +68,21 @@ def main() -> None:
                  "threads": torch.get_num_threads(), "reps": args.reps, "image_size": 224}
     res["ceiling"] = measure_ceiling(device, bf16, args.reps)
     print("ceiling", json.dumps(res["ceiling"]), flush=True)
+
+    def around(fn):
+        """(fn(), the mean of the ceilings measured just before and just after it)."""
+        before = measure_ceiling(device, bf16, args.reps)
+        value = fn()
+        after = measure_ceiling(device, bf16, args.reps)
+        return value, {p: {k: (before[p][k] + after[p][k]) / 2 for k in before[p]} for p in before}
+
     model = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last).eval()
     inf: dict = {}
     for p in precisions:
         ref = "bf16" if p == "fp16" else p  # fp16 against the bf16 ceiling (same tensor-core rate)
         for batch in (8, 32):
-            ips = inference_ips(model, device, batch, p, args.reps)
-            inf[f"eager_{p}_b{batch}"] = {"ips": round(ips, 2), "of_ceiling": share(ips, res["ceiling"], ref)}
+            ips, ceil = around(lambda: inference_ips(model, device, batch, p, args.reps))
+            inf[f"eager_{p}_b{batch}"] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref)}
             print(f"eager_{p}_b{batch}", inf[f"eager_{p}_b{batch}"], flush=True)
         if not args.no_compile:
             compiled = torch.compile(model, dynamic=False, options={"freezing": True})
@@ -81,8 +90,8 @@ def main() -> None:
             dtype = autocast_dtype(p, device)
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 first = median_seconds(lambda: compiled(x), device, reps=1, warmup=0)  # the compile, on its own
-            ips = inference_ips(compiled, device, 8, p, args.reps)
-            inf[f"compiled_{p}_b8"] = {"ips": round(ips, 2), "of_ceiling": share(ips, res["ceiling"], ref),
+            ips, ceil = around(lambda: inference_ips(compiled, device, 8, p, args.reps))
+            inf[f"compiled_{p}_b8"] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref),
                                        "compile_seconds": round(first, 1)}
             print(f"compiled_{p}_b8", inf[f"compiled_{p}_b8"], flush=True)
             torch._dynamo.reset()
@@ -91,8 +100,8 @@ def main() -> None:
     for p in precisions:
         ref = "bf16" if p == "fp16" else p
         full = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last)
-        ips = training_ips(full, device, 32, p, args.reps)
-        tr[f"full_finetune_{p}_b32"] = {"ips": round(ips, 2), "of_ceiling": share(ips, res["ceiling"], ref, "training")}
+        ips, ceil = around(lambda: training_ips(full, device, 32, p, args.reps))
+        tr[f"full_finetune_{p}_b32"] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref, "training")}
         print(f"full_finetune_{p}_b32", tr[f"full_finetune_{p}_b32"], flush=True)
     res["training"] = tr
     res["environment"] = environment_info(device)

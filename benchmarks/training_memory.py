@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 MODES = {
-    "frozen_cached_k4": dict(freeze="backbone", epochs=6),
-    "frozen_uncached": dict(freeze="backbone", cache_features=False, epochs=6),
-    "full_finetune_fp32": dict(freeze="none", precision="fp32", epochs=4),
-    "full_finetune_bf16": dict(freeze="none", precision="bf16", epochs=4),
+    "frozen_cached_k4": dict(freeze="backbone", epochs=8),
+    "frozen_uncached": dict(freeze="backbone", cache_features=False, epochs=8),
+    "full_finetune_fp32": dict(freeze="none", precision="fp32", epochs=6),
+    "full_finetune_bf16": dict(freeze="none", precision="bf16", epochs=6),
 }
 
 

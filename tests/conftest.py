@@ -36,6 +36,20 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
     return out
 
 
+def chromium_executable() -> str:
+    """Debian's (or any) Chromium for the browser tests; skipped without one, unless
+    BONETUMOR_REQUIRE_BROWSER is set (CI installs it and sets that)."""
+    import os
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        if os.environ.get("BONETUMOR_REQUIRE_BROWSER"):
+            pytest.fail("headless Chromium is required here but not installed")
+        pytest.skip("no Chromium on this machine (CI installs it)")
+    return exe
+
+
 def write_image(path: Path, size: int = 24, value: int | None = None, mode: str = "L", seed: int = 0) -> Path:
     """Write a small random image (for layout tests)."""
     rng = np.random.default_rng(seed)

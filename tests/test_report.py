@@ -2,9 +2,7 @@
 no text overflows its box, at desktop and at phone width."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -13,6 +11,7 @@ from bonetumor import evaluate
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.run import explain
 from bonetumor.report import build_report
+from conftest import chromium_executable
 
 CHECK = """<script>
 window.addEventListener('load', () => {
@@ -28,15 +27,6 @@ window.addEventListener('load', () => {
   document.body.appendChild(pre);
 });
 </script>"""
-
-
-def _chromium():
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if exe is None:
-        if os.environ.get("BONETUMOR_REQUIRE_BROWSER"):
-            pytest.fail("headless Chromium is required here but not installed")
-        pytest.skip("no Chromium on this machine (CI installs it)")
-    return exe
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def test_report_is_self_contained_and_complete(report):
 
 def _render(html_text: str, tmp_path, width: int) -> dict:
     """Load the page in headless Chromium at ``width`` px and return what the check script saw."""
-    exe = _chromium()
+    exe = chromium_executable()
     page = tmp_path / f"page{width}.html"
     page.write_text(html_text.replace("</body>", CHECK + "</body>"))
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",

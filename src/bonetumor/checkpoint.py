@@ -155,7 +155,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     except (KeyError, TypeError, RuntimeError) as e:
         raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({str(e).splitlines()[0][:160]})") from None
     model.temperature = float(obj.get("temperature", 1.0))
-    model.to(device).eval()
+    model.to(device).to(memory_format=torch.channels_last).eval()  # as inputs are: no layout reorders per call
     norm = obj.get("normalization", {})
     return LoadedCheckpoint(model, cfg, classes, int(obj["image_size"]), tuple(norm.get("mean", ())),
                             tuple(norm.get("std", ())), float(obj.get("threshold", 0.5)), int(obj.get("epoch", 0)), obj)

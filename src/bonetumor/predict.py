@@ -17,12 +17,14 @@ from bonetumor.checkpoint import load_checkpoint
 from bonetumor.data.datasets import load_tensor
 from bonetumor.data.transforms import create_transforms
 from bonetumor.data.volumes import expand_inputs
-from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.compiled import maybe_compiled
+from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.precision import resolve_precision
 from bonetumor.utils import autocast_dtype, select_device, to_device
 
 AGGREGATES = "max, mean or topk:K"
+DEFAULT_AGGREGATE = "topk:3"  # a study's score: the mean of its three highest slice scores
+PRECISION_CHECK_IMAGES = 8
 
 
 def parse_aggregate(text: str) -> tuple[str, int]:
@@ -51,7 +53,7 @@ def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
     return s[top].mean(axis=0)
 
 
-def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 16,
+def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 8,
             window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "fp32",
             compile_mode: str = "auto") -> list[dict]:
     """Probability of the positive class and the label at the checkpoint's threshold, per image
@@ -63,8 +65,9 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         engine: ``torch`` (a ``.pt`` checkpoint) or ``onnx`` (a ``.onnx`` file from ``export``,
             run in ONNX Runtime on the CPU).
         precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
-            of images, the device's native reduced precision if the first batch's probabilities
-            stay within 0.01 of fp32's (see precision.py); a single batch stays fp32.
+            of images, the device's native reduced precision if the probabilities of the first
+            ``PRECISION_CHECK_IMAGES`` images stay within 0.01 of fp32's (see precision.py); a
+            single batch stays fp32.
         compile_mode: ``auto`` (torch.compile from ``compiled.COMPILE_MIN_IMAGES`` images on),
             ``on`` or ``off`` (see compiled.py).
 
@@ -80,8 +83,8 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
 
 
 @torch.inference_mode()
-def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = "topk:3",
-                    device: str = "auto", batch_size: int = 16, window: str | None = None,
+def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = DEFAULT_AGGREGATE,
+                    device: str = "auto", batch_size: int = 8, window: str | None = None,
                     skip_bad: bool = False, engine: str = "torch",
                     precision: str = "fp32", compile_mode: str = "auto") -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
@@ -113,7 +116,8 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
             continue
         x = to_device(torch.stack(xs), dev)
         if precision == "auto":
-            precision = resolve_precision("auto", ck.model, x, dev)["chosen"]
+            # Checked on a few images: the check's fp32 pass costs as much as predicting them.
+            precision = resolve_precision("auto", ck.model, x[:PRECISION_CHECK_IMAGES], dev)["chosen"]
         dtype = autocast_dtype(precision, dev)
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = run(x).float()

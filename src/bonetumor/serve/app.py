@@ -1,0 +1,228 @@
+"""The web API and page: one model loaded once, uploads checked by their bytes, never a traceback.
+
+``create_app`` builds the FastAPI application (the CLI's ``serve`` runs it with uvicorn):
+
+- ``GET /``: the page (static files shipped in the package: no CDN, no external fonts).
+- ``POST /api/predict``: one uploaded file -> probability, label at the operating point,
+  Grad-CAM heatmaps; a volume or series -> the per-slice table and the study score.
+- ``GET /api/health``, ``GET /api/model``; OpenAPI docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+
+from bonetumor import __version__
+from bonetumor.checkpoint import load_checkpoint
+from bonetumor.data.datasets import load_tensor
+from bonetumor.data.transforms import create_transforms
+from bonetumor.data.volumes import expand_inputs
+from bonetumor.errors import BonetumorError
+from bonetumor.explain.cam import compute_cams
+from bonetumor.models import BACKBONES
+from bonetumor.predict import DEFAULT_AGGREGATE, study_scores
+from bonetumor.serve.sniff import ACCEPTED, SUFFIXES, sniff
+from bonetumor.utils import select_device, to_device
+
+log = logging.getLogger("bonetumor.serve")
+DISCLAIMER = "Research tool, not a diagnostic device: not for clinical decisions."
+MAX_HEATMAPS = 12  # a volume's top-scoring slices get images and heatmaps; every slice gets a score
+
+
+def _png_b64(arr: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _heatmap_rgba(cam: np.ndarray) -> np.ndarray:
+    """The map coloured (matplotlib's jet) with its own value as opacity, so the page can lay it
+    over the image at any strength."""
+    from matplotlib import colormaps
+
+    rgba = colormaps["jet"](cam)
+    rgba[..., 3] = np.clip(cam * 1.2, 0, 1)
+    return (rgba * 255).round().astype(np.uint8)
+
+
+def _image_rgb8(x: torch.Tensor) -> np.ndarray:
+    """A loaded image (3, H, W) in [0, 1] as 8-bit RGB."""
+    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class Service:
+    """The loaded model and what every request needs; ``lock`` runs one request's model work at a
+    time (two at once would only share the same cores and double the memory)."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto"):
+        self.device = select_device(device)
+        self.ck = load_checkpoint(checkpoint, self.device)
+        self.ck.model.eval()
+        self.path = Path(checkpoint)
+        self.tf = create_transforms(False, self.ck.image_size, mean=self.ck.mean, std=self.ck.std)
+        self.layer = BACKBONES[self.ck.config.backbone]["cam_layer"]
+        self.lock = threading.Lock()
+        self.info = self._model_info()
+
+    def _model_info(self) -> dict:
+        ck = self.ck
+        info = {"name": f"{ck.config.backbone} ({self.path.parent.name or self.path.stem})", "bonetumor": __version__,
+                "checkpoint": self.path.name, "epoch": ck.epoch, "classes": ck.classes, "positive_class": ck.positive_class,
+                "threshold": ck.threshold, "image_size": ck.image_size, "backbone": ck.config.backbone,
+                "operating_point": ck.raw.get("operating_point")}
+        run = self.path.parent
+        for name, key in (("data.json", "training_data"), ("metrics.json", "metrics")):
+            f = run / name
+            if f.is_file():
+                try:
+                    info[key] = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    pass
+        if "metrics" not in info:  # an evaluation folder beside the run, as the README suggests
+            for f in sorted(run.glob("*/metrics.json")):
+                try:
+                    info["metrics"] = {"from": f.parent.name, **json.loads(f.read_text())}
+                    break
+                except (OSError, ValueError):
+                    continue
+        return info
+
+    def predict_file(self, path: Path) -> dict:
+        """Scores for every slice of ``path``, heatmaps for the best ones; the study score for a volume."""
+        ck, opts = self.ck, self.ck.read_options
+        refs = expand_inputs([path], opts)
+        originals, rows = [], []
+        for start in range(0, len(refs), 16):
+            chunk = refs[start:start + 16]
+            xs = [load_tensor(r.path, r.frame, opts) for r in chunk]
+            with torch.inference_mode():
+                logits = ck.model(to_device(torch.stack([self.tf(t) for t in xs]), self.device)).float()
+            probs = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+            for r, t, p in zip(chunk, xs, probs.cpu()):
+                row = {"slice": r.frame, "path": r.path, "study": r.study, "label": ck.label_for(p)}
+                if logits.shape[1] == 1:
+                    row["probability"] = round(float(p), 6)
+                else:
+                    row["probabilities"] = dict(zip(ck.classes, map(float, p)))
+                rows.append(row)
+                originals.append(t)
+        score = [r.get("probability", max(r.get("probabilities", {0: 0}).values())) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: -score[i])[:MAX_HEATMAPS]
+        x = to_device(torch.stack([self.tf(originals[i]) for i in order]), self.device)
+        cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold)
+        images = []
+        for j, i in enumerate(order):
+            h, w = originals[i].shape[-2:]
+            cam = torch.nn.functional.interpolate(cams.maps[j][None, None], size=(h, w), mode="bilinear",
+                                                  align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
+            images.append({"slice": rows[i]["slice"], "rank": j + 1, **{k: rows[i][k] for k in rows[i] if k.startswith("prob")},
+                           "label": rows[i]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
+                           "image_png": _png_b64(_image_rgb8(originals[i])), "heatmap_png": _png_b64(_heatmap_rgba(cam))})
+        out = {"kind": "study" if refs[0].study else "image", "threshold": ck.threshold, "positive_class": ck.positive_class,
+               "classes": ck.classes, "model": {k: self.info[k] for k in ("name", "bonetumor", "checkpoint", "epoch")},
+               "images": images, "disclaimer": DISCLAIMER}
+        if refs[0].study:
+            study = study_scores(rows, DEFAULT_AGGREGATE, ck.label_for)[0]
+            out.update(study={k: v for k, v in study.items() if k != "study"},
+                       slices=[{k: r[k] for k in r if k not in ("path", "study")} for r in rows])
+            out.update({k: study[k] for k in ("probability", "probabilities", "label") if k in study})
+        else:
+            out.update({k: rows[0][k] for k in ("probability", "probabilities", "label") if k in rows[0]})
+        return out
+
+
+def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: float = 50.0,
+               device: str = "auto") -> FastAPI:
+    """The application serving ``checkpoint``; with ``token`` every API call needs
+    ``Authorization: Bearer <token>``; uploads above ``max_upload_mb`` get 413."""
+    service = Service(checkpoint, device)
+    limit = int(max_upload_mb * 2**20)
+    app = FastAPI(title="bonetumor", version=__version__,
+                  description="Bone-tumour image classifier with Grad-CAM heatmaps. " + DISCLAIMER)
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorised(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def size_limit(request: Request, call_next):
+        # Refused before the body is read, when the client says its size (browsers always do).
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing allowance
+            return JSONResponse({"detail": f"upload too large: {int(length) / 2**20:.1f} MB; the limit is "
+                                           f"{max_upload_mb:g} MB"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+    static = resources.files("bonetumor.serve") / "static"
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str):
+        if name not in ("app.js", "style.css"):  # a fixed list: a request never names a path
+            raise HTTPException(404, "not found")
+        return FileResponse(str(static / name))
+
+    @app.get("/api/health", dependencies=[Depends(authorised)])
+    def health() -> dict:
+        """Liveness, and which model is loaded on which device."""
+        return {"status": "ok", "model": service.info["name"], "device": str(service.device)}
+
+    @app.get("/api/model", dependencies=[Depends(authorised)])
+    def model_info() -> dict:
+        """Classes, operating point, training data summary and evaluation metrics (with CIs) when present."""
+        return service.info
+
+    @app.post("/api/predict", dependencies=[Depends(authorised)])
+    def predict_upload(file: UploadFile = File(..., description=f"One {ACCEPTED} file")) -> dict:
+        """Probability of the positive class, the label at the operating point and Grad-CAM
+        heatmaps (base64 PNG: the image, and the coloured map with its value as opacity)."""
+        head = file.file.read(4096)
+        file.file.seek(0, 2)
+        size = file.file.tell()
+        if size > limit:
+            raise HTTPException(413, f"upload too large: {size / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+        kind = sniff(head)
+        if kind is None:
+            raise HTTPException(415, f"not a {ACCEPTED} file (judged by its content, not its name)")
+        tmp = Path(tempfile.mkdtemp(prefix="bonetumor-upload-"))
+        try:
+            path = tmp / f"upload{SUFFIXES[kind]}"  # a fixed name: the client's name never becomes a path
+            file.file.seek(0)
+            with open(path, "wb") as f:
+                shutil.copyfileobj(file.file, f)
+            with service.lock:
+                return service.predict_file(path)
+        except BonetumorError as e:
+            msg = str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload")
+            raise HTTPException(422, f"cannot read the {kind.replace('-gz', '')} file: {msg}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return app

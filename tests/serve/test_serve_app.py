@@ -1,0 +1,145 @@
+"""The API: every endpoint and every error, through FastAPI's TestClient."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from bonetumor.checkpoint import load_checkpoint
+from bonetumor.data.datasets import load_tensor
+from bonetumor.data.transforms import create_transforms
+from bonetumor.data.writers import write_nifti
+from bonetumor.explain.cam import compute_cams
+from bonetumor.predict import predict, predict_studies
+from bonetumor.serve.app import _heatmap_rgba, create_app
+
+TOKEN = "a-long-enough-test-token-123"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_run):
+    return TestClient(create_app(tiny_run / "best.pt", device="cpu"), raise_server_exceptions=False)
+
+
+def _png(path) -> bytes:
+    return open(path, "rb").read()
+
+
+def _decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_predict_png_matches_the_predict_command(client, tiny_run, tiny_data):
+    f = sorted(tiny_data.rglob("*.png"))[0]
+    r = client.post("/api/predict", files={"file": ("scan.png", _png(f), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = predict(tiny_run / "best.pt", [f], device="cpu")[0]
+    assert body["kind"] == "image" and body["probability"] == pytest.approx(ref["probability"], abs=1e-5)
+    assert body["label"] == ref["label"] and body["threshold"] == pytest.approx(ref["threshold"])
+    assert body["model"]["checkpoint"] == "best.pt" and body["positive_class"] == "cancer"
+    assert "not a diagnostic device" in body["disclaimer"]
+    (im,) = body["images"]
+    img, heat = _decode(im["image_png"]), _decode(im["heatmap_png"])
+    assert img.shape[:2] == heat.shape[:2] == Image.open(f).size[::-1] and heat.shape[2] == 4  # RGBA, alpha = map
+    ck = load_checkpoint(tiny_run / "best.pt")
+    x = create_transforms(False, ck.image_size)(load_tensor(str(f)))[None]
+    cam = compute_cams(ck.model, x, "backbone.layer4", "gradcam", "predicted", ck.classes, ck.threshold).maps[0]
+    np.testing.assert_allclose(heat[..., 3] / 255, np.clip(cam.numpy() * 1.2, 0, 1), atol=1 / 255 + 1e-6)
+    np.testing.assert_array_equal(img, (load_tensor(str(f)).permute(1, 2, 0).numpy() * 255).round())
+
+
+def test_heatmap_colours_the_map_and_uses_it_as_opacity():
+    cam = np.linspace(0, 1, 50).reshape(5, 10)
+    rgba = _heatmap_rgba(cam)
+    assert rgba.dtype == np.uint8 and rgba.shape == (5, 10, 4)
+    assert rgba[0, 0, 3] == 0 and rgba[-1, -1, 3] == 255 and (np.diff(rgba[..., 3].ravel().astype(int)) >= 0).all()
+    assert rgba[0, 0, 2] > rgba[0, 0, 0] and rgba[-1, -1, 0] > rgba[-1, -1, 2]  # jet: blue low, red high
+
+
+def test_a_volume_gives_every_slice_and_the_study_score(client, tiny_run, tmp_path):
+    rng = np.random.default_rng(2)
+    vol = write_nifti(tmp_path / "v.nii.gz", [rng.random((32, 32)) for _ in range(5)])
+    r = client.post("/api/predict", files={"file": ("anything.bin", vol.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rows, studies = predict_studies(tiny_run / "best.pt", [vol], device="cpu")
+    assert body["kind"] == "study" and len(body["slices"]) == len(rows) == 5
+    assert body["probability"] == pytest.approx(studies[0]["probability"], abs=1e-5)
+    assert body["study"]["aggregate"] == "topk:3" and body["study"]["n_slices"] == 5
+    by_slice = {s["slice"]: s["probability"] for s in body["slices"]}
+    assert by_slice == pytest.approx({r["slice"]: r["probability"] for r in rows}, abs=1e-5)
+    ranks = [im["probability"] for im in body["images"]]
+    assert ranks == sorted(ranks, reverse=True) and len(ranks) == 5
+
+
+def test_health_and_model(client, tiny_run):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["device"] == "cpu"
+    m = client.get("/api/model").json()
+    op = json.loads((tiny_run / "operating_point.json").read_text())
+    assert m["classes"] == ["normal", "cancer"] and m["threshold"] == pytest.approx(op["threshold"])
+    assert m["training_data"]["classes"] == ["normal", "cancer"]  # data.json of the run
+    assert client.get("/docs").status_code == 200 and "/api/predict" in client.get("/openapi.json").json()["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and "not a diagnostic device" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+
+
+def test_wrong_content_is_415_whatever_its_name(client):
+    for name, data in (("scan.png", b"GIF89a" + b"\0" * 200), ("x.dcm", b"just text"), ("v.nii.gz", b"\x1f\x8bnope")):
+        r = client.post("/api/predict", files={"file": (name, data, "image/png")})
+        assert r.status_code == 415 and "PNG, JPEG, TIFF, DICOM" in r.json()["detail"], r.text
+
+
+def test_corrupt_file_is_422_with_a_message(client, tiny_data):
+    good = _png(sorted(tiny_data.rglob("*.png"))[0])
+    r = client.post("/api/predict", files={"file": ("a.png", good[:60], "image/png")})  # header, then cut
+    assert r.status_code == 422 and r.json()["detail"].startswith("cannot read the png file: upload.png")
+    assert "/tmp" not in r.text and "Traceback" not in r.text
+
+
+def test_oversized_upload_is_413(tiny_run):
+    client = TestClient(create_app(tiny_run / "best.pt", max_upload_mb=0.01, device="cpu"))
+    r = client.post("/api/predict", files={"file": ("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000, "image/png")})
+    assert r.status_code == 413 and "limit is 0.01 MB" in r.json()["detail"]
+
+
+def test_token_is_required_on_every_api_call(tiny_run, tiny_data):
+    client = TestClient(create_app(tiny_run / "best.pt", token=TOKEN, device="cpu"))
+    good = _png(sorted(tiny_data.rglob("*.png"))[0])
+    for call in (lambda h: client.get("/api/health", headers=h), lambda h: client.get("/api/model", headers=h),
+                 lambda h: client.post("/api/predict", files={"file": ("a.png", good, "image/png")}, headers=h)):
+        assert call({}).status_code == 401
+        assert call({"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+        assert call({"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert client.get("/").status_code == 200  # the page itself holds no data; it asks for the token
+
+
+def test_one_bad_request_does_not_affect_the_next(client, tiny_data, monkeypatch):
+    from bonetumor.serve import app as app_mod
+
+    good = _png(sorted(tiny_data.rglob("*.png"))[0])
+    first = client.post("/api/predict", files={"file": ("a.png", good, "image/png")}).json()
+    real = app_mod.Service.predict_file
+    monkeypatch.setattr(app_mod.Service, "predict_file", lambda self, p: 1 / 0)
+    r = client.post("/api/predict", files={"file": ("a.png", good, "image/png")})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error; the server log has the details"}
+    monkeypatch.setattr(app_mod.Service, "predict_file", real)
+    assert client.post("/api/predict", files={"file": ("a.png", good, "image/png")}).json()["probability"] == first["probability"]
+
+
+def test_temporary_files_are_removed_and_names_never_become_paths(client, tiny_data, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    good = _png(sorted(tiny_data.rglob("*.png"))[0])
+    for name in ("../../etc/passwd", "/abs/evil.png", "a\x00b.png"):
+        r = client.post("/api/predict", files={"file": (name, good, "image/png")})
+        assert r.status_code == 200
+    client.post("/api/predict", files={"file": ("bad.png", good[:60], "image/png")})
+    assert list(tmp_path.iterdir()) == []
