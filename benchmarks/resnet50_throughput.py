@@ -4,7 +4,7 @@ The ceiling (benchmarks/ceiling.py) is a large channels_last convolution's GFLOP
 before and just after each figure (their mean), so the ratios hold even when the machine's speed
 drifts, between runs or within one. Each figure is the
 median of >= 3 timed repetitions after a warm-up. Inference: eager and torch.compile (weights
-frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam) in fp32 and bf16.
+frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam, as ``fit`` makes it) in fp32 and bf16.
 
     python benchmarks/resnet50_throughput.py [--out benchmarks/results/resnet50_cpu.json] [--reps 3]
 """
@@ -18,7 +18,9 @@ import time
 import torch
 from ceiling import measure_ceiling, median_seconds, share
 
+from bonetumor.config import TrainConfig
 from bonetumor.models import create_model
+from bonetumor.train import create_optimizer
 from bonetumor.utils import atomic_write_json, autocast_dtype, cpu_has_fast_bf16, environment_info, select_device
 
 
@@ -36,7 +38,7 @@ def inference_ips(model, device, batch: int, precision: str, reps: int) -> float
 def training_ips(model, device, batch: int, precision: str, reps: int) -> float:
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch, 1), device=device).float()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = create_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4), device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     dtype = autocast_dtype(precision, device)
     model.train()

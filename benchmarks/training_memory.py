@@ -3,8 +3,8 @@
 Each mode trains in a fresh process (so its peak is its own) on the same synthetic data: the
 frozen backbone with cached features (the default), the frozen backbone run every epoch
 (``--no-cache-features``), and full fine-tuning in fp32 and in bf16. The resident set size is
-read after every epoch; growth is the last epoch's minus the second's (the first epoch holds the
-allocators' warm-up).
+read after every epoch (at the next one's start); growth is the last reading minus the second
+(the first epoch holds the allocators' warm-up). The last epoch's own reading is not taken.
 
     python benchmarks/training_memory.py [--out benchmarks/results/training_memory_cpu.json]
 """
@@ -43,10 +43,9 @@ def child(mode: str, data: str, out: str) -> None:
     per_epoch: list[float] = []
     real = train_mod.train_one_epoch
 
-    def recorded(*a, **k):
-        r = real(*a, **k)
+    def recorded(*a, **k):  # the size at each epoch's start is the size the previous epoch left
         per_epoch.append(round(rss_mb(), 1))
-        return r
+        return real(*a, **k)
 
     train_mod.train_one_epoch = recorded
     kw = MODES[mode]
@@ -54,8 +53,9 @@ def child(mode: str, data: str, out: str) -> None:
                       **kw)
     t0 = time.perf_counter()
     fit(cfg, out, verbose=False)
-    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_each_epoch_mb": per_epoch,
-                      "growth_mb": round(per_epoch[-1] - per_epoch[1], 1), "seconds": round(time.perf_counter() - t0, 1),
+    after = per_epoch[1:]  # per_epoch[0] is before training
+    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_each_epoch_mb": after,
+                      "growth_mb": round(after[-1] - after[1], 1), "seconds": round(time.perf_counter() - t0, 1),
                       **kw}))
 
 

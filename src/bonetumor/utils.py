@@ -143,6 +143,24 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return n
 
 
+def release_free_memory() -> None:
+    """Hand the memory freed during an epoch back to the OS.
+
+    glibc keeps freed blocks of the large tensors a training step makes for reuse, in a heap that
+    fragments, so a training process seemed to grow by hundreds of MB over epochs while nothing
+    leaked; ``malloc_trim`` at each epoch's end returns them (a few milliseconds). A fixed mmap
+    threshold would too, but made every step 30% slower with page faults. No-op elsewhere.
+    """
+    if not platform.system() == "Linux":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+        pass
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MB (Linux: VmHWM, since ru_maxrss keeps a
     parent's peak across exec; elsewhere ru_maxrss)."""

@@ -12,7 +12,7 @@ from PIL import Image
 from bonetumor.checkpoint import load_checkpoint
 from bonetumor.data.datasets import load_tensor
 from bonetumor.data.transforms import create_transforms
-from bonetumor.data.writers import write_nifti
+from bonetumor.data.writers import write_dicom, write_nifti
 from bonetumor.explain.cam import compute_cams
 from bonetumor.predict import predict, predict_studies
 from bonetumor.serve.app import _heatmap_rgba, create_app
@@ -77,6 +77,29 @@ def test_a_volume_gives_every_slice_and_the_study_score(client, tiny_run, tmp_pa
     assert ranks == sorted(ranks, reverse=True) and len(ranks) == 5
 
 
+def test_dicom_files_of_one_series_are_one_study_in_slice_order(client, tiny_run, tmp_path):
+    rng = np.random.default_rng(3)
+    files = []
+    for k, pos in enumerate([30.0, 10.0, 20.0]):  # sent out of order
+        files.append(write_dicom(tmp_path / f"s{k}.dcm", rng.random((32, 32)), series_uid="1.2.3.4", instance=k + 1,
+                                 position=pos))
+    r = client.post("/api/predict", files=[("file", (f"x{k}", f.read_bytes(), "application/dicom")) for k, f in enumerate(files)])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rows, studies = predict_studies(tiny_run / "best.pt", [tmp_path], device="cpu")  # the same series from disk
+    assert body["kind"] == "study" and [s["slice"] for s in body["slices"]] == [0, 1, 2]
+    assert [s["probability"] for s in body["slices"]] == pytest.approx([r["probability"] for r in rows], abs=1e-5)
+    assert body["probability"] == pytest.approx(studies[0]["probability"], abs=1e-5)
+    one = client.post("/api/predict", files={"file": ("a.dcm", files[0].read_bytes(), "application/dicom")}).json()
+    assert one["kind"] == "image" and "slices" not in one  # a single-frame file alone is an image
+    other = write_dicom(tmp_path / "o.dcm", rng.random((32, 32)), series_uid="9.9.9", position=0.0)
+    r = client.post("/api/predict", files=[("file", ("a", files[0].read_bytes(), "x")), ("file", ("b", other.read_bytes(), "x"))])
+    assert r.status_code == 422 and "2 series; send one series per request" in r.json()["detail"]
+    r = client.post("/api/predict", files=[("file", ("a", files[0].read_bytes(), "x")),
+                                           ("file", ("b", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "x"))])
+    assert r.status_code == 422 and "must be the DICOM files of one series" in r.json()["detail"]
+
+
 def test_health_and_model(client, tiny_run):
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["device"] == "cpu"
@@ -88,6 +111,23 @@ def test_health_and_model(client, tiny_run):
     page = client.get("/")
     assert page.status_code == 200 and "not a diagnostic device" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+
+
+def test_model_reports_the_evaluation_with_its_intervals_and_no_server_paths(tiny_run, tiny_data, tmp_path):
+    import shutil
+
+    from bonetumor import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "data.json"):
+        shutil.copy(tiny_run / name, run / name)
+    evaluate(run / "best.pt", str(tiny_data), run / "eval", "test", n_boot=50)
+    m = TestClient(create_app(run / "best.pt", device="cpu")).get("/api/model").json()
+    saved = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["metrics"]["from"] == "eval" and m["metrics"]["roc_auc"] == saved["roc_auc"]
+    assert {"value", "ci_low", "ci_high"} <= set(m["metrics"]["roc_auc"])
+    assert str(tmp_path) not in json.dumps(m) and str(tiny_data) not in json.dumps(m)
 
 
 def test_wrong_content_is_415_whatever_its_name(client):

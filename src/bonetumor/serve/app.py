@@ -38,11 +38,23 @@ from bonetumor.explain.cam import compute_cams
 from bonetumor.models import BACKBONES
 from bonetumor.predict import DEFAULT_AGGREGATE, study_scores
 from bonetumor.serve.sniff import ACCEPTED, SUFFIXES, sniff
-from bonetumor.utils import select_device, to_device
+from bonetumor.utils import release_free_memory, select_device, to_device
 
 log = logging.getLogger("bonetumor.serve")
 DISCLAIMER = "Research tool, not a diagnostic device: not for clinical decisions."
 MAX_HEATMAPS = 12  # a volume's top-scoring slices get images and heatmaps; every slice gets a score
+
+
+# Record entries that name places on the server's disk: not for the clients.
+SERVER_PATHS = ("root", "checkpoint", "data")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON record of the run, or None if missing or unreadable."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _png_b64(arr: np.ndarray) -> str:
@@ -87,26 +99,24 @@ class Service:
                 "threshold": ck.threshold, "image_size": ck.image_size, "backbone": ck.config.backbone,
                 "operating_point": ck.raw.get("operating_point")}
         run = self.path.parent
-        for name, key in (("data.json", "training_data"), ("metrics.json", "metrics")):
-            f = run / name
-            if f.is_file():
-                try:
-                    info[key] = json.loads(f.read_text())
-                except (OSError, ValueError):
-                    pass
-        if "metrics" not in info:  # an evaluation folder beside the run, as the README suggests
-            for f in sorted(run.glob("*/metrics.json")):
-                try:
-                    info["metrics"] = {"from": f.parent.name, **json.loads(f.read_text())}
-                    break
-                except (OSError, ValueError):
-                    continue
-        return info
+        data = _read_json(run / "data.json")
+        if data is not None:
+            info["training_data"] = {k: v for k, v in data.items() if k not in SERVER_PATHS}
+        for f in sorted(run.glob("*/metrics.json")):  # an evaluation written into the run folder
+            m = _read_json(f)
+            if m is not None:
+                info["metrics"] = {"from": f.parent.name, **{k: v for k, v in m.items() if k not in SERVER_PATHS}}
+                break
+        # NaN (an undefined metric) becomes null: JSON responses allow no NaN.
+        return json.loads(json.dumps(info, default=str), parse_constant=lambda c: None)
 
     def predict_file(self, path: Path) -> dict:
         """Scores for every slice of ``path``, heatmaps for the best ones; the study score for a volume."""
         ck, opts = self.ck, self.ck.read_options
         refs = expand_inputs([path], opts)
+        if len({r.study for r in refs}) > 1:
+            raise BonetumorError(f"the files form {len({r.study for r in refs})} series; send one series per request")
+        is_study = len(refs) > 1 or refs[0].frame is not None  # one single-frame DICOM file is an image
         originals, rows = [], []
         for start in range(0, len(refs), 16):
             chunk = refs[start:start + 16]
@@ -114,8 +124,10 @@ class Service:
             with torch.inference_mode():
                 logits = ck.model(to_device(torch.stack([self.tf(t) for t in xs]), self.device)).float()
             probs = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
-            for r, t, p in zip(chunk, xs, probs.cpu()):
-                row = {"slice": r.frame, "path": r.path, "study": r.study, "label": ck.label_for(p)}
+            for k, (r, t, p) in enumerate(zip(chunk, xs, probs.cpu()), start):
+                # A series' files are numbered in slice order (expand_inputs orders them by position).
+                row = {"slice": (r.frame if r.frame is not None else k) if is_study else None, "path": r.path,
+                       "study": r.study or "upload", "label": ck.label_for(p)}
                 if logits.shape[1] == 1:
                     row["probability"] = round(float(p), 6)
                 else:
@@ -134,10 +146,10 @@ class Service:
             images.append({"slice": rows[i]["slice"], "rank": j + 1, **{k: rows[i][k] for k in rows[i] if k.startswith("prob")},
                            "label": rows[i]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
                            "image_png": _png_b64(_image_rgb8(originals[i])), "heatmap_png": _png_b64(_heatmap_rgba(cam))})
-        out = {"kind": "study" if refs[0].study else "image", "threshold": ck.threshold, "positive_class": ck.positive_class,
+        out = {"kind": "study" if is_study else "image", "threshold": ck.threshold, "positive_class": ck.positive_class,
                "classes": ck.classes, "model": {k: self.info[k] for k in ("name", "bonetumor", "checkpoint", "epoch")},
                "images": images, "disclaimer": DISCLAIMER}
-        if refs[0].study:
+        if is_study:
             study = study_scores(rows, DEFAULT_AGGREGATE, ck.label_for)[0]
             out.update(study={k: v for k, v in study.items() if k != "study"},
                        slices=[{k: r[k] for k in r if k not in ("path", "study")} for r in rows])
@@ -200,25 +212,36 @@ def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: 
         return service.info
 
     @app.post("/api/predict", dependencies=[Depends(authorised)])
-    def predict_upload(file: UploadFile = File(..., description=f"One {ACCEPTED} file")) -> dict:
+    def predict_upload(file: list[UploadFile] = File(..., description=f"One {ACCEPTED} file, or the DICOM files "
+                                                      "of one series")) -> dict:
         """Probability of the positive class, the label at the operating point and Grad-CAM
-        heatmaps (base64 PNG: the image, and the coloured map with its value as opacity)."""
-        head = file.file.read(4096)
-        file.file.seek(0, 2)
-        size = file.file.tell()
-        if size > limit:
-            raise HTTPException(413, f"upload too large: {size / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
-        kind = sniff(head)
-        if kind is None:
+        heatmaps (base64 PNG: the image, and the coloured map with its value as opacity). Several
+        files in one request are the DICOM slices of one series: one study."""
+        kinds, total = [], 0
+        for up in file:
+            head = up.file.read(4096)
+            up.file.seek(0, 2)
+            total += up.file.tell()
+            kinds.append(sniff(head))
+        if total > limit:
+            raise HTTPException(413, f"upload too large: {total / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+        if None in kinds:
             raise HTTPException(415, f"not a {ACCEPTED} file (judged by its content, not its name)")
+        if len(file) > 1 and set(kinds) != {"dicom"}:
+            raise HTTPException(422, "several files in one request must be the DICOM files of one series")
+        kind = kinds[0]
         tmp = Path(tempfile.mkdtemp(prefix="bonetumor-upload-"))
         try:
-            path = tmp / f"upload{SUFFIXES[kind]}"  # a fixed name: the client's name never becomes a path
-            file.file.seek(0)
-            with open(path, "wb") as f:
-                shutil.copyfileobj(file.file, f)
+            for n, up in enumerate(file):  # fixed names: a client's file name never becomes a path
+                up.file.seek(0)
+                with open(tmp / f"upload{n:05d}{SUFFIXES[kind]}" if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}",
+                          "wb") as f:
+                    shutil.copyfileobj(up.file, f)
             with service.lock:
-                return service.predict_file(path)
+                try:
+                    return service.predict_file(tmp if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}")
+                finally:
+                    release_free_memory()  # a long-running server must not look as if it grew
         except BonetumorError as e:
             msg = str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload")
             raise HTTPException(422, f"cannot read the {kind.replace('-gz', '')} file: {msg}") from None

@@ -79,11 +79,14 @@ function render(res) {
   }
 }
 
-async function upload(file) {
-  if (!file) return;
+async function upload(files) {
+  files = [...files];
+  if (!files.length) return;
+  // Several files at once: the DICOM slices of one series.
+  const file = { name: files.length === 1 ? files[0].name : `${files.length} files` };
   setStatus(`Analysing ${file.name}…`, false);
   const form = new FormData();
-  form.append("file", file);
+  for (const f of files) form.append("file", f);
   try {
     const r = await fetch("/api/predict", { method: "POST", body: form, headers: headers() });
     const body = await r.json().catch(() => ({ detail: r.statusText }));
@@ -99,14 +102,14 @@ async function upload(file) {
   }
 }
 
-$("file").addEventListener("change", (e) => upload(e.target.files[0]));
+$("file").addEventListener("change", (e) => upload(e.target.files));
 const zone = $("dropzone");
 zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
 zone.addEventListener("dragleave", () => zone.classList.remove("over"));
 zone.addEventListener("drop", (e) => {
   e.preventDefault();
   zone.classList.remove("over");
-  upload(e.dataTransfer.files[0]);
+  upload(e.dataTransfer.files);
 });
 $("opacity").addEventListener("input", (e) => {
   $("heatmap").style.opacity = e.target.value / 100;
