@@ -102,3 +102,14 @@ def test_manifest_of_volumes_without_splits_is_split_by_patient(tmp_path):
         splits.setdefault(s.patient_id, set()).add(s.split)
     assert len(splits) == 20 and all(len(v) == 1 for v in splits.values())
     assert {next(iter(v)) for v in splits.values()} == {"train", "valid", "test"}
+
+
+def test_a_volume_above_the_voxel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    from bonetumor.data import volumes
+
+    path = write_nifti(tmp_path / "v.nii.gz", images(4, 20, 30))
+    monkeypatch.setattr(volumes, "MAX_VOXELS", 1000)
+    monkeypatch.setattr(volumes.np, "asarray", lambda *a, **k: pytest.fail("voxels were read"))
+    with pytest.raises(BadImageError, match=r"v.nii.gz: NIfTI volume of shape \(\d+, \d+, 4\) holds 2,400 voxels .* "
+                                            r"above the limit of 1,000"):
+        volumes.load_volume(path)

@@ -75,6 +75,10 @@ def test_a_volume_gives_every_slice_and_the_study_score(client, tiny_run, tmp_pa
     assert by_slice == pytest.approx({r["slice"]: r["probability"] for r in rows}, abs=1e-5)
     ranks = [im["probability"] for im in body["images"]]
     assert ranks == sorted(ranks, reverse=True) and len(ranks) == 5
+    from bonetumor.data import volumes
+
+    client.post("/api/predict", files={"file": ("v", vol.read_bytes(), "x")})
+    assert not volumes._CACHE  # the request's decoded volume is not kept by the server
 
 
 def test_dicom_files_of_one_series_are_one_study_in_slice_order(client, tiny_run, tmp_path):

@@ -20,6 +20,7 @@ from bonetumor.errors import BadImageError, BonetumorError
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2  # decoded volumes kept per process: slices of one volume are read in a row
+MAX_VOXELS = 2**28  # 1 GB as float32: a 512 x 512 x 1024 CT fits
 _LOCK = Lock()
 
 
@@ -43,7 +44,13 @@ def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = nib.as_closest_canonical(nib.load(str(p)))
+        img = nib.load(str(p))
+        # The header gives the size before any voxel is read: a small .nii.gz can unpack to many GB.
+        n = int(np.prod(img.shape, dtype=np.int64))
+        if n > MAX_VOXELS:
+            raise BadImageError(p, f"NIfTI volume of shape {tuple(img.shape)} holds {n:,} voxels "
+                                   f"({n * 4 / 2**30:.1f} GB as float32), above the limit of {MAX_VOXELS:,}")
+        img = nib.as_closest_canonical(img)
         vol = np.asarray(img.get_fdata(dtype=np.float32))
     except (ImageFileError, EOFError, OSError, ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -58,6 +65,12 @@ def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
     if bad:
         raise BadImageError(p, f"NIfTI volume holds {bad} NaN or infinite voxels")
     return vol, tuple(float(v) for v in np.percentile(vol, [0.5, 99.5]))
+
+
+def forget_volumes() -> None:
+    """Empty the decoded-volume cache (a server does so after each request)."""
+    with _LOCK:
+        _CACHE.clear()
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:

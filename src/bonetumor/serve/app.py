@@ -32,7 +32,7 @@ from bonetumor import __version__
 from bonetumor.checkpoint import load_checkpoint
 from bonetumor.data.datasets import load_tensor
 from bonetumor.data.transforms import create_transforms
-from bonetumor.data.volumes import expand_inputs
+from bonetumor.data.volumes import expand_inputs, forget_volumes
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
 from bonetumor.models import BACKBONES
@@ -241,6 +241,7 @@ def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: 
                 try:
                     return service.predict_file(tmp if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}")
                 finally:
+                    forget_volumes()  # the upload is gone after this request: so is its decoded volume
                     release_free_memory()  # a long-running server must not look as if it grew
         except BonetumorError as e:
             msg = str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload")
