@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -111,7 +112,11 @@ def test_health_and_model(client, tiny_run):
     op = json.loads((tiny_run / "operating_point.json").read_text())
     assert m["classes"] == ["normal", "cancer"] and m["threshold"] == pytest.approx(op["threshold"])
     assert m["training_data"]["classes"] == ["normal", "cancer"]  # data.json of the run
-    assert client.get("/docs").status_code == 200 and "/api/predict" in client.get("/openapi.json").json()["paths"]
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+    docs = client.get("/docs")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert docs.status_code == 200 and len(assets) >= 2 and "http" not in docs.text  # Swagger UI from here, no CDN
+    assert all(client.get(a).status_code == 200 for a in assets)
     page = client.get("/")
     assert page.status_code == 200 and "not a diagnostic device" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere

@@ -26,6 +26,7 @@ import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from bonetumor import __version__
@@ -165,8 +166,9 @@ def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: 
     ``Authorization: Bearer <token>``; uploads above ``max_upload_mb`` get 413."""
     service = Service(checkpoint, device)
     limit = int(max_upload_mb * 2**20)
-    app = FastAPI(title="bonetumor", version=__version__,
-                  description="Bone-tumour image classifier with Grad-CAM heatmaps. " + DISCLAIMER)
+    # FastAPIOffline serves the /docs page's Swagger UI from the package, not from a CDN: offline too.
+    app = FastAPIOffline(title="bonetumor", version=__version__,
+                         description="Bone-tumour image classifier with Grad-CAM heatmaps. " + DISCLAIMER)
     bearer = HTTPBearer(auto_error=False)
 
     def authorised(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
