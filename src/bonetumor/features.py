@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -134,3 +135,29 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.feats[i, self.view[i]], self.targets[i], i
+
+
+def create_feature_loaders(model: torch.nn.Module, index, cfg: TrainConfig, device: torch.device,
+                           dtype: torch.dtype | None, generator: torch.Generator, progress: bool = False):
+    """Train and validation loaders over cached backbone features (``cfg.feature_views`` views of
+    each training image, one plain view of each validation image), and a line saying so.
+
+    Returns:
+        (train loader, validation loader, summary).
+    """
+    t0 = time.perf_counter()
+    loaders, notes = [], []
+    for split, views, train in (("train", cfg.feature_views, True), ("valid", 1, False)):
+        samples = index.split(split)
+        feats, hit = cached_features(model, samples, cfg, views, device, dtype, progress, f"{split} features")
+        notes.append(f"{split} {len(samples)}x{views}{' (from disk)' if hit else ''}")
+        targets = [index.classes.index(s.label) for s in samples]
+        ds = FeatureDataset(feats, targets, cfg.seed)
+        # The same batches as train.create_loader, which drops a lone last training sample (for
+        # BatchNorm), so that cached and uncached runs train alike.
+        lone = train and len(ds) % cfg.batch_size == 1 and len(ds) > 1
+        loaders.append(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, drop_last=lone,
+                                                   generator=generator if train else None))
+    summary = (f"frozen backbone: features computed once ({', '.join(notes)} views) in "
+               f"{time.perf_counter() - t0:.1f} s; the head trains from them")
+    return loaders[0], loaders[1], summary

@@ -122,13 +122,23 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: str | Path, tit
     _save(fig, path)
 
 
-def _to_rgb8(img: np.ndarray) -> np.ndarray:
+def to_rgb8(img: np.ndarray) -> np.ndarray:
+    """An image (H, W), (H, W, 1) or (H, W, 3) in [0, 1] as 8-bit RGB."""
     img = np.asarray(img, dtype=np.float32)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def heatmap_rgba(cam: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] coloured with matplotlib's jet, its own value (x1.2, capped) as opacity, so
+    it can be laid over the image at any strength: 8-bit RGBA."""
+    cam = np.clip(cam, 0, 1)
+    rgba = (matplotlib.colormaps["jet"](cam) * 255).astype(np.uint8)
+    rgba[..., 3] = (np.clip(cam * 1.2, 0, 1) * 255).round().astype(np.uint8)
+    return rgba
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -149,8 +159,8 @@ def save_cam_panel(image: np.ndarray, cam: np.ndarray, path: str | Path, title: 
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    base = _to_rgb8(image)
-    heat = (matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)
+    base = to_rgb8(image)
+    heat = heatmap_rgba(cam)[..., :3].copy()
     over = (base * (1 - alpha) + heat * alpha).round().astype(np.uint8)
     if mask is not None:
         edge = _outline(mask.astype(bool))

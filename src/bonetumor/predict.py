@@ -16,7 +16,8 @@ import torch
 from bonetumor.checkpoint import load_checkpoint
 from bonetumor.data.datasets import load_tensor
 from bonetumor.data.transforms import create_transforms
-from bonetumor.data.volumes import expand_inputs
+from bonetumor.data.io import ReadOptions
+from bonetumor.data.volumes import SliceRef, expand_inputs
 from bonetumor.compiled import maybe_compiled
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.precision import resolve_precision
@@ -82,7 +83,6 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
                            compile_mode)[0]
 
 
-@torch.inference_mode()
 def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = DEFAULT_AGGREGATE,
                     device: str = "auto", batch_size: int = 8, window: str | None = None,
                     skip_bad: bool = False, engine: str = "torch",
@@ -94,41 +94,62 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     ck, dev = load_model(checkpoint, device, engine)
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
     refs = expand_inputs(paths, options)
-    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
     if engine == "onnx" or (precision == "auto" and len(refs) <= batch_size):
         precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise BonetumorError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     run = ck.model if engine == "onnx" else maybe_compiled(ck.model, compile_mode, len(refs), batch_size, dev)
-    results = []
-    for start in range(0, len(refs), batch_size):
-        chunk, xs = [], []
-        for r in refs[start : start + batch_size]:
-            base = {"path": r.path, "slice": r.frame, "study": r.study}
-            try:
-                xs.append(tf(load_tensor(r.path, r.frame, options)))
-                chunk.append(base)
-            except BadImageError as e:
-                if not skip_bad:
-                    raise
-                results.append({**base, "error": e.problem})
-        if not xs:
-            continue
-        x = to_device(torch.stack(xs), dev)
-        if precision == "auto":
-            # Checked on a few images: the check's fp32 pass costs as much as predicting them.
-            precision = resolve_precision("auto", ck.model, x[:PRECISION_CHECK_IMAGES], dev)["chosen"]
-        dtype = autocast_dtype(precision, dev)
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = run(x).float()
-        if logits.shape[1] == 1:
-            for base, p in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
-                results.append({**base, "probability": round(p, 6), "label": ck.label_for(p), "threshold": ck.threshold})
-        else:
-            for base, p in zip(chunk, torch.softmax(logits, 1).tolist()):
-                results.append({**base, "probabilities": dict(zip(ck.classes, p)), "label": ck.label_for(p)})
+    results = score_refs(ck, refs, options, dev, batch_size, precision, run, skip_bad)
     studies = study_scores(results, aggregate, ck.label_for) if aggregate is not None else []
     return results, studies
+
+
+def score_refs(ck, refs: Sequence[SliceRef], options: ReadOptions, device: torch.device, batch_size: int = 8,
+               precision: str = "fp32", run: Callable | None = None, skip_bad: bool = False) -> list[dict]:
+    """``predict``'s rows for slices ``refs`` with a model already loaded (``ck``; ``run``, its
+    compiled form, if any). ``precision`` auto is resolved on the first batch's first images."""
+    run = run or ck.model
+    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    results = []
+    with torch.inference_mode():
+        for start in range(0, len(refs), batch_size):
+            chunk, xs = [], []
+            for r in refs[start : start + batch_size]:
+                base = {"path": r.path, "slice": r.frame, "study": r.study}
+                try:
+                    xs.append(tf(load_tensor(r.path, r.frame, options)))
+                    chunk.append(base)
+                except BadImageError as e:
+                    if not skip_bad:
+                        raise
+                    results.append({**base, "error": e.problem})
+            if not xs:
+                continue
+            x = to_device(torch.stack(xs), device)
+            if precision == "auto":
+                # Checked on a few images: the check's fp32 pass costs as much as predicting them.
+                precision = resolve_precision("auto", ck.model, x[:PRECISION_CHECK_IMAGES], device)["chosen"]
+            dtype = autocast_dtype(precision, device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = run(x).float()
+            results += prediction_rows(ck, chunk, torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1
+                                       else torch.softmax(logits, 1))
+    return results
+
+
+def slice_score(row: dict) -> float:
+    """The number a slice is ranked by: P(positive), or a multiclass model's top probability."""
+    return row["probability"] if "probability" in row else max(row["probabilities"].values())
+
+
+def prediction_rows(ck, bases: Sequence[dict], probs: torch.Tensor) -> list[dict]:
+    """``bases`` (path, slice, study) completed with their probabilities and labels: ``probs`` is
+    (N,) P(positive) for a binary model, else (N, C)."""
+    if probs.ndim == 1:
+        return [{**b, "probability": round(p, 6), "label": ck.label_for(p), "threshold": ck.threshold}
+                for b, p in zip(bases, probs.tolist())]
+    return [{**b, "probabilities": dict(zip(ck.classes, p)), "label": ck.label_for(p)}
+            for b, p in zip(bases, probs.tolist())]
 
 
 def load_model(path: str | Path, device: str = "auto", engine: str = "torch"):

@@ -34,7 +34,7 @@ from bonetumor.data.splits import assign_splits
 from bonetumor.data.transforms import create_resize, create_transforms
 from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.evaluate import Predictions, binary_auc, loss_target, predict_loader
-from bonetumor.features import FeatureDataset, cached_features, uses_feature_cache
+from bonetumor.features import FeatureDataset, create_feature_loaders, uses_feature_cache
 from bonetumor.models import count_parameters, create_model
 from bonetumor.utils import (
     atomic_write_csv,
@@ -126,28 +126,6 @@ def choose_training_precision(model: nn.Module, index: DatasetIndex, cfg: TrainC
         x, _, _ = next(iter(create_loader(index, "valid", replace(cfg, batch_size=min(cfg.batch_size, 16)), False, device)))
         x = to_device(x, device)
     return resolve_precision(cfg.precision, model, x, device)
-
-
-def create_feature_loaders(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device,
-                           dtype, generator: torch.Generator, verbose: bool = False):
-    """Train and validation loaders over cached backbone features (``cfg.feature_views`` views of
-    each training image, one plain view of each validation image)."""
-    t0 = time.perf_counter()
-    loaders, notes = [], []
-    for split, views, train in (("train", cfg.feature_views, True), ("valid", 1, False)):
-        samples = index.split(split)
-        feats, hit = cached_features(model, samples, cfg, views, device, dtype, verbose and console.is_terminal,
-                                     f"{split} features")
-        notes.append(f"{split} {len(samples)}x{views}{' (from disk)' if hit else ''}")
-        targets = [index.classes.index(s.label) for s in samples]
-        ds = FeatureDataset(feats, targets, cfg.seed)
-        lone = train and len(ds) % cfg.batch_size == 1 and len(ds) > 1  # as create_loader does
-        loaders.append(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=train, drop_last=lone,
-                                                   generator=generator if train else None))
-    if verbose:
-        console.print(f"frozen backbone: features computed once ({', '.join(notes)} views) in "
-                      f"{time.perf_counter() - t0:.1f} s; the head trains from them")
-    return loaders[0], loaders[1]
 
 
 def create_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -333,7 +311,10 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     net = model
     if uses_feature_cache(cfg, model):
         # Frozen backbone: its features never change, so they are computed once and the head trains alone.
-        train_loader, val_loader = create_feature_loaders(model, index, cfg, device, dtype, gen, verbose)
+        train_loader, val_loader, summary = create_feature_loaders(model, index, cfg, device, dtype, gen,
+                                                                   verbose and console.is_terminal)
+        if verbose:
+            console.print(summary)
         net = model.head
     else:
         train_loader = create_loader(index, "train", cfg, True, device, gen)

@@ -16,7 +16,8 @@ from bonetumor.data.transforms import create_transforms
 from bonetumor.data.writers import write_dicom, write_nifti
 from bonetumor.explain.cam import compute_cams
 from bonetumor.predict import predict, predict_studies
-from bonetumor.serve.app import _heatmap_rgba, create_app
+from bonetumor.plots import heatmap_rgba as _heatmap_rgba
+from bonetumor.serve.app import create_app
 
 TOKEN = "a-long-enough-test-token-123"
 
@@ -80,6 +81,21 @@ def test_a_volume_gives_every_slice_and_the_study_score(client, tiny_run, tmp_pa
 
     client.post("/api/predict", files={"file": ("v", vol.read_bytes(), "x")})
     assert not volumes._CACHE  # the request's decoded volume is not kept by the server
+
+
+def test_a_long_volume_is_scored_in_batches_and_its_best_slices_explained(client, tiny_run, tmp_path, monkeypatch):
+    from bonetumor.serve import app as app_mod
+
+    monkeypatch.setattr(app_mod, "MAX_HEATMAPS", 2)
+    rng = np.random.default_rng(5)
+    vol = write_nifti(tmp_path / "v.nii.gz", [rng.random((32, 32)) for _ in range(6)])
+    body = client.post("/api/predict", files={"file": ("v", vol.read_bytes(), "x")}).json()
+    rows, studies = predict_studies(tiny_run / "best.pt", [vol], device="cpu")
+    assert [s["probability"] for s in body["slices"]] == pytest.approx([r["probability"] for r in rows], abs=1e-5)
+    assert body["probability"] == pytest.approx(studies[0]["probability"], abs=1e-5)
+    best = sorted(rows, key=lambda r: -r["probability"])[:2]
+    assert [im["slice"] for im in body["images"]] == [r["slice"] for r in best]
+    assert [im["probability"] for im in body["images"]] == pytest.approx([r["probability"] for r in best], abs=1e-5)
 
 
 def test_dicom_files_of_one_series_are_one_study_in_slice_order(client, tiny_run, tmp_path):

@@ -31,6 +31,7 @@ from bonetumor.explain.scores import (
 )
 from bonetumor.models import BACKBONES
 from bonetumor.plots import save_cam_panel
+from bonetumor.predict import score_refs, slice_score
 from bonetumor.data.volumes import SliceRef, expand_inputs
 from bonetumor.utils import (
     atomic_path,
@@ -121,7 +122,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
     options = ck.read_options
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
-    files = _top_slices(ck, expand_inputs(paths, options), top_slices, tf, dev, batch_size)
+    files = _top_slices(ck, expand_inputs(paths, options), top_slices, dev, batch_size)
     lookup = mask_lookup(masks, boxes, manifest)
     outdir = prepare_out_dir(out, overwrite=overwrite)
     (outdir / "maps").mkdir(exist_ok=True)
@@ -145,8 +146,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     return result
 
 
-@torch.inference_mode()
-def _top_slices(ck, refs: list[SliceRef], k: int, tf, dev, batch_size: int) -> list[SliceRef]:
+def _top_slices(ck, refs: list[SliceRef], k: int, dev, batch_size: int) -> list[SliceRef]:
     """2-D images as they are; of each study, its ``k`` slices with the highest score (in slice order)."""
     studies: dict[str, list[SliceRef]] = {}
     for r in refs:
@@ -156,14 +156,8 @@ def _top_slices(ck, refs: list[SliceRef], k: int, tf, dev, batch_size: int) -> l
     if not big:
         return refs
     ranked = [r for r in refs if r.study in big]
-    scores = []
-    for start in range(0, len(ranked), batch_size):
-        x = torch.stack([tf(load_tensor(r.path, r.frame, ck.read_options)) for r in ranked[start:start + batch_size]])
-        logits = ck.model(to_device(x, dev)).float()
-        # Binary: P(positive); multiclass: the top class's probability.
-        p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1).max(1).values
-        scores += p.tolist()
-    score = dict(zip(ranked, scores))
+    # Binary: P(positive); multiclass: the top class's probability.
+    score = {r: slice_score(row) for r, row in zip(ranked, score_refs(ck, ranked, ck.read_options, dev, batch_size))}
     keep = {r for s in big for r in sorted(studies[s], key=lambda r: -score[r])[:k]}
     return [r for r in refs if r.study not in big or r in keep]
 

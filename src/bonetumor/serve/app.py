@@ -37,7 +37,8 @@ from bonetumor.data.volumes import expand_inputs, forget_volumes
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
 from bonetumor.models import BACKBONES
-from bonetumor.predict import DEFAULT_AGGREGATE, study_scores
+from bonetumor.plots import heatmap_rgba, to_rgb8
+from bonetumor.predict import DEFAULT_AGGREGATE, prediction_rows, score_refs, slice_score, study_scores
 from bonetumor.serve.sniff import ACCEPTED, SUFFIXES, sniff
 from bonetumor.utils import release_free_memory, select_device, to_device
 
@@ -62,21 +63,6 @@ def _png_b64(arr: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", optimize=False)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _heatmap_rgba(cam: np.ndarray) -> np.ndarray:
-    """The map coloured (matplotlib's jet) with its own value as opacity, so the page can lay it
-    over the image at any strength."""
-    from matplotlib import colormaps
-
-    rgba = colormaps["jet"](cam)
-    rgba[..., 3] = np.clip(cam * 1.2, 0, 1)
-    return (rgba * 255).round().astype(np.uint8)
-
-
-def _image_rgb8(x: torch.Tensor) -> np.ndarray:
-    """A loaded image (3, H, W) in [0, 1] as 8-bit RGB."""
-    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 class Service:
@@ -118,42 +104,37 @@ class Service:
         if len({r.study for r in refs}) > 1:
             raise BonetumorError(f"the files form {len({r.study for r in refs})} series; send one series per request")
         is_study = len(refs) > 1 or refs[0].frame is not None  # one single-frame DICOM file is an image
-        originals, rows = [], []
-        for start in range(0, len(refs), 16):
-            chunk = refs[start:start + 16]
-            xs = [load_tensor(r.path, r.frame, opts) for r in chunk]
-            with torch.inference_mode():
-                logits = ck.model(to_device(torch.stack([self.tf(t) for t in xs]), self.device)).float()
-            probs = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
-            for k, (r, t, p) in enumerate(zip(chunk, xs, probs.cpu()), start):
-                # A series' files are numbered in slice order (expand_inputs orders them by position).
-                row = {"slice": (r.frame if r.frame is not None else k) if is_study else None, "path": r.path,
-                       "study": r.study or "upload", "label": ck.label_for(p)}
-                if logits.shape[1] == 1:
-                    row["probability"] = round(float(p), 6)
-                else:
-                    row["probabilities"] = dict(zip(ck.classes, map(float, p)))
-                rows.append(row)
-                originals.append(t)
-        score = [r.get("probability", max(r.get("probabilities", {0: 0}).values())) for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: -score[i])[:MAX_HEATMAPS]
-        x = to_device(torch.stack([self.tf(originals[i]) for i in order]), self.device)
+        # Few slices: Grad-CAM's own forward pass scores them all. Many: score every slice in
+        # batches (not all held in memory), then explain the highest-scoring ones.
+        rows = score_refs(ck, refs, opts, self.device, batch_size=16) if len(refs) > MAX_HEATMAPS else None
+        chosen = sorted(range(len(refs)), key=lambda i: -slice_score(rows[i]))[:MAX_HEATMAPS] if rows else range(len(refs))
+        originals = [load_tensor(refs[i].path, refs[i].frame, opts) for i in chosen]
+        x = to_device(torch.stack([self.tf(t) for t in originals]), self.device)
         cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold)
+        cam_rows = prediction_rows(ck, [{"path": refs[i].path, "study": refs[i].study} for i in chosen], cams.probs.cpu())
+        rows = rows or cam_rows
+        for k, row in enumerate(rows):  # a series' files are numbered in slice order (as expand_inputs sorts them)
+            row.update(slice=(refs[k].frame if refs[k].frame is not None else k) if is_study else None,
+                       study=refs[k].study or "upload")
         images = []
-        for j, i in enumerate(order):
-            h, w = originals[i].shape[-2:]
+        for j, i in enumerate(chosen):
+            h, w = originals[j].shape[-2:]
             cam = torch.nn.functional.interpolate(cams.maps[j][None, None], size=(h, w), mode="bilinear",
                                                   align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
-            images.append({"slice": rows[i]["slice"], "rank": j + 1, **{k: rows[i][k] for k in rows[i] if k.startswith("prob")},
-                           "label": rows[i]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
-                           "image_png": _png_b64(_image_rgb8(originals[i])), "heatmap_png": _png_b64(_heatmap_rgba(cam))})
+            images.append({"slice": rows[i]["slice"], **{k: cam_rows[j][k] for k in cam_rows[j] if k.startswith("prob")},
+                           "label": cam_rows[j]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
+                           "image_png": _png_b64(to_rgb8(originals[j].permute(1, 2, 0).numpy())),
+                           "heatmap_png": _png_b64(heatmap_rgba(cam))})
+        images.sort(key=lambda im: -slice_score(im))
+        for rank, im in enumerate(images, 1):
+            im["rank"] = rank
         out = {"kind": "study" if is_study else "image", "threshold": ck.threshold, "positive_class": ck.positive_class,
                "classes": ck.classes, "model": {k: self.info[k] for k in ("name", "bonetumor", "checkpoint", "epoch")},
                "images": images, "disclaimer": DISCLAIMER}
         if is_study:
             study = study_scores(rows, DEFAULT_AGGREGATE, ck.label_for)[0]
             out.update(study={k: v for k, v in study.items() if k != "study"},
-                       slices=[{k: r[k] for k in r if k not in ("path", "study")} for r in rows])
+                       slices=[{k: r[k] for k in r if k not in ("path", "study", "threshold")} for r in rows])
             out.update({k: study[k] for k in ("probability", "probabilities", "label") if k in study})
         else:
             out.update({k: rows[0][k] for k in ("probability", "probabilities", "label") if k in rows[0]})
