@@ -50,6 +50,10 @@ def make_corpus(d):
     nib.save(nib.Nifti1Image(vol, np.eye(4)), d / "nan_voxel.nii.gz")
     vol[1, 1, 0] = np.inf
     nib.save(nib.Nifti1Image(vol, np.eye(4)), d / "inf_voxel.nii")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 2), np.float32), np.eye(4)), d / "bad_header.nii")
+    raw = bytearray((d / "bad_header.nii").read_bytes())
+    raw[70:72] = (0).to_bytes(2, "little")  # datatype code 0: nibabel refuses the header
+    (d / "bad_header.nii").write_bytes(bytes(raw))
     os.symlink("symlink_loop.png", d / "symlink_loop.png")
     (d / "good.png").unlink()
     (d / "good.jpg").unlink()
@@ -64,6 +68,7 @@ def make_corpus(d):
         "one_pixel.png": "image is too small (1x1 pixels)",
         "nan_voxel.nii.gz": "NIfTI volume holds 1 NaN or infinite voxels",
         "inf_voxel.nii": "NIfTI volume holds 1 NaN or infinite voxels",
+        "bad_header.nii": "truncated or corrupt NIfTI file (data code 0 not supported)",
         "symlink_loop.png": "symbolic link loop",
     }
 
@@ -78,7 +83,8 @@ def corpus(tmp_path_factory):
 
 
 CASES = ["zero_bytes.png", "truncated.png", "truncated.jpg", "truncated.dcm", "text_saved_as.png", "jpeg_named_as.dcm",
-         "structured_report.dcm", "one_pixel.png", "nan_voxel.nii.gz", "inf_voxel.nii", "symlink_loop.png"]
+         "structured_report.dcm", "one_pixel.png", "nan_voxel.nii.gz", "inf_voxel.nii", "bad_header.nii",
+         "symlink_loop.png"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -166,6 +166,9 @@ def test_corrupt_file_is_422_with_a_message(client, tiny_data):
     r = client.post("/api/predict", files={"file": ("a.png", good[:60], "image/png")})  # header, then cut
     assert r.status_code == 422 and r.json()["detail"].startswith("cannot read the png file: upload.png")
     assert "/tmp" not in r.text and "Traceback" not in r.text
+    header = bytearray((348).to_bytes(4, "little") + bytes(340) + b"n+1\0" + bytes(10))  # datatype code 0
+    r = client.post("/api/predict", files={"file": ("v.nii", bytes(header), "application/octet-stream")})
+    assert r.status_code == 422 and r.json()["detail"].startswith("cannot read the nifti file: upload.nii: truncated or corrupt")
 
 
 def test_oversized_upload_is_413(tiny_run):

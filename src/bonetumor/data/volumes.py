@@ -42,6 +42,7 @@ def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
     """Volume (X, Y, Z) float32 in closest-canonical (RAS) orientation and its 0.5/99.5 percentiles."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError, ImageDataError
 
     try:
         img = nib.load(str(p))
@@ -52,7 +53,7 @@ def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
                                    f"({n * 4 / 2**30:.1f} GB as float32), above the limit of {MAX_VOXELS:,}")
         img = nib.as_closest_canonical(img)
         vol = np.asarray(img.get_fdata(dtype=np.float32))
-    except (ImageFileError, EOFError, OSError, ValueError, TypeError) as e:
+    except (ImageFileError, HeaderDataError, ImageDataError, EOFError, OSError, ValueError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImageError(p, f"truncated or corrupt NIfTI file ({msg})") from None
     if vol.ndim == 4 and vol.shape[3] == 1:
