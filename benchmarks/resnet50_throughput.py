@@ -4,7 +4,8 @@ The ceiling (benchmarks/ceiling.py) is a large channels_last convolution's GFLOP
 before and just after each figure (their mean), so the ratios hold even when the machine's speed
 drifts, between runs or within one. Each figure is the
 median of >= 3 timed repetitions after a warm-up. Inference: eager and torch.compile (weights
-frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam, as ``fit`` makes it) in fp32 and bf16.
+frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam, as ``fit`` makes it) in fp32 and bf16, with
+``--recompute-stages`` 0 (the default), 1 and 5.
 
     python benchmarks/resnet50_throughput.py [--out benchmarks/results/resnet50_cpu.json] [--reps 3]
 """
@@ -102,9 +103,13 @@ def main() -> None:
     for p in precisions:
         ref = "bf16" if p == "fp16" else p
         full = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last)
-        ips, ceil = around(lambda: training_ips(full, device, 32, p, args.reps))
-        tr[f"full_finetune_{p}_b32"] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref, "training")}
-        print(f"full_finetune_{p}_b32", tr[f"full_finetune_{p}_b32"], flush=True)
+        # --recompute-stages: 0 (the default: nothing recomputed), 1 (the stem), 5 (every stage)
+        for stages in (0, 1, 5):
+            full.recompute_stages = stages
+            ips, ceil = around(lambda: training_ips(full, device, 32, p, args.reps))
+            key = f"full_finetune_{p}_b32" + (f"_recompute{stages}" if stages else "")
+            tr[key] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref, "training"), "recompute_stages": stages}
+            print(key, tr[key], flush=True)
     res["training"] = tr
     res["environment"] = environment_info(device)
     atomic_write_json(args.out, res)

@@ -2,7 +2,8 @@
 
 Each mode trains in a fresh process (so its peak is its own) on the same synthetic data: the
 frozen backbone with cached features (the default), the frozen backbone run every epoch
-(``--no-cache-features``), and full fine-tuning in fp32 and in bf16. The resident set size is
+(``--no-cache-features``), and full fine-tuning in bf16 and fp32 with nothing recomputed (the default)
+and with ``--recompute-stages`` 1 and 2 (bf16) or 5 (fp32). The resident set size is
 read after every epoch (at the next one's start); growth is the last reading minus the second
 (the first epoch holds the allocators' warm-up). The last epoch's own reading is not taken.
 
@@ -22,8 +23,12 @@ from pathlib import Path
 MODES = {
     "frozen_cached_k4": dict(freeze="backbone", epochs=8),
     "frozen_uncached": dict(freeze="backbone", cache_features=False, epochs=8),
-    "full_finetune_fp32": dict(freeze="none", precision="fp32", epochs=6),
+    # fine-tuning at the default (nothing recomputed), and with stages recomputed (see recompute.py)
     "full_finetune_bf16": dict(freeze="none", precision="bf16", epochs=6),
+    "full_finetune_bf16_recompute1": dict(freeze="none", precision="bf16", recompute_stages=1, epochs=6),
+    "full_finetune_bf16_recompute2": dict(freeze="none", precision="bf16", recompute_stages=2, epochs=6),
+    "full_finetune_fp32": dict(freeze="none", precision="fp32", epochs=6),
+    "full_finetune_fp32_recompute5": dict(freeze="none", precision="fp32", recompute_stages=5, epochs=6),
 }
 
 

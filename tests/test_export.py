@@ -1,5 +1,6 @@
 """ONNX export and ONNX Runtime inference give PyTorch's probabilities."""
 
+import json
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import onnx  # noqa: E402
 from bonetumor.checkpoint import load_checkpoint, update_checkpoint  # noqa: E402
 from bonetumor.cli import app  # noqa: E402
 from bonetumor.errors import BonetumorError  # noqa: E402
-from bonetumor.export import export_onnx, load_onnx  # noqa: E402
+from bonetumor.export import export_onnx, load_onnx, load_openvino  # noqa: E402
 from bonetumor.predict import predict  # noqa: E402
 
 runner = CliRunner()
@@ -69,8 +70,9 @@ def test_refusals(tmp_path, exported, tiny_run):
     graph = onnx.load(str(exported))
     del graph.metadata_props[:]
     onnx.save(graph, str(tmp_path / "foreign.onnx"))
-    with pytest.raises(BonetumorError, match="foreign.onnx: not an ONNX model exported by bonetumor"):
-        load_onnx(tmp_path / "foreign.onnx")
+    for load in (load_onnx, load_openvino):  # the same metadata check, before any engine is loaded
+        with pytest.raises(BonetumorError, match="foreign.onnx: not an ONNX model exported by bonetumor"):
+            load(tmp_path / "foreign.onnx")
     with pytest.raises(BonetumorError, match="pass --engine onnx"):
         predict(exported, [tmp_path])
 
@@ -82,3 +84,57 @@ def test_missing_packages_say_what_to_install(tiny_run, tmp_path):
             "except BonetumorError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'bonetumor[onnx]'" in out.stdout, out.stderr
+
+
+def _probs(rows):
+    return np.array([r["probability"] for r in rows])
+
+
+def test_openvino_gives_pytorchs_probabilities_in_fp32(exported, tiny_run, tiny_data):
+    pytest.importorskip("openvino")
+    ours = predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu", precision="fp32")
+    theirs = predict(exported, [tiny_data / "test"], engine="openvino", precision="fp32", batch_size=3)
+    assert [r["path"] for r in ours] == [r["path"] for r in theirs] and len(ours) == 8
+    assert np.abs(_probs(ours) - _probs(theirs)).max() <= 1e-4
+    assert [r["label"] for r in ours] == [r["label"] for r in theirs]
+
+
+def test_openvino_runs_bf16_under_a_bf16_autocast_and_compiles_each_shape_once(exported):
+    pytest.importorskip("openvino")
+    import torch
+
+    from bonetumor.utils import cpu_has_fast_bf16
+
+    ck = load_openvino(exported)
+    x = torch.randn(5, 3, ck.image_size, ck.image_size, generator=torch.Generator().manual_seed(0))
+    fp32 = torch.sigmoid(ck.model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = torch.sigmoid(ck.model(x))
+        ck.model(x[:2])
+    assert float((fp32 - bf16).abs().max()) <= 0.01
+    if cpu_has_fast_bf16():  # bf16 did run: its rounding shows
+        assert float((fp32 - bf16).abs().max()) > 0
+    assert set(ck.model._requests) == {("f32", 5), ("bf16", 5), ("bf16", 2)}
+
+
+def test_openvino_auto_precision_and_refusals(exported, tiny_run, tiny_data, tmp_path):
+    pytest.importorskip("openvino")
+    fp32 = predict(tiny_run / "best.pt", [tiny_data], device="cpu", precision="fp32")
+    auto = predict(exported, [tiny_data], engine="openvino", precision="auto", batch_size=8)
+    assert len(auto) == len(fp32) > 8 and np.abs(_probs(auto) - _probs(fp32)).max() <= 0.01
+    with pytest.raises(BonetumorError, match="with engine openvino, not 'fp16'"):
+        predict(exported, [tiny_data / "test"], engine="openvino", precision="fp16")
+    with pytest.raises(BonetumorError, match="--engine must be torch, onnx or openvino"):
+        predict(exported, [tiny_data / "test"], engine="tensorrt")
+    r = runner.invoke(app, ["predict", str(exported), str(tiny_data / "test"), "--engine", "openvino", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len([json.loads(line) for line in r.output.splitlines() if line.startswith("{")]) == 8
+
+
+def test_missing_openvino_says_what_to_install(exported):
+    code = ("import sys\nsys.modules['openvino'] = None\n"
+            "from bonetumor.export import load_openvino\nfrom bonetumor.errors import BonetumorError\n"
+            f"try:\n    load_openvino({str(exported)!r})\n"
+            "except BonetumorError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'bonetumor[openvino]'" in out.stdout, out.stderr

@@ -88,6 +88,9 @@ def train(
     freeze: Optional[str] = typer.Option(None, help="backbone (train the head only) or none."),
     unfreeze: Optional[str] = typer.Option(None, help="Blocks to fine-tune, e.g. layer4,layer3."),
     output_stride: Optional[int] = typer.Option(None, help="32, or 16/8 for resnet50: finer feature map and Grad-CAM."),
+    recompute_stages: Optional[int] = typer.Option(None, help="Fine-tuning: recompute the first N backbone stages in "
+                                                   "backward instead of keeping them: less memory, more time (default 1, "
+                                                   "the stem; 0-5)."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     checkpoint_seconds: Optional[float] = typer.Option(None, help="Write best.pt/last.pt when this many seconds have "
                                                        "passed since the last write, and at the end (default 30; 0 = every epoch)."),
@@ -121,7 +124,7 @@ def train(
         positive_class=positive_class, val_fraction=val_fraction, test_fraction=test_fraction, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
-        output_stride=output_stride, patience=patience, checkpoint_seconds=checkpoint_seconds, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
+        output_stride=output_stride, recompute_stages=recompute_stages, patience=patience, checkpoint_seconds=checkpoint_seconds, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
         threshold_rule=threshold_rule, calibrate=calibrate, window=window, slice_axis=slice_axis,
         cache_features=cache_features, feature_views=feature_views, feature_cache_dir=feature_cache_dir,
         cache_images=cache_images, compile=compile_mode,
@@ -333,7 +336,8 @@ def predict(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Also write predictions.csv (and studies.csv) here."),
     skip_bad_files: bool = typer.Option(False, help="List unreadable files with their problem instead of stopping."),
     overwrite: bool = typer.Option(False),
-    engine: str = typer.Option("torch", help="torch (RUN/best.pt) or onnx (a model.onnx from export, ONNX Runtime on the CPU)."),
+    engine: str = typer.Option("torch", help="torch (RUN/best.pt), or for a model.onnx from export: onnx (ONNX Runtime, "
+                               "fp32) or openvino (OpenVINO, fp32 or bf16; the fastest on a CPU)."),
     precision: str = typer.Option("auto", help="auto (the device's native bf16/fp16 when a batch agrees with fp32 within 0.01; "
                                   "fp32 for a single batch), fp32, bf16 or fp16."),
     compile_mode: str = typer.Option("auto", "--compile", help="torch.compile the model: auto (from 5,000 images on, "
@@ -467,7 +471,7 @@ def export(
     onnx: Path = typer.Option(..., "--onnx", help="The .onnx file to write."),
     overwrite: bool = typer.Option(False),
 ):
-    """Export a checkpoint to one ONNX file (checked against PyTorch) for `predict --engine onnx`."""
+    """Export a checkpoint to one ONNX file (checked against PyTorch) for `predict --engine onnx|openvino`."""
     from bonetumor.export import export_onnx
 
     r = export_onnx(checkpoint, onnx, overwrite=overwrite)

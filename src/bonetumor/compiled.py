@@ -1,9 +1,9 @@
 """torch.compile for inference, used only where it pays for its compile time.
 
-Measured on a 2-core Zen 4 CPU (benchmarks/predict_throughput.py): ResNet50 inference compiled
-with weight freezing runs at about 1.2x eager in bf16 (53 vs 44 images/s) and 1.3x in fp32, but
-the first call compiles for about 20 s (about 9 s once torch's own compile cache, under the
-temporary folder, holds it). It therefore pays from a few thousand images on: ``auto`` compiles
+Measured on a 2-core Zen 4 CPU (benchmarks/resnet50_throughput.py, two runs): ResNet50 inference
+compiled with weight freezing ran 1.05-1.2x eager in bf16 (46 vs 38-44 images/s) and 1.1-1.3x in
+fp32, but the first call compiles for about 20 s (4-6 s once torch's own compile cache, under
+the temporary folder, holds it). It therefore pays from a few thousand images on: ``auto`` compiles
 from ``COMPILE_MIN_IMAGES`` on, ``on`` always, ``off`` never. A batch of another size would
 compile again, so the last, short batch is padded to the full batch size.
 """

@@ -39,9 +39,19 @@ class Classifier(nn.Module):
     # Temperature fitted on validation after training (1 = none). A plain attribute, not a
     # buffer: it lives in the checkpoint beside the weights, so old checkpoints load unchanged.
     temperature: float = 1.0
+    # Set by create_model / fit (plain attributes too): the first ``recompute_stages`` backbone
+    # stages are recomputed in backward while training (see recompute.py).
+    backbone_name: str = ""
+    recompute_stages: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.backbone(x))
+        if self.recompute_stages and self.training and torch.is_grad_enabled():
+            from bonetumor.recompute import recompute_forward
+
+            feats = recompute_forward(self.backbone, self.backbone_name, self.recompute_stages, x)
+        else:
+            feats = self.backbone(x)
+        logits = self.head(feats)
         return logits if self.temperature == 1.0 else logits / self.temperature
 
     def train(self, mode: bool = True) -> "Classifier":
@@ -165,6 +175,7 @@ def create_model(
             _load_backbone_weights(net, state, backbone, w)
     setattr(net, spec["classifier"], nn.Identity())
     model = Classifier(net, spec["features"], n_outputs, hidden, dropout)
+    model.backbone_name = backbone
     if bonetumor_state is not None:
         back = {k[len("backbone."):]: v for k, v in bonetumor_state.items() if k.startswith("backbone.")}
         _load_backbone_weights(model.backbone, back, backbone, w)

@@ -37,14 +37,23 @@ def resolve_precision(requested: str, model: torch.nn.Module, x: torch.Tensor | 
     Returns:
         {"requested", "chosen", and for auto: "candidate", "max_abs_diff_probability", "n", "tolerance"}.
     """
+    return check_precision(requested, model, x, device)[0]
+
+
+def check_precision(requested: str, model: torch.nn.Module, x: torch.Tensor | None,
+                    device: torch.device) -> tuple[dict, torch.Tensor | None]:
+    """``resolve_precision``'s answer and, when the check ran, the probabilities of ``x`` at the
+    chosen precision (so that a caller predicting ``x`` need not run it again)."""
     if requested != "auto":
-        return {"requested": requested, "chosen": requested}
+        return {"requested": requested, "chosen": requested}, None
     cand = candidate_precision(device)
     if cand == "fp32" or x is None or not len(x):
-        return {"requested": "auto", "candidate": cand, "chosen": "fp32"}
+        return {"requested": "auto", "candidate": cand, "chosen": "fp32"}, None
     was_training = model.training
     model.eval()
-    diff = float((_probs(model, x, "fp32", device) - _probs(model, x, cand, device)).abs().max())
+    ref, low = _probs(model, x, "fp32", device), _probs(model, x, cand, device)
     model.train(was_training)
-    return {"requested": "auto", "candidate": cand, "chosen": cand if diff <= TOLERANCE else "fp32",
-            "max_abs_diff_probability": diff, "n": len(x), "tolerance": TOLERANCE}
+    diff = float((ref - low).abs().max())
+    ok = diff <= TOLERANCE
+    return ({"requested": "auto", "candidate": cand, "chosen": cand if ok else "fp32",
+             "max_abs_diff_probability": diff, "n": len(x), "tolerance": TOLERANCE}, low if ok else ref)

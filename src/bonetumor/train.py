@@ -277,6 +277,7 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     if facts is not None:
         audit_data(index, run, verbose, [facts[s.ref] for s in index.samples])
     model.to(device).to(memory_format=torch.channels_last)
+    model.recompute_stages = cfg.recompute_stages
     if not state:  # a resumed run keeps the precision its first epoch chose
         precision = choose_training_precision(model, index, cfg, device)
         cfg = replace(cfg, precision=precision["chosen"])  # saved with the run, so --resume keeps it
