@@ -77,13 +77,19 @@ def test_refusals(tmp_path, exported, tiny_run):
         predict(exported, [tmp_path])
 
 
-def test_missing_packages_say_what_to_install(tiny_run, tmp_path):
-    code = ("import sys\nsys.modules['onnx'] = None\nsys.modules['onnxruntime'] = None\n"
-            "from bonetumor.export import export_onnx\nfrom bonetumor.errors import BonetumorError\n"
-            f"try:\n    export_onnx({str(tiny_run / 'best.pt')!r}, {str(tmp_path / 'x.onnx')!r})\n"
-            "except BonetumorError as e:\n    print(e)\n")
+def _hint_without(modules: list[str], call: str) -> str:
+    """What ``call`` (from bonetumor.export) says in a Python where ``modules`` cannot be imported."""
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+            + "from bonetumor.export import export_onnx, load_openvino\nfrom bonetumor.errors import BonetumorError\n"
+            + f"try:\n    {call}\nexcept BonetumorError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "pip install 'bonetumor[onnx]'" in out.stdout, out.stderr
+    return out.stdout + out.stderr
+
+
+def test_missing_packages_say_what_to_install(tiny_run, tmp_path, exported):
+    call = f"export_onnx({str(tiny_run / 'best.pt')!r}, {str(tmp_path / 'x.onnx')!r})"
+    assert "pip install 'bonetumor[onnx]'" in _hint_without(["onnx", "onnxruntime"], call)
+    assert "pip install 'bonetumor[openvino]'" in _hint_without(["openvino"], f"load_openvino({str(exported)!r})")
 
 
 def _probs(rows):
@@ -129,12 +135,3 @@ def test_openvino_auto_precision_and_refusals(exported, tiny_run, tiny_data, tmp
     r = runner.invoke(app, ["predict", str(exported), str(tiny_data / "test"), "--engine", "openvino", "--json"])
     assert r.exit_code == 0, r.output
     assert len([json.loads(line) for line in r.output.splitlines() if line.startswith("{")]) == 8
-
-
-def test_missing_openvino_says_what_to_install(exported):
-    code = ("import sys\nsys.modules['openvino'] = None\n"
-            "from bonetumor.export import load_openvino\nfrom bonetumor.errors import BonetumorError\n"
-            f"try:\n    load_openvino({str(exported)!r})\n"
-            "except BonetumorError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "pip install 'bonetumor[openvino]'" in out.stdout, out.stderr
