@@ -249,3 +249,24 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path, tiny_data):
     if sys.platform.startswith("linux"):  # not even root may create files in /proc
         with pytest.raises(BonetumorError, match="cannot write to output folder"):
             fit(tiny_config(tiny_data), "/proc/bonetumor-run", verbose=False)
+
+
+def test_a_trained_backbone_is_written_at_once_not_held_in_memory(tmp_path, tiny_data, monkeypatch):
+    from bonetumor import checkpoint, train
+
+    writes, real = [], checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda path, payload: (writes.append(Path(path).name), real(path, payload)))
+    held = []
+    real_payload = train.checkpoint_payload
+    monkeypatch.setattr(train, "checkpoint_payload", lambda *a, **k: held.append(k.get("copy", True)) or real_payload(*a, **k))
+    res = fit(tiny_config(tiny_data, epochs=3, patience=5, audit=False), tmp_path / "r", verbose=False)
+    improved = sum(1 for i, row in enumerate(res.history)
+                   if float(row["val_loss"]) < min([float(r["val_loss"]) for r in res.history[:i]] + [float("inf")]))
+    from bonetumor.models import create_model
+
+    assert checkpoint.snapshot_bytes(create_model("resnet50", "none", freeze="none")) > train.HOLD_BEST_BYTES
+    assert checkpoint.snapshot_bytes(create_model("resnet50", "none", freeze="backbone")) < 0.1 * train.HOLD_BEST_BYTES
+    assert True not in held  # no snapshot copy of the 94 MB of weights
+    # best.pt at each improvement, then its operating point; last.pt at the end (30 s interval)
+    assert writes.count("best.pt") == improved + 1 and writes.count("last.pt") == 1
+    assert load_checkpoint(tmp_path / "r" / "best.pt").epoch == res.best_epoch

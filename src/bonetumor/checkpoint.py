@@ -62,6 +62,13 @@ def checkpoint_payload(model: torch.nn.Module, cfg: TrainConfig, classes: list[s
     }
 
 
+def snapshot_bytes(model: torch.nn.Module) -> int:
+    """Bytes a snapshot (``checkpoint_payload`` with ``copy``) of ``model`` copies: its tensors
+    outside frozen modules."""
+    frozen = _frozen_tensor_names(model)
+    return sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in frozen)
+
+
 def _frozen_tensor_names(model: torch.nn.Module) -> set[str]:
     """State-dict names of the parameters and buffers of modules whose parameters are all frozen
     (their BatchNorm statistics stay fixed too: see Classifier.train)."""

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from torch import nn
 
-from bonetumor.checkpoint import checkpoint_payload, read_torch_file, save_checkpoint, write_checkpoint
+from bonetumor.checkpoint import checkpoint_payload, read_torch_file, save_checkpoint, snapshot_bytes, write_checkpoint
 from bonetumor.config import TrainConfig, config_from_dict, read_options, save_config
 from bonetumor.data.datasets import (
     DatasetIndex,
@@ -64,6 +64,9 @@ class FitResult:
     best_val_loss: float
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+
+
+HOLD_BEST_BYTES = 32 * 2**20
 
 
 def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetIndex:
@@ -324,6 +327,10 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
     # The best epoch's checkpoint waits in memory until a write is due (cfg.checkpoint_seconds),
     # and with it that epoch's validation logits, from which the operating point is chosen.
     pending_best: dict | None = None
+    # ...unless the snapshot is large (a backbone that trains: 94 MB for ResNet50), where holding
+    # it would add that much to the training's peak memory for a write that costs far less than
+    # one of its epochs.
+    hold_best = snapshot_bytes(model) <= HOLD_BEST_BYTES
     best_val = None
     last_write = time.monotonic()
     for epoch in range(start, cfg.epochs + 1):
@@ -360,8 +367,11 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
             # best.pt serves predicting and evaluating; resuming starts from last.pt, so the best
             # epoch's snapshot leaves out the optimizer state (twice the weights, in full fine-tuning).
             pending_best = None  # the old snapshot goes before the new one is made
-            pending_best = checkpoint_payload(model, cfg, index.classes, **{**state_kw, "optimizer": None,
-                                                                            "scaler_state": None})
+            best_kw = {**state_kw, "optimizer": None, "scaler_state": None}
+            if hold_best:
+                pending_best = checkpoint_payload(model, cfg, index.classes, **best_kw)
+            else:  # a fine-tuned backbone: written now, from the model itself, rather than held
+                write_checkpoint(run / "best.pt", checkpoint_payload(model, cfg, index.classes, copy=False, **best_kw))
         if final or time.monotonic() - last_write >= cfg.checkpoint_seconds:
             if pending_best is not None and not final:  # the final best.pt is written with its operating point
                 write_checkpoint(run / "best.pt", pending_best)
