@@ -65,9 +65,11 @@ def test_foreign_and_broken_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(BonetumorError, match="not a bonetumor checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
-    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(BonetumorError, match="junk.pt: not a readable"):
-        load_checkpoint(tmp_path / "junk.pt")
+    # bytes on which torch's unpickler fails with UnpicklingError, KeyError, IndexError, struct.error
+    for content in (b"\x00garbage", b"junk\n", b"\x80\x02", b"GIF89a", b"\x80\x02\x8a\x0a"):
+        (tmp_path / "junk.pt").write_bytes(content)
+        with pytest.raises(BonetumorError, match="junk.pt: not a readable"):
+            load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(BonetumorError, match="file not found"):
         load_checkpoint(tmp_path / "none.pt")
 

@@ -128,6 +128,11 @@ def test_openvino_auto_precision_and_refusals(exported, tiny_run, tiny_data, tmp
     fp32 = predict(tiny_run / "best.pt", [tiny_data], device="cpu", precision="fp32")
     auto = predict(exported, [tiny_data], engine="openvino", precision="auto", batch_size=8)
     assert len(auto) == len(fp32) > 8 and np.abs(_probs(auto) - _probs(fp32)).max() <= 0.01
+    # a checkpoint is exported on the way: the same probabilities as from the exported file
+    direct = predict(tiny_run / "best.pt", [tiny_data / "test"], engine="openvino", precision="fp32")
+    via = predict(exported, [tiny_data / "test"], engine="openvino", precision="fp32")
+    assert [r["path"] for r in direct] == [r["path"] for r in via]
+    assert np.abs(_probs(direct) - _probs(via)).max() <= 1e-6
     with pytest.raises(BonetumorError, match="with engine openvino, not 'fp16'"):
         predict(exported, [tiny_data / "test"], engine="openvino", precision="fp16")
     with pytest.raises(BonetumorError, match="--engine must be torch, onnx or openvino"):

@@ -63,8 +63,8 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
     Args:
         window: override the window the model was trained with (see ``ReadOptions``).
         skip_bad: give an unreadable file a row with its ``error`` instead of stopping.
-        engine: ``torch`` (a ``.pt`` checkpoint), ``onnx`` or ``openvino`` (a ``.onnx`` file from
-            ``export``, run in ONNX Runtime (fp32) or OpenVINO (fp32 or bf16) on the CPU).
+        engine: ``torch``, ``onnx`` or ``openvino`` (run in ONNX Runtime (fp32) or OpenVINO (fp32
+            or bf16) on the CPU: a ``.onnx`` file from ``export``, or a checkpoint exported first).
         precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
             of images, the device's native reduced precision if the probabilities of the first
             ``PRECISION_CHECK_IMAGES`` images stay within 0.01 of fp32's (see precision.py); a
@@ -194,9 +194,18 @@ def load_model(path: str | Path, device: str = "auto", engine: str = "torch"):
     """(LoadedCheckpoint, device) for ``engine`` torch (a .pt checkpoint), onnx or openvino (an
     exported .onnx, run in ONNX Runtime or OpenVINO on the CPU)."""
     if engine in ("onnx", "openvino"):
-        from bonetumor.export import load_onnx, load_openvino
+        from bonetumor.export import export_onnx, load_onnx, load_openvino
 
-        return (load_onnx if engine == "onnx" else load_openvino)(path), torch.device("cpu")
+        load = load_onnx if engine == "onnx" else load_openvino
+        if str(path).lower().endswith(".onnx"):
+            return load(path), torch.device("cpu")
+        # A checkpoint: exported first (with export's check; about 7 s for ResNet50) into a private
+        # temporary folder; both engines hold the model in memory once loaded.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bonetumor-export-") as tmp:
+            export_onnx(path, Path(tmp) / "model.onnx")
+            return load(Path(tmp) / "model.onnx"), torch.device("cpu")
     if engine != "torch":
         raise BonetumorError(f"--engine must be torch, onnx or openvino, not {engine!r}")
     if str(path).lower().endswith(".onnx"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ def read_torch_file(path: str | Path) -> Any:
     if not p.is_file():
         raise BonetumorError(f"{p}: file not found")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # foreign bytes can look like an odd pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found:
@@ -35,4 +38,8 @@ def read_torch_file(path: str | Path) -> Any:
                                  f"({found.group(1)}); only load checkpoints you trust") from None
         raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise BonetumorError(f"{p}: not a readable PyTorch file ({str(e).splitlines()[0][:160]})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]  # an EOFError can have no message
+        raise BonetumorError(f"{p}: not a readable PyTorch file ({first})") from None
+    except Exception as e:  # noqa: BLE001 - the unpickler fails on foreign bytes in many ways (KeyError, IndexError, struct.error...)
+        raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save: "
+                             f"{type(e).__name__})") from None
