@@ -10,7 +10,7 @@ import torch
 
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
 from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, first_line
 from bonetumor.models import create_model
 from bonetumor.serialization import (
     FORMAT,
@@ -177,7 +177,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
                          cfg.output_stride)
         model.load_state_dict(obj["model"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({str(e).splitlines()[0][:160]})") from None
+        raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({first_line(e, 160)})") from None
     model.temperature = float(obj.get("temperature", 1.0))
     model.to(device).to(memory_format=torch.channels_last).eval()  # as inputs are: no layout reorders per call
     norm = obj.get("normalization", {})

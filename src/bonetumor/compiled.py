@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from bonetumor.errors import BonetumorError, first_line
+
 COMPILE_MIN_IMAGES = 5000
 COMPILE_CHOICES = ("auto", "on", "off")
 
@@ -22,8 +24,6 @@ COMPILE_CHOICES = ("auto", "on", "off")
 def should_compile(mode: str, n_images: int, device: torch.device) -> bool:
     """Whether ``mode`` (auto | on | off) compiles a model that will see ``n_images`` images."""
     if mode not in COMPILE_CHOICES:
-        from bonetumor.errors import BonetumorError
-
         raise BonetumorError(f"--compile must be auto, on or off, not {mode!r}")
     if mode == "off" or device.type == "mps":  # inductor does not target MPS reliably
         return False
@@ -48,7 +48,7 @@ class CompiledInference:
         try:
             return self.compiled(x)[:n]
         except Exception as e:  # noqa: BLE001 - any compile failure leaves the eager model, which is correct
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); "
                           "running without it", RuntimeWarning, stacklevel=2)
             self.compiled = None
             return self.module(x[:n])

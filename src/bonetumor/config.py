@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, first_line
 
 
 @dataclass
@@ -151,7 +151,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except FileNotFoundError:
             raise BonetumorError(f"{p}: config file not found") from None
         except yaml.YAMLError as e:
-            raise BonetumorError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise BonetumorError(f"{p}: not valid YAML ({first_line(e)})") from None
         if not isinstance(raw, dict):
             raise BonetumorError(f"{p}: expected a mapping of option: value")
         for k, v in raw.items():

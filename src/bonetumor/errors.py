@@ -1,6 +1,13 @@
 """The one exception type the CLI turns into a one-line message instead of a traceback."""
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message for a one-line error (its type's name when the
+    message is empty, as an EOFError's often is), cut to ``limit`` characters."""
+    line = (str(e).splitlines() or [""])[0] or type(e).__name__
+    return line[:limit] if limit else line
+
+
 class BonetumorError(Exception):
     """A problem the user can fix (bad input, bad option, missing file); message is one line."""
 

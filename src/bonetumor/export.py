@@ -21,7 +21,7 @@ from torch import nn
 
 from bonetumor.checkpoint import LoadedCheckpoint, load_checkpoint
 from bonetumor.config import config_from_dict, config_to_dict
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, first_line
 from bonetumor.utils import atomic_path
 
 META_KEY = "bonetumor"
@@ -125,7 +125,7 @@ def _read_meta(path: str | Path) -> tuple[Path, dict]:
     except KeyError:
         raise BonetumorError(f"{p}: not an ONNX model exported by bonetumor (no metadata); use bonetumor export") from None
     except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is one line
-        raise BonetumorError(f"{p}: not a readable ONNX file ({str(e).splitlines()[0][:120]})") from None
+        raise BonetumorError(f"{p}: not a readable ONNX file ({first_line(e, 120)})") from None
 
 
 def _loaded(runner: nn.Module, meta: dict) -> LoadedCheckpoint:
@@ -161,21 +161,19 @@ class OpenVinoRunner(nn.Module):
     dynamic one, and OpenVINO compiles ResNet50 in a fraction of a second.
     """
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, core, model, threads: int | None = None):
         super().__init__()
-        self.ov_model, self.threads = model, threads
+        self.core, self.ov_model, self.threads = core, model, threads
         self._requests: dict[tuple[str, int], object] = {}
 
     def _request(self, precision: str, n: int):
         key = (precision, n)
         if key not in self._requests:
-            import openvino as ov
-
             model = self.ov_model.clone()
             shape = model.inputs[0].get_partial_shape()
             shape[0] = n
             model.reshape({model.inputs[0]: shape})
-            compiled = ov.Core().compile_model(model, "CPU", {
+            compiled = self.core.compile_model(model, "CPU", {
                 "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": self.threads or torch.get_num_threads()})
             self._requests[key] = compiled.create_infer_request()
@@ -198,8 +196,9 @@ def load_openvino(path: str | Path, threads: int | None = None) -> LoadedCheckpo
         import openvino as ov
     except ImportError:
         raise BonetumorError(OPENVINO_HINT) from None
+    core = ov.Core()
     try:
-        model = ov.Core().read_model(str(p))
+        model = core.read_model(str(p))
     except Exception as e:  # noqa: BLE001 - OpenVINO's own error, as one line
-        raise BonetumorError(f"{p}: OpenVINO cannot read it ({str(e).splitlines()[0][:160]})") from None
-    return _loaded(OpenVinoRunner(model, threads), meta)
+        raise BonetumorError(f"{p}: OpenVINO cannot read it ({first_line(e, 160)})") from None
+    return _loaded(OpenVinoRunner(core, model, threads), meta)

@@ -128,19 +128,20 @@ def _batches(refs: Sequence[SliceRef], batch_size: int, tf, options: ReadOptions
     threads wait for each other when a third thread takes a core), so only the exported-model
     engines prefetch.
     """
-    starts = range(0, len(refs), batch_size)
-    if not prefetch or len(starts) < 2:
-        for start in starts:
-            yield _decode(refs[start : start + batch_size], tf, options, skip_bad)
+    chunks = [refs[start : start + batch_size] for start in range(0, len(refs), batch_size)]
+    if not prefetch or len(chunks) < 2:
+        for chunk in chunks:
+            yield _decode(chunk, tf, options, skip_bad)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    # One batch ahead only (Executor.map would read them all at once).
     with ThreadPoolExecutor(1, thread_name_prefix="bonetumor-decode") as pool:
-        pending = pool.submit(_decode, refs[: batch_size], tf, options, skip_bad)
-        for start in starts:
+        pending = pool.submit(_decode, chunks[0], tf, options, skip_bad)
+        for following in chunks[1:] + [None]:
             batch = pending.result()
-            if start + batch_size < len(refs):
-                pending = pool.submit(_decode, refs[start + batch_size : start + 2 * batch_size], tf, options, skip_bad)
+            if following is not None:
+                pending = pool.submit(_decode, following, tf, options, skip_bad)
             yield batch
 
 

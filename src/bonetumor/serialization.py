@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, first_line
 
 FORMAT = "bonetumor-checkpoint"
 FORMAT_VERSION = 1
@@ -38,8 +38,7 @@ def read_torch_file(path: str | Path) -> Any:
                                  f"({found.group(1)}); only load checkpoints you trust") from None
         raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]  # an EOFError can have no message
-        raise BonetumorError(f"{p}: not a readable PyTorch file ({first})") from None
+        raise BonetumorError(f"{p}: not a readable PyTorch file ({first_line(e, 160)})") from None
     except Exception as e:  # noqa: BLE001 - the unpickler fails on foreign bytes in many ways (KeyError, IndexError, struct.error...)
         raise BonetumorError(f"{p}: not a readable PyTorch file (damaged, or not written by torch.save: "
                              f"{type(e).__name__})") from None

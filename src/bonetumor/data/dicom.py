@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bonetumor.data.io import ReadOptions, apply_window, linear_window
-from bonetumor.errors import BadImageError
+from bonetumor.errors import BadImageError, first_line
 
 DECODERS_HINT = "install the DICOM decoders: pip install 'bonetumor[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
 
@@ -49,7 +49,7 @@ def _read(p: Path, pixels: bool):
             raise BadImageError(p, "not a DICOM file (no DICM header and no DICOM elements)") from None
         return ds
     except (EOFError, OSError, ValueError, TypeError, KeyError) as e:
-        raise BadImageError(p, f"truncated or corrupt DICOM header ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise BadImageError(p, f"truncated or corrupt DICOM header ({first_line(e)})") from None
 
 
 def _sop_name(ds) -> str:
@@ -102,10 +102,10 @@ def _decode(p: Path, frame: int | None):
     except (NotImplementedError, RuntimeError) as e:
         ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
         name = f"{getattr(ts, 'name', ts)} ({ts})" if ts else "an unknown transfer syntax"
-        reason = str(e).splitlines()[0].rstrip(":")
+        reason = first_line(e).rstrip(":")
         raise BadImageError(p, f"pixel data compressed as {name} cannot be decoded ({reason}); {DECODERS_HINT}") from None
     except (ValueError, EOFError, OSError, KeyError, TypeError) as e:
-        raise BadImageError(p, f"truncated or corrupt DICOM pixel data ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise BadImageError(p, f"truncated or corrupt DICOM pixel data ({first_line(e)})") from None
     return ds, arr, index or 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.errors import BadImageError, BonetumorError, first_line
 from bonetumor.utils import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -215,7 +215,7 @@ def read_image(path: str | Path, frame: int | None = None, options: ReadOptions 
     except (OSError, SyntaxError, ValueError) as e:
         if getattr(e, "errno", None) == 40:
             raise BadImageError(p, "symbolic link loop") from None
-        raise BadImageError(p, f"cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise BadImageError(p, f"cannot decode image ({first_line(e)})") from None
     if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
         raise BadImageError(p, f"image is too small ({arr.shape[1]}x{arr.shape[0]} pixels)")
     if not np.isfinite(arr).all():

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from bonetumor.data.io import ReadOptions, apply_window, image_kind
-from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.errors import BadImageError, BonetumorError, first_line
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2  # decoded volumes kept per process: slices of one volume are read in a row
@@ -54,7 +54,7 @@ def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
         img = nib.as_closest_canonical(img)
         vol = np.asarray(img.get_fdata(dtype=np.float32))
     except (ImageFileError, HeaderDataError, ImageDataError, EOFError, OSError, ValueError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise BadImageError(p, f"truncated or corrupt NIfTI file ({msg})") from None
     if vol.ndim == 4 and vol.shape[3] == 1:
         vol = vol[..., 0]
