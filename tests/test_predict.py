@@ -106,3 +106,24 @@ def test_evaluate_and_audit_read_volumes_unchanged(volume_run, tmp_path):
     assert r.exit_code == 0, r.output
     a = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert a["n_images"] == 48 and not a["unreadable"] and a["patients_in_two_splits"]["n"] == 0
+
+
+def test_decoding_in_worker_processes_keeps_order_and_errors(volume_run, tmp_path):
+    """``workers`` processes decoding batches ahead (the GPU default) give the rows of the serial
+    path in the same order; a bad file still stops the run, or gets its row with --skip-bad."""
+    _, root = volume_run
+    ck, test_dir = root / "run" / "best.pt", root / "d" / "test"
+    serial = predict(ck, [test_dir], batch_size=1, workers=0)
+    for workers in (1, 2):
+        assert predict(ck, [test_dir], batch_size=1, workers=workers) == serial
+    # more workers than batches (two): two processes
+    assert predict(ck, [test_dir], batch_size=4, workers=5) == predict(ck, [test_dir], batch_size=4, workers=0)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(BonetumorError, match="broken.png"):
+        predict(ck, [test_dir, bad], batch_size=2, workers=2)
+    rows = predict(ck, [test_dir, bad], batch_size=2, workers=2, skip_bad=True)
+    assert [r["probability"] for r in rows[:-1]] == [r["probability"] for r in serial]
+    assert rows[-1]["path"].endswith("broken.png") and rows[-1]["error"]
+    with pytest.raises(BonetumorError, match="--workers"):
+        predict(ck, [test_dir], workers=-1)

@@ -343,7 +343,9 @@ def predict(
     compile_mode: str = typer.Option("auto", "--compile", help="torch.compile the model: auto (from 5,000 images on, "
                                      "where its compile time pays), on or off."),
     device: str = typer.Option("auto"),
-    batch_size: int = typer.Option(8, help="Images per batch (8 was fastest on a 2-core CPU: 34 vs 30 images/s at 32)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch; default 8 on a CPU, 64 on a GPU."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding images ahead of the model; default: up to 8 "
+                                          "on a GPU, none on a CPU."),
 ):
     """Probability of cancer (the positive class) and the label for each image or slice, and one
     aggregated score per volume or DICOM series."""
@@ -352,7 +354,7 @@ def predict(
 
     outdir = prepare_out_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
-                                    precision, compile_mode)
+                                    precision, compile_mode, workers)
     if outdir is not None:
         flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
         atomic_write_csv(outdir / "predictions.csv", ["path", "slice", "study", "probability", "probabilities", "label",

@@ -6,6 +6,7 @@ aggregated as ``max``, ``mean`` or ``topk:K`` (mean of the K highest slice score
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -14,14 +15,13 @@ import numpy as np
 import torch
 
 from bonetumor.checkpoint import load_checkpoint
-from bonetumor.data.datasets import load_tensor
-from bonetumor.data.transforms import create_transforms
-from bonetumor.data.io import ReadOptions
+from bonetumor.data.io import ReadOptions, read_image
+from bonetumor.data.transforms import create_resize
 from bonetumor.data.volumes import SliceRef, expand_inputs
 from bonetumor.compiled import maybe_compiled
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.precision import check_precision
-from bonetumor.utils import autocast_dtype, select_device, to_device
+from bonetumor.utils import autocast_dtype, select_device
 
 AGGREGATES = "max, mean or topk:K"
 DEFAULT_AGGREGATE = "topk:3"  # a study's score: the mean of its three highest slice scores
@@ -54,9 +54,9 @@ def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
     return s[top].mean(axis=0)
 
 
-def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int = 8,
+def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int | None = None,
             window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "fp32",
-            compile_mode: str = "auto") -> list[dict]:
+            compile_mode: str = "auto", workers: int | None = None) -> list[dict]:
     """Probability of the positive class and the label at the checkpoint's threshold, per image
     (per slice for volumes and series).
 
@@ -71,6 +71,9 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
             single batch stays fp32.
         compile_mode: ``auto`` (torch.compile from ``compiled.COMPILE_MIN_IMAGES`` images on),
             ``on`` or ``off`` (see compiled.py).
+        batch_size: images per batch; None: ``default_batch_size`` of the device.
+        workers: processes reading and preprocessing images ahead of the model; None:
+            ``default_workers`` of the device.
 
     Returns:
         [{"path", "slice", "study", "probability", "label", "threshold"}] for binary models;
@@ -80,18 +83,22 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         BonetumorError: a missing or unreadable file (one line naming it), a bad checkpoint.
     """
     return predict_studies(checkpoint, paths, None, device, batch_size, window, skip_bad, engine, precision,
-                           compile_mode)[0]
+                           compile_mode, workers)[0]
 
 
 def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = DEFAULT_AGGREGATE,
-                    device: str = "auto", batch_size: int = 8, window: str | None = None,
-                    skip_bad: bool = False, engine: str = "torch",
-                    precision: str = "fp32", compile_mode: str = "auto") -> tuple[list[dict], list[dict]]:
+                    device: str = "auto", batch_size: int | None = None, window: str | None = None,
+                    skip_bad: bool = False, engine: str = "torch", precision: str = "fp32",
+                    compile_mode: str = "auto", workers: int | None = None) -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
     (see ``study_scores``; none when ``aggregate`` is None)."""
     if aggregate is not None:
         parse_aggregate(aggregate)
+    if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
+        raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
     ck, dev = load_model(checkpoint, device, engine)
+    batch_size = batch_size or default_batch_size(dev)
+    workers = default_workers(dev) if workers is None else workers
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
     refs = expand_inputs(paths, options)
     if engine == "onnx" or (precision == "auto" and len(refs) <= batch_size):
@@ -100,66 +107,124 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         raise BonetumorError(f"--precision must be auto, fp32, bf16{'' if engine == 'openvino' else ' or fp16'} "
                              f"with engine {engine}, not {precision!r}")
     run = ck.model if engine != "torch" else maybe_compiled(ck.model, compile_mode, len(refs), batch_size, dev)
-    results = score_refs(ck, refs, options, dev, batch_size, precision, run, skip_bad, prefetch=engine != "torch")
+    results = score_refs(ck, refs, options, dev, batch_size, precision, run, skip_bad, workers,
+                         prefetch=engine != "torch")
     studies = study_scores(results, aggregate, ck.label_for) if aggregate is not None else []
     return results, studies
 
 
-def _decode(refs: Sequence[SliceRef], tf, options: ReadOptions, skip_bad: bool) -> tuple[list[dict], list, list[dict]]:
-    """One batch read and preprocessed: (rows so far, image tensors, rows of unreadable files)."""
+def _decode(refs: Sequence[SliceRef], resize, options: ReadOptions, skip_bad: bool):
+    """One batch read and resized: (rows so far, the images stacked, or None, rows of unreadable
+    files). Images stay in [0, 1] with one channel when all are grey (``_model_input`` makes
+    the model's three normalised channels), so resizing and handing the batch over from a worker
+    process cost a third: the handover bounded ``predict`` on a GPU (about 2,000 images/s of
+    three-channel batches through DataLoader workers, measured on 16 cores)."""
     chunk, xs, bad = [], [], []
     for r in refs:
         base = {"path": r.path, "slice": r.frame, "study": r.study}
         try:
-            xs.append(tf(load_tensor(r.path, r.frame, options)))
+            xs.append(resize(torch.from_numpy(read_image(r.path, r.frame, options)).permute(2, 0, 1).contiguous()))
             chunk.append(base)
         except BadImageError as e:
             if not skip_bad:
                 raise
             bad.append({**base, "error": e.problem})
-    return chunk, xs, bad
+    if not xs:
+        return chunk, None, bad
+    channels = max(x.shape[0] for x in xs)
+    return chunk, torch.stack([x.expand(channels, -1, -1) for x in xs]), bad
 
 
-def _batches(refs: Sequence[SliceRef], batch_size: int, tf, options: ReadOptions, skip_bad: bool, prefetch: bool):
-    """``_decode``'s batches in order; with ``prefetch``, the next one is read in a background
-    thread while the caller runs the model on the current one (both release the GIL).
+def _model_input(x: torch.Tensor, device: torch.device, mean, std) -> torch.Tensor:
+    """A batch from ``_decode`` on ``device``, three channels, normalised as in training
+    (the same operations as ``create_transforms``' Normalize, so the same numbers)."""
+    x = x.to(device, non_blocking=True)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    m = torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=device).view(1, -1, 1, 1)
+    return x.sub(m).div_(s).contiguous(memory_format=torch.channels_last)
 
-    Measured on 2 cores over 180 PNGs: OpenVINO 1.04x faster with it, PyTorch 0.91x (its OpenMP
-    threads wait for each other when a third thread takes a core), so only the exported-model
-    engines prefetch.
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per batch: 8 on a CPU (fastest on 2 cores: 34 vs 30 images/s at 32), 64 on a
+    GPU, where a small batch leaves it waiting for kernel launches (see benchmarks/gpu.py)."""
+    return 64 if device.type == "cuda" else 8
+
+
+def default_workers(device: torch.device) -> int:
+    """Worker processes decoding images: on a CUDA GPU up to 8, leaving two cores (one drives
+    the GPU, one copies batches to it), as decoding on one core is 20-40x slower than the model
+    there; none on a CPU, whose cores the model needs. On 16 cores (benchmarks/gpu.py) 8 workers
+    decoded 2,520 images/s and 14 workers 2,190."""
+    return max(1, min(8, (os.cpu_count() or 3) - 2)) if device.type == "cuda" else 0
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """Batches of slices as items, so DataLoader workers each decode whole batches."""
+
+    def __init__(self, chunks: list, resize, options: ReadOptions):
+        self.chunks, self.resize, self.options = chunks, resize, options
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int):
+        # Unreadable files come back as rows: the caller raises for the first, or keeps them.
+        return _decode(self.chunks[i], self.resize, self.options, True)
+
+
+def _batches(refs: Sequence[SliceRef], batch_size: int, resize, options: ReadOptions, skip_bad: bool,
+             workers: int = 0, prefetch: bool = False, pin_memory: bool = False):
+    """``_decode``'s batches in order. ``workers`` > 0: decoded in that many processes (a
+    DataLoader, batches in order); else, with ``prefetch``, the next batch is read in a
+    background thread while the caller runs the model on the current one.
+
+    Measured on 2 cores over 180 PNGs: OpenVINO 1.04x faster with the thread, PyTorch 0.91x (its
+    OpenMP threads wait for each other when a third thread takes a core), so on a CPU only the
+    exported-model engines prefetch.
     """
     chunks = [refs[start : start + batch_size] for start in range(0, len(refs), batch_size)]
+    if workers > 0 and len(chunks) > 1:
+        loader = torch.utils.data.DataLoader(_Chunks(chunks, resize, options), batch_size=None, shuffle=False,
+                                             num_workers=min(workers, len(chunks)), pin_memory=pin_memory)
+        for chunk, x, bad in loader:
+            if bad and not skip_bad:
+                raise BadImageError(bad[0]["path"], bad[0]["error"])
+            yield chunk, x, bad
+        return
     if not prefetch or len(chunks) < 2:
         for chunk in chunks:
-            yield _decode(chunk, tf, options, skip_bad)
+            yield _decode(chunk, resize, options, skip_bad)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     # One batch ahead only (Executor.map would read them all at once).
     with ThreadPoolExecutor(1, thread_name_prefix="bonetumor-decode") as pool:
-        pending = pool.submit(_decode, chunks[0], tf, options, skip_bad)
+        pending = pool.submit(_decode, chunks[0], resize, options, skip_bad)
         for following in chunks[1:] + [None]:
             batch = pending.result()
             if following is not None:
-                pending = pool.submit(_decode, following, tf, options, skip_bad)
+                pending = pool.submit(_decode, following, resize, options, skip_bad)
             yield batch
 
 
 def score_refs(ck, refs: Sequence[SliceRef], options: ReadOptions, device: torch.device, batch_size: int = 8,
                precision: str = "fp32", run: Callable | None = None, skip_bad: bool = False,
-               prefetch: bool = False) -> list[dict]:
+               workers: int = 0, prefetch: bool = False) -> list[dict]:
     """``predict``'s rows for slices ``refs`` with a model already loaded (``ck``; ``run``, its
     compiled form, if any). ``precision`` auto is resolved on the first batch's first images;
-    ``prefetch`` reads the next batch while the model runs (see ``_batches``)."""
+    ``workers`` processes, or with ``prefetch`` a thread, read batches ahead while the model
+    runs (see ``_batches``)."""
     run = run or ck.model
-    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    resize = create_resize(ck.image_size)
     results = []
     with torch.inference_mode():
-        for chunk, xs, bad in _batches(refs, batch_size, tf, options, skip_bad, prefetch):
+        for chunk, x, bad in _batches(refs, batch_size, resize, options, skip_bad, workers, prefetch,
+                                      pin_memory=device.type == "cuda"):
             results += bad
-            if not xs:
+            if x is None:
                 continue
-            x = to_device(torch.stack(xs), device)
+            x = _model_input(x, device, ck.mean, ck.std)
             probs = None
             if precision == "auto":
                 # Checked on a few images: the check's fp32 pass costs as much as predicting them.

@@ -187,7 +187,7 @@ def select_device(name: str = "auto") -> torch.device:
     """Pick cuda > mps > cpu for ``auto``; check that an explicit choice exists."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _tuned(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -199,7 +199,15 @@ def select_device(name: str = "auto") -> torch.device:
         raise BonetumorError("--device cuda asked for, but no CUDA GPU is available")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise BonetumorError("--device mps asked for, but MPS is not available")
-    return dev
+    return _tuned(dev) if dev.type == "cuda" else dev
+
+
+def _tuned(device: torch.device) -> torch.device:
+    """``device``, with cuDNN told to time its convolution algorithms for each new input shape
+    and keep the fastest: images here come in one size, so the first batch's few milliseconds
+    of timing pay back over every later one (benchmarks/gpu.py measures it on and off)."""
+    torch.backends.cudnn.benchmark = True
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
