@@ -20,6 +20,15 @@ def tiny_config(data, **kw) -> TrainConfig:
     return dataclasses.replace(TrainConfig(data=str(data) if data else None), **{**TINY, **kw})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory) -> Path:
+    """Checkpoints exported on the way to an engine go to a folder of this session, not ~/.cache."""
+    folder = tmp_path_factory.mktemp("export-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BONETUMOR_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """12 synthetic patients x 4 slices at 32 px, in the {split}/{class}/ layout with a manifest."""

@@ -1,5 +1,6 @@
 """ONNX export and ONNX Runtime inference give PyTorch's probabilities."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -14,8 +15,11 @@ import onnx  # noqa: E402
 from bonetumor.checkpoint import load_checkpoint, update_checkpoint  # noqa: E402
 from bonetumor.cli import app  # noqa: E402
 from bonetumor.errors import BonetumorError  # noqa: E402
-from bonetumor.export import export_onnx, load_onnx, load_openvino  # noqa: E402
-from bonetumor.predict import predict  # noqa: E402
+from bonetumor import export  # noqa: E402
+from bonetumor.export import cached_export, export_onnx, load_onnx, load_openvino  # noqa: E402
+from bonetumor.predict import auto_engine, predict  # noqa: E402
+
+predict_module = importlib.import_module("bonetumor.predict")  # the module (``bonetumor.predict`` is the function)
 
 runner = CliRunner()
 
@@ -135,8 +139,65 @@ def test_openvino_auto_precision_and_refusals(exported, tiny_run, tiny_data, tmp
     assert np.abs(_probs(direct) - _probs(via)).max() <= 1e-6
     with pytest.raises(BonetumorError, match="with engine openvino, not 'fp16'"):
         predict(exported, [tiny_data / "test"], engine="openvino", precision="fp16")
-    with pytest.raises(BonetumorError, match="--engine must be torch, onnx or openvino"):
+    with pytest.raises(BonetumorError, match="--engine must be auto, torch, onnx or openvino"):
         predict(exported, [tiny_data / "test"], engine="tensorrt")
     r = runner.invoke(app, ["predict", str(exported), str(tiny_data / "test"), "--engine", "openvino", "--json"])
     assert r.exit_code == 0, r.output
     assert len([json.loads(line) for line in r.output.splitlines() if line.startswith("{")]) == 8
+
+
+def test_a_checkpoint_is_exported_once_into_the_cache_and_old_exports_are_dropped(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("BONETUMOR_CACHE_DIR", str(tmp_path / "cache"))
+    first = cached_export(tiny_run / "best.pt")
+    assert first.parent == tmp_path / "cache" and load_onnx(first).classes == load_checkpoint(tiny_run / "best.pt").classes
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    assert cached_export(tiny_run / "best.pt") == first  # the same bytes: the cached file
+    monkeypatch.undo()
+    monkeypatch.setenv("BONETUMOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(export, "CACHE_KEEP", 1)
+    other = tmp_path / "other.pt"
+    other.write_bytes((tiny_run / "best.pt").read_bytes())
+    update_checkpoint(other, {"temperature": 2.0})  # other bytes, another export
+    second = cached_export(other)
+    assert second != first and sorted((tmp_path / "cache").iterdir()) == [second]
+
+
+def test_engine_auto_runs_openvino_on_a_cpu_for_large_jobs_only(tiny_run, tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("BONETUMOR_CACHE_DIR", str(tmp_path / "cache"))
+    ck, folder = tiny_run / "best.pt", [tiny_data / "test"]  # 8 images
+    torch_rows = predict(ck, folder, device="cpu", precision="fp32")
+    monkeypatch.setattr(predict_module, "AUTO_OPENVINO_MIN_IMAGES", 9)
+    small = predict(ck, folder, device="cpu", engine="auto", precision="fp32")
+    assert small == torch_rows and not (tmp_path / "cache").exists()  # PyTorch, nothing exported
+    monkeypatch.setattr(predict_module, "AUTO_OPENVINO_MIN_IMAGES", 8)
+    loaded = []
+    monkeypatch.setattr(export, "load_openvino", lambda p: loaded.append(p) or load_openvino(p))
+    large = predict(ck, folder, device="cpu", engine="auto", precision="fp32")
+    assert loaded == list((tmp_path / "cache").glob("*.onnx")) and len(loaded) == 1  # exported, run in OpenVINO
+    assert [r["path"] for r in large] == [r["path"] for r in torch_rows]
+    assert np.abs(_probs(large) - _probs(torch_rows)).max() <= 1e-4
+    # the choice itself: never for a GPU, nor without OpenVINO
+    assert auto_engine(predict_module.torch.device("cpu"), 10**6) == "openvino"
+    assert auto_engine(predict_module.torch.device("cuda"), 10**6) == "torch"
+    monkeypatch.setattr(export, "openvino_available", lambda: False)
+    assert auto_engine(predict_module.torch.device("cpu"), 10**6) == "torch"
+
+
+def test_engine_auto_falls_back_to_pytorch_when_export_fails(tiny_run, tiny_data, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(predict_module, "AUTO_OPENVINO_MIN_IMAGES", 1)
+
+    def broken(path):
+        raise BonetumorError(f"{path}: ONNX Runtime differs from PyTorch")
+
+    monkeypatch.setattr(export, "cached_export", broken)
+    with pytest.warns(RuntimeWarning, match="running in PyTorch"):
+        rows = predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu", engine="auto", precision="fp32")
+    assert rows == predict(tiny_run / "best.pt", [tiny_data / "test"], device="cpu", precision="fp32")
+    r = runner.invoke(app, ["predict", str(tiny_run / "best.pt"), str(tiny_data / "test"), "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output  # the CLI's default engine, auto

@@ -13,7 +13,10 @@ where PyTorch reaches 70-90% of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from bonetumor.utils import atomic_path
 
 META_KEY = "bonetumor"
 INSTALL_HINT = "ONNX export and inference need: pip install 'bonetumor[onnx]' (onnx, onnxruntime, onnxscript)"
-OPENVINO_HINT = "predict --engine openvino needs: pip install 'bonetumor[openvino]' (onnx, openvino)"
+OPENVINO_HINT = "predict --engine openvino needs: pip install 'bonetumor[openvino]' (openvino, and onnx, onnxruntime, onnxscript)"
 
 
 def _require():
@@ -97,6 +100,48 @@ def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False
             raise BonetumorError(f"{out}: ONNX Runtime differs from PyTorch by {diff['max_abs_diff_probability']:.2e} "
                                  f"in probability (limit {tolerance:g}); not written")
     return {"path": str(out), **diff, "bytes": out.stat().st_size}
+
+
+EXPORT_FORMAT = 1  # part of the cache key: a change to what export writes makes new files
+CACHE_KEEP = 5  # exports kept in the cache (about 95 MB each for ResNet50), the most recently used
+
+
+def openvino_available() -> bool:
+    """Whether a checkpoint can be exported (onnx, onnxruntime, onnxscript) and run in OpenVINO."""
+    return all(find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript", "openvino"))
+
+
+def export_cache_dir() -> Path:
+    """Where checkpoints exported on the way to an engine are kept: ``$BONETUMOR_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/bonetumor/exports`` (``~/.cache/bonetumor/exports``)."""
+    if os.environ.get("BONETUMOR_CACHE_DIR"):
+        return Path(os.environ["BONETUMOR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bonetumor" / "exports"
+
+
+def cached_export(checkpoint: str | Path) -> Path:
+    """``checkpoint`` exported to ONNX once (``export_onnx``, about 7 s for ResNet50), kept in
+    ``export_cache_dir()`` under a hash of its bytes, and reused by later calls; only the
+    ``CACHE_KEEP`` most recently used exports are kept."""
+    digest = hashlib.sha256(f"bonetumor-onnx-{EXPORT_FORMAT}".encode())
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    folder = export_cache_dir()
+    path = folder / f"{digest.hexdigest()[:32]}.onnx"
+    if path.exists():
+        path.touch()  # most recently used
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BonetumorError(f"{folder}: cannot create the export cache ({e.strerror}); set BONETUMOR_CACHE_DIR "
+                             "to a writable folder") from None
+    export_onnx(checkpoint, path, overwrite=True)  # atomic: another process may have written it meanwhile
+    old = sorted(folder.glob("*.onnx"), key=lambda q: q.stat().st_mtime, reverse=True)[CACHE_KEEP:]
+    for q in old:
+        q.unlink(missing_ok=True)
+    return path
 
 
 @torch.inference_mode()

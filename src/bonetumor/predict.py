@@ -7,7 +7,9 @@ aggregated as ``max``, ``mean`` or ``topk:K`` (mean of the K highest slice score
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,6 +26,11 @@ from bonetumor.precision import check_precision
 from bonetumor.utils import autocast_dtype, select_device
 
 AGGREGATES = "max, mean or topk:K"
+ENGINES = ("auto", "torch", "onnx", "openvino")
+# --engine auto runs a checkpoint in OpenVINO on a CPU from this many images on, when installed:
+# exporting costs about 7 s once (then cached), which OpenVINO's 1.35x speed over PyTorch pays
+# back over about 1,000 images (benchmarks/onnx_inference.py).
+AUTO_OPENVINO_MIN_IMAGES = 1000
 DEFAULT_AGGREGATE = "topk:3"  # a study's score: the mean of its three highest slice scores
 PRECISION_CHECK_IMAGES = 8
 
@@ -64,7 +71,8 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         window: override the window the model was trained with (see ``ReadOptions``).
         skip_bad: give an unreadable file a row with its ``error`` instead of stopping.
         engine: ``torch``, ``onnx`` or ``openvino`` (run in ONNX Runtime (fp32) or OpenVINO (fp32
-            or bf16) on the CPU: a ``.onnx`` file from ``export``, or a checkpoint exported first).
+            or bf16) on the CPU: a ``.onnx`` file from ``export``, or a checkpoint exported first,
+            once, into ``export.export_cache_dir()``), or ``auto`` (see ``auto_engine``).
         precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
             of images, the device's native reduced precision if the probabilities of the first
             ``PRECISION_CHECK_IMAGES`` images stay within 0.01 of fp32's (see precision.py); a
@@ -96,11 +104,24 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         parse_aggregate(aggregate)
     if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
         raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
-    ck, dev = load_model(checkpoint, device, engine)
+    if engine == "auto" and str(checkpoint).lower().endswith(".onnx"):
+        engine = "openvino" if find_spec("openvino") is not None else "onnx"
+    ck, dev = load_model(checkpoint, device, "torch" if engine == "auto" else engine)
     batch_size = batch_size or default_batch_size(dev)
     workers = default_workers(dev) if workers is None else workers
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
     refs = expand_inputs(paths, options)
+    if engine == "auto":
+        engine = auto_engine(dev, len(refs))
+        if engine == "openvino":
+            from bonetumor.export import cached_export, load_openvino
+
+            try:
+                ck = load_openvino(cached_export(checkpoint))
+            except BonetumorError as e:  # a model that does not export: PyTorch is as correct
+                warnings.warn(f"--engine auto: running in PyTorch, as OpenVINO could not take the model ({e})",
+                              RuntimeWarning, stacklevel=2)
+                engine = "torch"
     if engine == "onnx" or (precision == "auto" and len(refs) <= batch_size):
         precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
     if precision not in ("auto", "fp32", "bf16", "fp16") or (engine == "openvino" and precision == "fp16"):
@@ -256,24 +277,29 @@ def prediction_rows(ck, bases: Sequence[dict], probs: torch.Tensor) -> list[dict
             for b, p in zip(bases, probs.tolist())]
 
 
+def auto_engine(device: torch.device, n_images: int) -> str:
+    """``--engine auto``'s choice for a checkpoint: OpenVINO on a CPU for ``AUTO_OPENVINO_MIN_IMAGES``
+    images or more when it is installed (``bonetumor[onnx,openvino]``; 1.35x PyTorch's speed
+    here, within 0.01 in bf16 as ``--precision auto`` checks), else PyTorch."""
+    from bonetumor.export import openvino_available
+
+    big = device.type == "cpu" and n_images >= AUTO_OPENVINO_MIN_IMAGES
+    return "openvino" if big and openvino_available() else "torch"
+
+
 def load_model(path: str | Path, device: str = "auto", engine: str = "torch"):
     """(LoadedCheckpoint, device) for ``engine`` torch (a .pt checkpoint), onnx or openvino (an
     exported .onnx, run in ONNX Runtime or OpenVINO on the CPU)."""
     if engine in ("onnx", "openvino"):
-        from bonetumor.export import export_onnx, load_onnx, load_openvino
+        from bonetumor.export import cached_export, load_onnx, load_openvino
 
         load = load_onnx if engine == "onnx" else load_openvino
         if str(path).lower().endswith(".onnx"):
             return load(path), torch.device("cpu")
-        # A checkpoint: exported first (with export's check; about 7 s for ResNet50) into a private
-        # temporary folder; both engines hold the model in memory once loaded.
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="bonetumor-export-") as tmp:
-            export_onnx(path, Path(tmp) / "model.onnx")
-            return load(Path(tmp) / "model.onnx"), torch.device("cpu")
+        # A checkpoint: exported first (with export's check; about 7 s for ResNet50), once.
+        return load(cached_export(path)), torch.device("cpu")
     if engine != "torch":
-        raise BonetumorError(f"--engine must be torch, onnx or openvino, not {engine!r}")
+        raise BonetumorError(f"--engine must be auto, torch, onnx or openvino, not {engine!r}")
     if str(path).lower().endswith(".onnx"):
         raise BonetumorError(f"{path}: an ONNX file; pass --engine onnx or --engine openvino")
     dev = select_device(device)
