@@ -3,8 +3,8 @@ import pickle
 import pytest
 import torch
 
-from bonetumor.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
-from bonetumor.config import TrainConfig
+from bonetumor.checkpoint import checkpoint_config, load_checkpoint, read_torch_file, save_checkpoint
+from bonetumor.config import TrainConfig, config_from_dict
 from bonetumor.errors import BonetumorError
 from bonetumor.models import create_model
 
@@ -22,15 +22,28 @@ def _save(path, **kw):
 
 
 def test_roundtrip_holds_what_predict_needs(tmp_path):
+    torch.manual_seed(0)  # not the global state other tests leave
     model = _save(tmp_path / "c.pt", epoch=4)
     ck = load_checkpoint(tmp_path / "c.pt")
     assert ck.classes == ["normal", "cancer"] and ck.positive_class == "cancer"
     assert ck.image_size == 64 and ck.threshold == 0.3 and ck.epoch == 4 and len(ck.mean) == 3
     assert not ck.model.training
     x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(ck.model(x), model.eval()(x))
+    # the loaded model runs channels_last, the original contiguous: other convolution kernels,
+    # differing by ~1e-5; a wrong or missing weight moves the logits by far more
+    torch.testing.assert_close(ck.model(x), model.eval()(x), atol=1e-4, rtol=1e-4)
     # Loadable by plain torch with weights_only=True: no code runs on load.
     assert torch.load(tmp_path / "c.pt", weights_only=True)["format"] == "bonetumor-checkpoint"
+
+
+def test_config_is_read_without_the_model(tmp_path, monkeypatch):
+    _save(tmp_path / "c.pt")
+    monkeypatch.setattr("bonetumor.checkpoint.create_model", lambda *a, **k: pytest.fail("model built"))
+    cfg = checkpoint_config(tmp_path / "c.pt")
+    assert cfg == config_from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["config"]) and cfg.image_size == 64
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(BonetumorError, match="foreign.pt: not a bonetumor checkpoint"):
+        checkpoint_config(tmp_path / "foreign.pt")
 
 
 def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bonetumor.checkpoint import load_checkpoint
+from bonetumor.checkpoint import checkpoint_config, load_checkpoint
+from bonetumor.config import read_options
 from bonetumor.data.io import ReadOptions, read_image
 from bonetumor.data.transforms import create_resize
 from bonetumor.data.volumes import SliceRef, expand_inputs
@@ -104,24 +105,24 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         parse_aggregate(aggregate)
     if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
         raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
-    if engine == "auto" and str(checkpoint).lower().endswith(".onnx"):
-        engine = "openvino" if find_spec("openvino") is not None else "onnx"
-    ck, dev = load_model(checkpoint, device, "torch" if engine == "auto" else engine)
-    batch_size = batch_size or default_batch_size(dev)
-    workers = default_workers(dev) if workers is None else workers
-    options = ck.read_options if window is None else replace(ck.read_options, window=window)
-    refs = expand_inputs(paths, options)
+    refs, ck = None, None
     if engine == "auto":
-        engine = auto_engine(dev, len(refs))
-        if engine == "openvino":
+        engine, refs = _resolve_auto(checkpoint, paths, device, window)
+        if engine == "openvino" and refs is not None:  # a checkpoint, large job, on a CPU
             from bonetumor.export import cached_export, load_openvino
 
             try:
-                ck = load_openvino(cached_export(checkpoint))
+                ck, dev = load_openvino(cached_export(checkpoint)), torch.device("cpu")
             except BonetumorError as e:  # a model that does not export: PyTorch is as correct
                 warnings.warn(f"--engine auto: running in PyTorch, as OpenVINO could not take the model ({e})",
                               RuntimeWarning, stacklevel=2)
                 engine = "torch"
+    if ck is None:
+        ck, dev = load_model(checkpoint, device, engine)
+    batch_size = batch_size or default_batch_size(dev)
+    workers = default_workers(dev) if workers is None else workers
+    options = ck.read_options if window is None else replace(ck.read_options, window=window)
+    refs = expand_inputs(paths, options) if refs is None else refs
     if engine == "onnx" or (precision == "auto" and len(refs) <= batch_size):
         precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
     if precision not in ("auto", "fp32", "bf16", "fp16") or (engine == "openvino" and precision == "fp16"):
@@ -285,6 +286,18 @@ def auto_engine(device: torch.device, n_images: int) -> str:
 
     big = device.type == "cpu" and n_images >= AUTO_OPENVINO_MIN_IMAGES
     return "openvino" if big and openvino_available() else "torch"
+
+
+def _resolve_auto(checkpoint: str | Path, paths: Sequence[str | Path], device: str, window: str | None):
+    """(engine, the slices to predict or None) for ``--engine auto``: an exported file in
+    OpenVINO (else ONNX Runtime); a checkpoint as ``auto_engine`` says, its slices counted with
+    the checkpoint's read options, read without building the PyTorch model the choice may not need."""
+    if str(checkpoint).lower().endswith(".onnx"):
+        return ("openvino" if find_spec("openvino") is not None else "onnx"), None
+    if auto_engine(select_device(device), AUTO_OPENVINO_MIN_IMAGES) == "torch":
+        return "torch", None  # whatever the job's size: a GPU, or no OpenVINO
+    refs = expand_inputs(paths, read_options(checkpoint_config(checkpoint), window))
+    return auto_engine(torch.device("cpu"), len(refs)), refs
 
 
 def load_model(path: str | Path, device: str = "auto", engine: str = "torch"):
