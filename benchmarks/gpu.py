@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from ceiling import RESNET50_GFLOP_PER_IMAGE, TRAIN_FACTOR, conv_gflops, median_seconds
+from resnet50_throughput import inference_ips, training_ips, training_step
 
 T0 = time.perf_counter()
 
@@ -67,56 +68,6 @@ def reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def inference_ips(model, device, batch: int, precision: str, reps: int) -> float:
-    from bonetumor.utils import autocast_dtype
-
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(precision, device)
-    inner = inner_steps(device, batch, 2048)
-
-    def step():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            for _ in range(inner):
-                model(x)
-
-    return inner * batch / median_seconds(step, device, reps, warmup=2)
-
-
-def inner_steps(device: torch.device, batch: int, images: int) -> int:
-    """Steps per timed repetition: on a GPU enough for ``images`` images, so that a repetition
-    lasts long enough to time (one small batch takes a few milliseconds); one on a CPU."""
-    return max(1, images // batch) if device.type == "cuda" else 1
-
-
-def training_step(model, device, batch: int, precision: str):
-    """A closure running one fine-tuning step as ``fit`` does (Adam, BCE, GradScaler for fp16)."""
-    from bonetumor.config import TrainConfig
-    from bonetumor.train import create_optimizer
-    from bonetumor.utils import autocast_dtype
-
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (batch, 1), device=device).float()
-    opt = create_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4), device)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    dtype = autocast_dtype(precision, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    model.train()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model(x).float(), y)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-    return step
 
 
 def fresh_model(device, freeze: str = "none"):
@@ -154,12 +105,10 @@ def section_training(res, device, precisions, batches, reps, save, steps_per_epo
         for b in batches:
             model = fresh_model(device)
             reset_memory(device)
-            one = training_step(model, device, b, p)
-            inner = inner_steps(device, b, 512)
-            ips = inner * b / median_seconds(lambda: [one() for _ in range(inner)], device, reps, warmup=1)
+            ips = training_ips(model, device, b, p, reps)
             rows[f"full_finetune_{p}_b{b}"] = {"ips": round(ips, 1), **gpu_memory_mb(device)}
             print(f"full_finetune_{p}_b{b}", rows[f"full_finetune_{p}_b{b}"], flush=True)
-            model = one = None  # freed before the next one's peak is measured
+            model = None  # freed before the next one's peak is measured
     # Memory over "epochs": allocated memory after each of three runs of steps, bf16, batch 32.
     p = "bf16" if "bf16" in precisions else precisions[0]
     model = fresh_model(device)

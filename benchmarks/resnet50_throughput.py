@@ -25,33 +25,54 @@ from bonetumor.train import create_optimizer
 from bonetumor.utils import atomic_write_json, autocast_dtype, cpu_has_fast_bf16, environment_info, select_device
 
 
+def inner_steps(device: torch.device, batch: int, images: int) -> int:
+    """Steps per timed repetition: on a GPU enough for ``images`` images, so that a repetition
+    lasts long enough to time (one small batch takes a few milliseconds); one on a CPU."""
+    return max(1, images // batch) if device.type == "cuda" else 1
+
+
 def inference_ips(model, device, batch: int, precision: str, reps: int) -> float:
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(precision, device)
+    inner = inner_steps(device, batch, 2048)
 
     def step():
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            model(x)
+            for _ in range(inner):
+                model(x)
 
-    return batch / median_seconds(step, device, reps, warmup=2)
+    return inner * batch / median_seconds(step, device, reps, warmup=2)
 
 
-def training_ips(model, device, batch: int, precision: str, reps: int) -> float:
+def training_step(model, device, batch: int, precision: str):
+    """A closure running one fine-tuning step as ``fit`` does (Adam, BCE, GradScaler for fp16)."""
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch, 1), device=device).float()
     opt = create_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-4), device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     dtype = autocast_dtype(precision, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(model(x).float(), y)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
-    return batch / median_seconds(step, device, reps)
+    return step
+
+
+def training_ips(model, device, batch: int, precision: str, reps: int) -> float:
+    step = training_step(model, device, batch, precision)
+    inner = inner_steps(device, batch, 512)
+    return inner * batch / median_seconds(lambda: [step() for _ in range(inner)], device, reps)
 
 
 def main() -> None:

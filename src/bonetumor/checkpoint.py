@@ -156,15 +156,23 @@ class LoadedCheckpoint:
         return self.classes[int(max(range(len(prob)), key=lambda i: float(prob[i])))]
 
 
+def _read_checked(path: str | Path) -> dict:
+    """A checkpoint file's contents, refused unless bonetumor wrote it in a format it reads."""
+    obj = read_torch_file(path)
+    if not is_bonetumor_checkpoint(obj):
+        raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise BonetumorError(f"{path}: written by a newer bonetumor (format {obj['format_version']}); upgrade")
+    return obj
+
+
 def checkpoint_config(path: str | Path) -> TrainConfig:
     """A checkpoint's training config, read without building its model (a fraction of the time).
 
     Raises:
-        BonetumorError: missing, foreign or incomplete file.
+        BonetumorError: missing, foreign, too new or incomplete file.
     """
-    obj = read_torch_file(path)
-    if not is_bonetumor_checkpoint(obj):
-        raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
+    obj = _read_checked(path)
     try:
         return config_from_dict(obj["config"])
     except (KeyError, TypeError) as e:
@@ -177,11 +185,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     Raises:
         BonetumorError: missing, foreign, tampered or incompatible file.
     """
-    obj = read_torch_file(path)
-    if not is_bonetumor_checkpoint(obj):
-        raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
-    if obj.get("format_version", 0) > FORMAT_VERSION:
-        raise BonetumorError(f"{path}: written by a newer bonetumor (format {obj['format_version']}); upgrade")
+    obj = _read_checked(path)
     if "model_sha256" in obj and isinstance(obj.get("model"), dict) and weights_digest(obj["model"]) != obj["model_sha256"]:
         raise BonetumorError(f"{path}: the weights do not match their checksum; the file was altered or damaged")
     try:

@@ -89,8 +89,8 @@ def train(
     unfreeze: Optional[str] = typer.Option(None, help="Blocks to fine-tune, e.g. layer4,layer3."),
     output_stride: Optional[int] = typer.Option(None, help="32, or 16/8 for resnet50: finer feature map and Grad-CAM."),
     recompute_stages: Optional[int] = typer.Option(None, help="Fine-tuning: recompute the first N backbone stages in "
-                                                   "backward instead of keeping them: less memory, more time (default 1, "
-                                                   "the stem; 0-5)."),
+                                                   "backward instead of keeping them: less memory, more time (0-5; default 0; "
+                                                   "1 is the stem)."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     checkpoint_seconds: Optional[float] = typer.Option(None, help="Write best.pt/last.pt when this many seconds have "
                                                        "passed since the last write, and at the end (default 30; 0 = every epoch)."),

@@ -15,10 +15,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms.v2.functional import normalize
 
 from bonetumor.checkpoint import checkpoint_config, load_checkpoint
 from bonetumor.config import read_options
-from bonetumor.data.io import ReadOptions, read_image
+from bonetumor.data.datasets import load_tensor
+from bonetumor.data.io import ReadOptions
 from bonetumor.data.transforms import create_resize
 from bonetumor.data.volumes import SliceRef, expand_inputs
 from bonetumor.compiled import maybe_compiled
@@ -27,7 +29,6 @@ from bonetumor.precision import check_precision
 from bonetumor.utils import autocast_dtype, select_device
 
 AGGREGATES = "max, mean or topk:K"
-ENGINES = ("auto", "torch", "onnx", "openvino")
 # --engine auto runs a checkpoint in OpenVINO on a CPU from this many images on, when installed:
 # exporting costs about 7 s once (then cached), which OpenVINO's 1.35x speed over PyTorch pays
 # back over about 1,000 images (benchmarks/onnx_inference.py).
@@ -109,10 +110,8 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     if engine == "auto":
         engine, refs = _resolve_auto(checkpoint, paths, device, window)
         if engine == "openvino" and refs is not None:  # a checkpoint, large job, on a CPU
-            from bonetumor.export import cached_export, load_openvino
-
             try:
-                ck, dev = load_openvino(cached_export(checkpoint)), torch.device("cpu")
+                ck, dev = load_model(checkpoint, device, engine)
             except BonetumorError as e:  # a model that does not export: PyTorch is as correct
                 warnings.warn(f"--engine auto: running in PyTorch, as OpenVINO could not take the model ({e})",
                               RuntimeWarning, stacklevel=2)
@@ -145,7 +144,7 @@ def _decode(refs: Sequence[SliceRef], resize, options: ReadOptions, skip_bad: bo
     for r in refs:
         base = {"path": r.path, "slice": r.frame, "study": r.study}
         try:
-            xs.append(resize(torch.from_numpy(read_image(r.path, r.frame, options)).permute(2, 0, 1).contiguous()))
+            xs.append(resize(load_tensor(r.path, r.frame, options, rgb=False)))
             chunk.append(base)
         except BadImageError as e:
             if not skip_bad:
@@ -158,13 +157,11 @@ def _decode(refs: Sequence[SliceRef], resize, options: ReadOptions, skip_bad: bo
 
 
 def _model_input(x: torch.Tensor, device: torch.device, mean, std) -> torch.Tensor:
-    """A batch from ``_decode`` on ``device``, three channels, normalised as in training
-    (the same operations as ``create_transforms``' Normalize, so the same numbers)."""
+    """A batch from ``_decode`` on ``device``, three channels, normalised as ``create_transforms``
+    normalises in training."""
     x = x.to(device, non_blocking=True)
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    m = torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=device).view(1, -1, 1, 1)
-    return x.sub(m).div_(s).contiguous(memory_format=torch.channels_last)
+    x = normalize(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, list(mean), list(std))
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -280,7 +277,7 @@ def prediction_rows(ck, bases: Sequence[dict], probs: torch.Tensor) -> list[dict
 
 def auto_engine(device: torch.device, n_images: int) -> str:
     """``--engine auto``'s choice for a checkpoint: OpenVINO on a CPU for ``AUTO_OPENVINO_MIN_IMAGES``
-    images or more when it is installed (``bonetumor[onnx,openvino]``; 1.35x PyTorch's speed
+    images or more when it is installed (``bonetumor[openvino]``; 1.35x PyTorch's speed
     here, within 0.01 in bf16 as ``--precision auto`` checks), else PyTorch."""
     from bonetumor.export import openvino_available
 

@@ -345,8 +345,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, self.class_to_idx[s.label], i
 
 
-def load_tensor(path: str | Path, frame: int | None = None, options: ReadOptions | None = None) -> torch.Tensor:
-    """Read an image (or a volume's slice) as a float tensor 3xHxW in [0, 1]."""
+def load_tensor(path: str | Path, frame: int | None = None, options: ReadOptions | None = None,
+                rgb: bool = True) -> torch.Tensor:
+    """Read an image (or a volume's slice) as a float tensor 3xHxW in [0, 1]; with ``rgb``
+    False, a grey image stays 1xHxW."""
     arr = read_image(path, frame, options)
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+    return x.expand(3, -1, -1).contiguous() if rgb and x.shape[0] == 1 else x
