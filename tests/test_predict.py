@@ -127,3 +127,29 @@ def test_decoding_in_worker_processes_keeps_order_and_errors(volume_run, tmp_pat
     assert rows[-1]["path"].endswith("broken.png") and rows[-1]["error"]
     with pytest.raises(BonetumorError, match="--workers"):
         predict(ck, [test_dir], workers=-1)
+
+
+def test_grey_and_colour_images_in_one_batch_match_the_training_transforms(tiny_run, tmp_path):
+    """predict resizes grey images as one channel and normalises on the device; the model must
+    see what create_transforms (training's path) gives, colour and grey mixed in one batch."""
+    import torch
+    from PIL import Image
+
+    from bonetumor.checkpoint import load_checkpoint
+    from bonetumor.data.datasets import load_tensor
+    from bonetumor.data.transforms import create_transforms
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, mode in enumerate(["L", "RGB", "L", "RGB", "L"]):
+        shape = (40 + 3 * i, 37) if mode == "L" else (41, 50 - i, 3)
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8), mode).save(files[-1])
+    ck = load_checkpoint(tiny_run / "best.pt")
+    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
+    with torch.inference_mode():
+        x = torch.stack([tf(load_tensor(f)) for f in files]).contiguous(memory_format=torch.channels_last)
+        ref = torch.sigmoid(ck.model(x)[:, 0]).numpy()
+    for batch_size, workers in ((5, 0), (2, 0), (2, 2)):
+        got = [r["probability"] for r in predict(tiny_run / "best.pt", files, batch_size=batch_size, workers=workers)]
+        np.testing.assert_allclose(got, ref, atol=2e-6)
