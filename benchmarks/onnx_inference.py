@@ -1,14 +1,14 @@
 """Inference engines on the CPU: PyTorch, ONNX Runtime and OpenVINO, ResNet50 at 224 px.
 
-Exports a ResNet50 checkpoint (random weights) with ``bonetumor export``, then measures, in one
-run and interleaved, each repetition between two ceiling measurements (benchmarks/ceiling.py):
-the model alone (images/s at batch 8: PyTorch eager fp32 and bf16 autocast, ONNX Runtime fp32,
-OpenVINO fp32 and bf16), and ``predict`` end to end (checkpoint load, PNG decode, resize and the
-precision check included) over a folder of ``--files`` PNGs with each engine and with the CLI's
-defaults (``--engine auto``: PyTorch below 1,000 images), and with PyTorch's, OpenVINO's and the
-defaults (OpenVINO, exported once into the cache; its first call, export included, on its own)
-over ``--large-files``. Every figure is
-the median of ``--reps`` after a warm-up, and a share of the mean ceiling of its precision.
+Exports a ResNet50 checkpoint (random weights) with ``bonetumor export``, then measures, in one run
+and interleaved, each repetition between two ceiling measurements (benchmarks/ceiling.py): the model
+alone (images/s at batch 8: PyTorch eager fp32 and bf16 autocast, ONNX Runtime fp32, OpenVINO fp32
+and bf16, and bf16 with the batch not split over two streams), and ``predict`` end to end
+(checkpoint load, PNG decode, resize and the precision check included) over a folder of ``--files``
+PNGs with each engine and with the CLI's defaults (``--engine auto``: PyTorch below 1,000 images),
+and with PyTorch's, OpenVINO's and the defaults (OpenVINO, exported once into the cache; its first
+call, export included, on its own) over ``--large-files``. Every figure is the median of ``--reps``
+after a warm-up, and a share of the mean ceiling of its precision.
 Also the largest probability differences against PyTorch fp32.
 
     python benchmarks/onnx_inference.py [--out benchmarks/results/onnx_inference_cpu.json]
@@ -27,7 +27,7 @@ from pathlib import Path
 
 # (name, precision): what each figure is measured against
 MODEL = {"torch_fp32": "fp32", "torch_bf16": "bf16", "onnx_fp32": "fp32", "openvino_fp32": "fp32",
-         "openvino_bf16": "bf16"}
+         "openvino_bf16": "bf16", "openvino1_bf16": "bf16"}  # openvino1: one stream (a batch not split in two)
 PREDICT = {"torch_auto": ("torch", "auto", "bf16"), "onnx_fp32": ("onnx", "fp32", "fp32"),
            "openvino_auto": ("openvino", "auto", "bf16"), "openvino_fp32": ("openvino", "fp32", "fp32"),
            "defaults": ("auto", "auto", "bf16")}  # the CLI's: --engine auto --precision auto, on the checkpoint
@@ -68,7 +68,8 @@ def main() -> None:
         for i in range(max(args.files, args.large_files)):
             write_png(tmp / ("imgs" if i < args.files else "more") / f"{i:04d}.png", rng.random((256, 256)))
         engines = {"torch": load_checkpoint(tmp / "m.pt"), "onnx": load_onnx(tmp / "m.onnx"),
-                   "openvino": load_openvino(tmp / "m.onnx")}
+                   "openvino": load_openvino(tmp / "m.onnx"), "openvino1": load_openvino(tmp / "m.onnx")}
+        engines["openvino1"].model.streams = 1
         x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
 
         def model_rate(name: str) -> float:
@@ -76,9 +77,9 @@ def main() -> None:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 engines[engine].model(x)  # warm: oneDNN kernel choice, ORT session, OpenVINO compile
                 t0 = time.perf_counter()
-                for _ in range(3):
+                for _ in range(6):
                     engines[engine].model(x)
-                return 3 * args.batch / (time.perf_counter() - t0)
+                return 6 * args.batch / (time.perf_counter() - t0)
 
         def predict_rate(engine: str, precision: str, large: bool = False) -> float:
             folders = [tmp / "imgs", tmp / "more"] if large else [tmp / "imgs"]

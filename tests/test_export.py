@@ -127,6 +127,40 @@ def test_openvino_runs_bf16_under_a_bf16_autocast_and_compiles_each_shape_once(e
     assert set(ck.model._requests) == {("f32", 5), ("bf16", 5), ("bf16", 2)}
 
 
+def test_openvino_splits_even_batches_over_two_streams_with_the_same_outputs(exported):
+    pytest.importorskip("openvino")
+    import torch
+
+    split, whole = load_openvino(exported, threads=2), load_openvino(exported, threads=2)
+    x = torch.randn(6, 3, split.image_size, split.image_size, generator=torch.Generator().manual_seed(1))
+    whole.model.streams = 1
+    a, b = split.model(x), whole.model(x)
+    assert len(split.model._requests[("f32", 6)]) == 2  # two halves of 3
+    assert len(whole.model._requests[("f32", 6)]) == 1
+    assert torch.allclose(a, b, atol=1e-5) and float((a[:3] - a[3:]).abs().max()) > 1e-3  # halves in order
+    split.model(x[:5])
+    assert len(split.model._requests[("f32", 5)]) == 1  # an odd batch runs whole
+
+
+def test_models_loaded_and_dropped_in_any_order_leave_signals_safe(exported):
+    """Each OpenVINO Core's CPU plugin swaps the thread's signal stack and restores the one it
+    found when destroyed: dropped first-in first-out, two Cores left it pointing at freed
+    memory, and the next signal Python handled was a segmentation fault."""
+    pytest.importorskip("openvino")
+    code = f"""
+import gc, os, signal, torch
+from bonetumor.export import load_openvino
+a = load_openvino({str(exported)!r}); a.model(torch.zeros(2, 3, a.image_size, a.image_size))
+b = load_openvino({str(exported)!r}); b.model(torch.zeros(2, 3, b.image_size, b.image_size))
+del a; gc.collect(); del b; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["handled", "alive"], (r.returncode, r.stdout, r.stderr[-500:])
+
+
 def test_openvino_auto_precision_and_refusals(exported, tiny_run, tiny_data, tmp_path):
     pytest.importorskip("openvino")
     fp32 = predict(tiny_run / "best.pt", [tiny_data], device="cpu", precision="fp32")

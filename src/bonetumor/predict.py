@@ -156,12 +156,14 @@ def _decode(refs: Sequence[SliceRef], resize, options: ReadOptions, skip_bad: bo
     return chunk, torch.stack([x.expand(channels, -1, -1) for x in xs]), bad
 
 
-def _model_input(x: torch.Tensor, device: torch.device, mean, std) -> torch.Tensor:
+def _model_input(x: torch.Tensor, device: torch.device, mean, std,
+                 memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
     """A batch from ``_decode`` on ``device``, three channels, normalised as ``create_transforms``
-    normalises in training."""
+    normalises in training, in ``memory_format`` (channels_last for PyTorch's convolutions; the
+    exported-model engines take plain NCHW, which spares them converting it back)."""
     x = x.to(device, non_blocking=True)
     x = normalize(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, list(mean), list(std))
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=memory_format)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -236,6 +238,7 @@ def score_refs(ck, refs: Sequence[SliceRef], options: ReadOptions, device: torch
     runs (see ``_batches``)."""
     run = run or ck.model
     resize = create_resize(ck.image_size)
+    memory_format = getattr(ck.model, "input_memory_format", torch.channels_last)
     results = []
     with torch.inference_mode():
         for chunk, x, bad in _batches(refs, batch_size, resize, options, skip_bad, workers, prefetch,
@@ -243,7 +246,7 @@ def score_refs(ck, refs: Sequence[SliceRef], options: ReadOptions, device: torch
             results += bad
             if x is None:
                 continue
-            x = _model_input(x, device, ck.mean, ck.std)
+            x = _model_input(x, device, ck.mean, ck.std, memory_format)
             probs = None
             if precision == "auto":
                 # Checked on a few images: the check's fp32 pass costs as much as predicting them.
