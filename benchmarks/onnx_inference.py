@@ -5,10 +5,11 @@ and interleaved, each repetition between two ceiling measurements (benchmarks/ce
 alone (images/s at batch 8: PyTorch eager fp32 and bf16 autocast, ONNX Runtime fp32, OpenVINO fp32
 and bf16, and bf16 with the batch not split over two streams), and ``predict`` end to end
 (checkpoint load, PNG decode, resize and the precision check included) over a folder of ``--files``
-PNGs with each engine and with the CLI's defaults (``--engine auto``: PyTorch below 1,000 images),
-and with PyTorch's, OpenVINO's and the defaults (OpenVINO, exported once into the cache; its first
-call, export included, on its own) over ``--large-files``. Every figure is the median of ``--reps``
-after a warm-up, and a share of the mean ceiling of its precision.
+PNGs with each engine and with the CLI's defaults (``--engine auto``: OpenVINO, as the checkpoint's
+export is in the cache by then; with nothing exported, PyTorch below 1,000 images, i.e. the torch
+figure), and with PyTorch's, OpenVINO's and the defaults over ``--large-files`` (the defaults' first
+call, which exports the checkpoint into the cache, on its own). Every figure is the median of
+``--reps`` after a warm-up, and a share of the mean ceiling of its precision.
 Also the largest probability differences against PyTorch fp32.
 
     python benchmarks/onnx_inference.py [--out benchmarks/results/onnx_inference_cpu.json]
@@ -30,7 +31,7 @@ MODEL = {"torch_fp32": "fp32", "torch_bf16": "bf16", "onnx_fp32": "fp32", "openv
          "openvino_bf16": "bf16", "openvino1_bf16": "bf16"}  # openvino1: one stream (a batch not split in two)
 PREDICT = {"torch_auto": ("torch", "auto", "bf16"), "onnx_fp32": ("onnx", "fp32", "fp32"),
            "openvino_auto": ("openvino", "auto", "bf16"), "openvino_fp32": ("openvino", "fp32", "fp32"),
-           "defaults": ("auto", "auto", "bf16")}  # the CLI's: --engine auto --precision auto, on the checkpoint
+           "defaults": ("auto", "auto", "bf16")}  # the CLI's: --engine auto --precision auto, on the checkpoint (exported)
 LARGE = ("torch_auto", "openvino_auto", "defaults")  # also over a larger folder, where fixed costs weigh less
 
 

@@ -200,7 +200,7 @@ def test_a_checkpoint_is_exported_once_into_the_cache_and_old_exports_are_droppe
     assert second != first and sorted((tmp_path / "cache").iterdir()) == [second]
 
 
-def test_engine_auto_runs_openvino_on_a_cpu_for_large_jobs_only(tiny_run, tiny_data, tmp_path, monkeypatch):
+def test_engine_auto_runs_openvino_on_a_cpu_for_large_or_already_exported_jobs(tiny_run, tiny_data, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv("BONETUMOR_CACHE_DIR", str(tmp_path / "cache"))
     ck, folder = tiny_run / "best.pt", [tiny_data / "test"]  # 8 images
@@ -215,11 +215,16 @@ def test_engine_auto_runs_openvino_on_a_cpu_for_large_jobs_only(tiny_run, tiny_d
     assert loaded == list((tmp_path / "cache").glob("*.onnx")) and len(loaded) == 1  # exported, run in OpenVINO
     assert [r["path"] for r in large] == [r["path"] for r in torch_rows]
     assert np.abs(_probs(large) - _probs(torch_rows)).max() <= 1e-4
+    # once exported, a small job runs in OpenVINO too: the export is already paid for
+    monkeypatch.setattr(predict_module, "AUTO_OPENVINO_MIN_IMAGES", 9)
+    again = predict(ck, folder, device="cpu", engine="auto", precision="fp32")
+    assert len(loaded) == 2 and loaded[1] == loaded[0] and np.abs(_probs(again) - _probs(torch_rows)).max() <= 1e-4
     # the choice itself: never for a GPU, nor without OpenVINO
-    assert auto_engine(predict_module.torch.device("cpu"), 10**6) == "openvino"
-    assert auto_engine(predict_module.torch.device("cuda"), 10**6) == "torch"
+    cpu, cuda = predict_module.torch.device("cpu"), predict_module.torch.device("cuda")
+    assert auto_engine(cpu, 10**6) == "openvino" and auto_engine(cpu, 1, exported=True) == "openvino"
+    assert auto_engine(cpu, 1) == "torch" and auto_engine(cuda, 10**6, exported=True) == "torch"
     monkeypatch.setattr(export, "openvino_available", lambda: False)
-    assert auto_engine(predict_module.torch.device("cpu"), 10**6) == "torch"
+    assert auto_engine(cpu, 10**6, exported=True) == "torch"
 
 
 def test_engine_auto_falls_back_to_pytorch_when_export_fails(tiny_run, tiny_data, monkeypatch):

@@ -336,8 +336,8 @@ def predict(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Also write predictions.csv (and studies.csv) here."),
     skip_bad_files: bool = typer.Option(False, help="List unreadable files with their problem instead of stopping."),
     overwrite: bool = typer.Option(False),
-    engine: str = typer.Option("auto", help="auto (OpenVINO on a CPU for 1,000 images or more, when installed; else "
-                               "torch), torch, onnx (ONNX Runtime, fp32) or openvino (OpenVINO, fp32 or bf16; the fastest "
+    engine: str = typer.Option("auto", help="auto (OpenVINO on a CPU, when installed, for 1,000 images or more or "
+                               "a checkpoint already exported; else torch), torch, onnx (ONNX Runtime, fp32) or openvino (OpenVINO, fp32 or bf16; the fastest "
                                "on a CPU). The last two run a model.onnx from export, or export RUN/best.pt first (~7 s, "
                                "once: kept in ~/.cache/bonetumor/exports or $BONETUMOR_CACHE_DIR)."),
     precision: str = typer.Option("auto", help="auto (the device's native bf16/fp16 when a batch agrees with fp32 within 0.01; "

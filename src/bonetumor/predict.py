@@ -278,14 +278,16 @@ def prediction_rows(ck, bases: Sequence[dict], probs: torch.Tensor) -> list[dict
             for b, p in zip(bases, probs.tolist())]
 
 
-def auto_engine(device: torch.device, n_images: int) -> str:
-    """``--engine auto``'s choice for a checkpoint: OpenVINO on a CPU for ``AUTO_OPENVINO_MIN_IMAGES``
-    images or more when it is installed (``bonetumor[openvino]``; 1.35x PyTorch's speed
-    here, within 0.01 in bf16 as ``--precision auto`` checks), else PyTorch."""
+def auto_engine(device: torch.device, n_images: int, exported: bool = False) -> str:
+    """``--engine auto``'s choice for a checkpoint: OpenVINO on a CPU when it is installed
+    (``bonetumor[openvino]``; 1.35x PyTorch's speed here, within 0.01 in bf16 as ``--precision
+    auto`` checks) for ``AUTO_OPENVINO_MIN_IMAGES`` images or more, where exporting pays for
+    itself, or for any number when the checkpoint is ``exported`` already (in the export cache);
+    else PyTorch."""
     from bonetumor.export import openvino_available
 
-    big = device.type == "cpu" and n_images >= AUTO_OPENVINO_MIN_IMAGES
-    return "openvino" if big and openvino_available() else "torch"
+    worth = n_images >= AUTO_OPENVINO_MIN_IMAGES or exported
+    return "openvino" if device.type == "cpu" and worth and openvino_available() else "torch"
 
 
 def _resolve_auto(checkpoint: str | Path, paths: Sequence[str | Path], device: str, window: str | None):
@@ -296,8 +298,10 @@ def _resolve_auto(checkpoint: str | Path, paths: Sequence[str | Path], device: s
         return ("openvino" if find_spec("openvino") is not None else "onnx"), None
     if auto_engine(select_device(device), AUTO_OPENVINO_MIN_IMAGES) == "torch":
         return "torch", None  # whatever the job's size: a GPU, or no OpenVINO
+    from bonetumor.export import cached_export_path
+
     refs = expand_inputs(paths, read_options(checkpoint_config(checkpoint), window))
-    return auto_engine(torch.device("cpu"), len(refs)), refs
+    return auto_engine(torch.device("cpu"), len(refs), cached_export_path(checkpoint).exists()), refs
 
 
 def load_model(path: str | Path, device: str = "auto", engine: str = "torch"):
