@@ -236,22 +236,18 @@ class OpenVinoRunner(nn.Module):
         self.streams = streams
         self._requests: dict[tuple[str, int], list] = {}
 
-    def _parts(self, n: int) -> int:
-        threads = self.threads or torch.get_num_threads()
-        streams = self.streams if self.streams is not None else min(2, threads)
-        return streams if streams > 1 and n % streams == 0 else 1
-
     def _request(self, precision: str, n: int) -> list:
         """The infer requests for a batch of ``n``: one per part of it, on its own stream."""
         key = (precision, n)
         if key not in self._requests:
-            parts = self._parts(n)
+            threads = self.threads or torch.get_num_threads()
+            streams = self.streams if self.streams is not None else min(2, threads)
+            parts = streams if streams > 1 and n % streams == 0 else 1
             model = self.ov_model.clone()
             shape = model.inputs[0].get_partial_shape()
             shape[0] = n // parts
             model.reshape({model.inputs[0]: shape})
-            options = {"INFERENCE_PRECISION_HINT": precision,
-                       "INFERENCE_NUM_THREADS": self.threads or torch.get_num_threads()}
+            options = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads}
             options.update({"PERFORMANCE_HINT": "LATENCY"} if parts == 1 else
                            {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": parts})
             compiled = self.core.compile_model(model, "CPU", options)

@@ -106,17 +106,18 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         parse_aggregate(aggregate)
     if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
         raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
-    refs, ck = None, None
-    if engine == "auto":
+    auto, refs = engine == "auto", None
+    if auto:
         engine, refs = _resolve_auto(checkpoint, paths, device, window)
-        if engine == "openvino" and refs is not None:  # a checkpoint, large job, on a CPU
-            try:
-                ck, dev = load_model(checkpoint, device, engine)
-            except BonetumorError as e:  # a model that does not export: PyTorch is as correct
-                warnings.warn(f"--engine auto: running in PyTorch, as OpenVINO could not take the model ({e})",
-                              RuntimeWarning, stacklevel=2)
-                engine = "torch"
-    if ck is None:
+    try:
+        ck, dev = load_model(checkpoint, device, engine)
+    except BonetumorError as e:
+        if not (auto and engine == "openvino" and refs is not None):  # only auto's export of a checkpoint falls back
+            raise
+        # a model that does not export: PyTorch is as correct
+        warnings.warn(f"--engine auto: running in PyTorch, as OpenVINO could not take the model ({e})",
+                      RuntimeWarning, stacklevel=2)
+        engine = "torch"
         ck, dev = load_model(checkpoint, device, engine)
     batch_size = batch_size or default_batch_size(dev)
     workers = default_workers(dev) if workers is None else workers
