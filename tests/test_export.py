@@ -200,6 +200,14 @@ def test_a_checkpoint_is_exported_once_into_the_cache_and_old_exports_are_droppe
     assert second != first and sorted((tmp_path / "cache").iterdir()) == [second]
 
 
+@pytest.mark.parametrize("engine", ["onnx", "openvino", "auto"])
+def test_a_missing_checkpoint_is_a_one_line_error_with_every_engine(engine, tiny_data, tmp_path):
+    r = runner.invoke(app, ["predict", str(tmp_path / "nope.pt"), str(tiny_data / "test"), "--engine", engine,
+                            "--device", "cpu"])
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), repr(r.exception)  # handled, not a crash
+    assert f"{tmp_path / 'nope.pt'}: file not found" in r.output and "Traceback" not in r.output
+
+
 def test_engine_auto_runs_openvino_on_a_cpu_for_large_or_already_exported_jobs(tiny_run, tiny_data, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv("BONETUMOR_CACHE_DIR", str(tmp_path / "cache"))

@@ -125,6 +125,8 @@ def export_cache_dir() -> Path:
 
 def cached_export_path(checkpoint: str | Path) -> Path:
     """Where ``cached_export`` keeps ``checkpoint``'s export (whether or not it is there yet)."""
+    if not Path(checkpoint).is_file():
+        raise BonetumorError(f"{checkpoint}: file not found")
     st = os.stat(checkpoint)
     return export_cache_dir() / f"{_digest(str(Path(checkpoint).resolve()), st.st_mtime_ns, st.st_size)}.onnx"
 
