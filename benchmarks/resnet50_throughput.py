@@ -5,7 +5,9 @@ before and just after each figure (their mean), so the ratios hold even when the
 drifts, between runs or within one. Each figure is the
 median of >= 3 timed repetitions after a warm-up. Inference: eager and torch.compile (weights
 frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam, as ``fit`` makes it) in fp32 and bf16, with
-``--recompute-stages`` 0 (the default), 1 and 5.
+BatchNorm statistics from each batch (``--bn-statistics batch``, the default from random weights) and
+``--recompute-stages`` 0 (the default), 1 and 5, and with frozen statistics folded into the
+convolutions (``--bn-statistics frozen``, the default from pretrained weights: see batchnorm.py).
 
     python benchmarks/resnet50_throughput.py [--out benchmarks/results/resnet50_cpu.json] [--reps 3]
 """
@@ -19,6 +21,7 @@ import time
 import torch
 from ceiling import measure_ceiling, median_seconds, share
 
+from bonetumor.batchnorm import folded_batchnorm
 from bonetumor.config import TrainConfig
 from bonetumor.models import create_model
 from bonetumor.train import create_optimizer
@@ -72,7 +75,8 @@ def training_step(model, device, batch: int, precision: str):
 def training_ips(model, device, batch: int, precision: str, reps: int) -> float:
     step = training_step(model, device, batch, precision)
     inner = inner_steps(device, batch, 512)
-    return inner * batch / median_seconds(lambda: [step() for _ in range(inner)], device, reps)
+    with folded_batchnorm(model):  # as fit trains: folded where the statistics are frozen
+        return inner * batch / median_seconds(lambda: [step() for _ in range(inner)], device, reps)
 
 
 def main() -> None:
@@ -124,12 +128,14 @@ def main() -> None:
     for p in precisions:
         ref = "bf16" if p == "fp16" else p
         full = create_model("resnet50", "none", freeze="none").to(device).to(memory_format=torch.channels_last)
-        # --recompute-stages: 0 (the default: nothing recomputed), 1 (the stem), 5 (every stage)
-        for stages in (0, 1, 5):
-            full.recompute_stages = stages
+        # --recompute-stages: 0 (the default: nothing recomputed), 1 (the stem), 5 (every stage);
+        # --bn-statistics batch, and frozen (folded) without recomputation
+        for bn, stages in (("batch", 0), ("batch", 1), ("batch", 5), ("frozen", 0)):
+            full.recompute_stages, full.bn_statistics = stages, bn
             ips, ceil = around(lambda: training_ips(full, device, 32, p, args.reps))
-            key = f"full_finetune_{p}_b32" + (f"_recompute{stages}" if stages else "")
-            tr[key] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref, "training"), "recompute_stages": stages}
+            key = f"full_finetune_{p}_b32" + (f"_recompute{stages}" if stages else "") + ("_bn_frozen" if bn == "frozen" else "")
+            tr[key] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref, "training"), "recompute_stages": stages,
+                       "bn_statistics": bn}
             print(key, tr[key], flush=True)
     res["training"] = tr
     res["environment"] = environment_info(device)

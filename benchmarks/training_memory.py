@@ -3,7 +3,8 @@
 Each mode trains in a fresh process (so its peak is its own) on the same synthetic data: the
 frozen backbone with cached features (the default), the frozen backbone run every epoch
 (``--no-cache-features``), and full fine-tuning in bf16 and fp32 with nothing recomputed (the default)
-and with ``--recompute-stages`` 1 and 2 (bf16) or 5 (fp32). The resident set size is
+and with ``--recompute-stages`` 1 and 2 (bf16) or 5 (fp32), and with ``--bn-statistics frozen``
+(the default from pretrained weights; these runs start from random ones). The resident set size is
 read after every epoch (at the next one's start); growth is the last reading minus the second
 (the first epoch holds the allocators' warm-up). The last epoch's own reading is not taken.
 
@@ -27,7 +28,10 @@ MODES = {
     "full_finetune_bf16": dict(freeze="none", precision="bf16", epochs=6),
     "full_finetune_bf16_recompute1": dict(freeze="none", precision="bf16", recompute_stages=1, epochs=6),
     "full_finetune_bf16_recompute2": dict(freeze="none", precision="bf16", recompute_stages=2, epochs=6),
+    # BatchNorm statistics frozen and folded into the convolutions (the default from pretrained weights)
+    "full_finetune_bf16_bn_frozen": dict(freeze="none", precision="bf16", bn_statistics="frozen", epochs=6),
     "full_finetune_fp32": dict(freeze="none", precision="fp32", epochs=6),
+    "full_finetune_fp32_bn_frozen": dict(freeze="none", precision="fp32", bn_statistics="frozen", epochs=6),
     "full_finetune_fp32_recompute5": dict(freeze="none", precision="fp32", recompute_stages=5, epochs=6),
 }
 

@@ -91,6 +91,9 @@ def train(
     recompute_stages: Optional[int] = typer.Option(None, help="Fine-tuning: recompute the first N backbone stages in "
                                                    "backward instead of keeping them: less memory, more time (0-5; default 0; "
                                                    "1 is the stem)."),
+    bn_statistics: Optional[str] = typer.Option(None, help="Fine-tuning: BatchNorm statistics from each batch (batch) or "
+                                                "kept from the pretrained weights (frozen: faster, less memory); "
+                                                "default auto: frozen unless --weights none."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     checkpoint_seconds: Optional[float] = typer.Option(None, help="Write best.pt/last.pt when this many seconds have "
                                                        "passed since the last write, and at the end (default 30; 0 = every epoch)."),
@@ -124,7 +127,7 @@ def train(
         positive_class=positive_class, val_fraction=val_fraction, test_fraction=test_fraction, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         seed=seed, device=device, workers=workers, precision=precision, weights=weights, backbone=backbone, freeze=freeze,
         unfreeze=[u.strip() for u in unfreeze.split(",") if u.strip()] if unfreeze is not None else None,
-        output_stride=output_stride, recompute_stages=recompute_stages, patience=patience, checkpoint_seconds=checkpoint_seconds, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
+        output_stride=output_stride, recompute_stages=recompute_stages, bn_statistics=bn_statistics, patience=patience, checkpoint_seconds=checkpoint_seconds, class_balanced=class_balanced, skip_bad_files=skip_bad_files, audit=audit,
         threshold_rule=threshold_rule, calibrate=calibrate, window=window, slice_axis=slice_axis,
         cache_features=cache_features, feature_views=feature_views, feature_cache_dir=feature_cache_dir,
         cache_images=cache_images, compile=compile_mode,

@@ -48,6 +48,10 @@ class TrainConfig:
     # Fine-tuning: the first N backbone stages (1 = the stem) are recomputed in backward instead
     # of kept, for less memory (see recompute.py); no effect on a frozen backbone or the results.
     recompute_stages: int = 0
+    # Fine-tuning: BatchNorm statistics updated from each batch ("batch") or kept from the
+    # pretrained weights ("frozen", folded into the convolutions: faster, less memory); "auto":
+    # frozen from pretrained weights, batch from random ones (see batchnorm.py).
+    bn_statistics: str = "auto"
     # Frozen-backbone fast path: features computed once per image and view (see features.py)
     cache_features: bool = True
     feature_views: int = 4  # augmented views per training image; 1 = no augmentation
@@ -94,6 +98,8 @@ class TrainConfig:
             (self.freeze in ("backbone", "none"), f"--freeze must be 'backbone' or 'none', not {self.freeze!r}"),
             (self.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}"),
             (0 <= self.recompute_stages <= 5, f"--recompute-stages must be 0 to 5, not {self.recompute_stages}"),
+            (self.bn_statistics in ("auto", "batch", "frozen"),
+             f"--bn-statistics must be auto, batch or frozen, not {self.bn_statistics!r}"),
             (self.output_stride in (8, 16, 32), f"--output-stride must be 32, 16 or 8, not {self.output_stride}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),

@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from bonetumor.batchnorm import keeps_statistics
 from bonetumor.errors import BonetumorError
 from bonetumor.serialization import is_bonetumor_checkpoint, read_torch_file
 
@@ -43,6 +44,8 @@ class Classifier(nn.Module):
     # stages are recomputed in backward while training (see recompute.py).
     backbone_name: str = ""
     recompute_stages: int = 0
+    # "frozen": every BatchNorm keeps its running statistics while training (see batchnorm.py).
+    bn_statistics: str = "batch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute_stages and self.training and torch.is_grad_enabled():
@@ -55,15 +58,13 @@ class Classifier(nn.Module):
         return logits if self.temperature == 1.0 else logits / self.temperature
 
     def train(self, mode: bool = True) -> "Classifier":
-        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode.
-
-        A frozen backbone must keep its running statistics: updating them in train mode
-        would change the features the head learns from (Keras does the same for trainable=False).
-        """
+        """Like nn.Module.train, but BatchNorm layers that keep their running statistics
+        (those of frozen blocks, or all with ``bn_statistics == "frozen"``: see
+        ``batchnorm.keeps_statistics``) stay in eval mode."""
         super().train(mode)
         if mode:
             for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and keeps_statistics(m, self.bn_statistics):
                     m.eval()
         return self
 

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from torch import nn
 
+from bonetumor.batchnorm import folded_batchnorm, resolve_bn_statistics
 from bonetumor.checkpoint import checkpoint_payload, read_torch_file, save_checkpoint, snapshot_bytes, write_checkpoint
 from bonetumor.config import TrainConfig, config_from_dict, read_options, save_config
 from bonetumor.data.datasets import (
@@ -248,9 +249,13 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
             raise BonetumorError(f"{run}/last.pt not found: nothing to resume")
         state = read_torch_file(run / "last.pt")
         saved = config_from_dict(state["config"])
+        # A run saved before --bn-statistics existed trained with batch statistics.
+        saved.bn_statistics = state["config"].get("bn_statistics", "batch")
         saved.epochs, saved.device, saved.workers = cfg.epochs, cfg.device, cfg.workers
         cfg = saved
     cfg.validate()
+    # Resolved before anything is saved, so the run records (and --resume keeps) what it trained with.
+    cfg = replace(cfg, bn_statistics=resolve_bn_statistics(cfg.bn_statistics, cfg.weights))
     device = select_device(cfg.device)
     if run.exists() and not run.is_dir() or (run.is_dir() and any(run.iterdir()) and not (overwrite or resume)):
         raise BonetumorError(f"{run} already exists; pass --overwrite to replace it or --resume to continue")
@@ -281,6 +286,7 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
         audit_data(index, run, verbose, [facts[s.ref] for s in index.samples])
     model.to(device).to(memory_format=torch.channels_last)
     model.recompute_stages = cfg.recompute_stages
+    model.bn_statistics = cfg.bn_statistics
     if not state:  # a resumed run keeps the precision its first epoch chose
         precision = choose_training_precision(model, index, cfg, device)
         cfg = replace(cfg, precision=precision["chosen"])  # saved with the run, so --resume keeps it
@@ -345,9 +351,10 @@ def fit(cfg: TrainConfig, out: str | Path, overwrite: bool = False, resume: bool
             group["lr"] = lr
         if isinstance(train_loader.dataset, FeatureDataset):
             train_loader.dataset.set_epoch(epoch)
-        tr_loss, tr_acc = train_one_epoch(net, train_loader, optimizer, loss_fn, device, dtype, scaler, verbose,
-                                          f"epoch {epoch}/{cfg.epochs}")
-        val = predict_loader(net, val_loader, device, loss_fn=loss_fn, dtype=dtype)
+        with folded_batchnorm(net):
+            tr_loss, tr_acc = train_one_epoch(net, train_loader, optimizer, loss_fn, device, dtype, scaler, verbose,
+                                              f"epoch {epoch}/{cfg.epochs}")
+            val = predict_loader(net, val_loader, device, loss_fn=loss_fn, dtype=dtype)
         row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
                "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
                "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if n_out == 1 else "",
