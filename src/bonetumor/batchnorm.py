@@ -112,7 +112,6 @@ def fold_batchnorm(module: nn.Module, where: Callable[[nn.Module], bool] = lambd
             object.__delattr__(conv, "_bn")
 
 
-
 def folded_batchnorm(net: nn.Module) -> ContextManager[int]:
     """``fold_batchnorm`` over a Classifier's backbone, for the BatchNorms that keep their
     statistics while it trains (see ``keeps_statistics``); nothing for any other module (the
