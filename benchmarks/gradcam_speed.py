@@ -1,8 +1,8 @@
 """Grad-CAM throughput beside inference throughput, ResNet50 at 224 px, in one run.
 
 Compares, at batch 1, 8 and 16, fp32 and bf16 autocast:
-    inference      model(x) under inference_mode
-    ours           bonetumor's Grad-CAM (gradient above the target layer only)
+    inference      model(x) under inference_mode, BatchNorms folded (as bonetumor's eager inference)
+    ours           bonetumor's Grad-CAM (gradient above the target layer only; BatchNorms folded too)
     captum         Captum's LayerGradCam (autograd.grad to the layer output, parameters as they are)
     pytorch_grad_cam  pytorch-grad-cam's GradCAM (loss.backward(): every trainable parameter's gradient too)
 Medians of 5 interleaved rounds after a warm-up.
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bonetumor.batchnorm import inference_folded
 from bonetumor.explain.cam import compute_cams
 from bonetumor.models import create_model
 from bonetumor.utils import atomic_write_json, environment_info, select_device
@@ -51,8 +52,9 @@ def main() -> None:
         for b in [int(v) for v in args.batches.split(",")]:
             x = torch.randn(b, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
 
-            def infer():
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            def infer():  # as bonetumor's eager inference runs: BatchNorms folded (as its Grad-CAM does too)
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
+                        inference_folded(model):
                     model(x)
 
             fns = {"inference": infer,

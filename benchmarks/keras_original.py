@@ -13,7 +13,8 @@ Alternating in one run, repetition by repetition: the machine's ceiling (benchma
 the Keras original's training (wall time of ``model.fit`` for E epochs) and inference (images/s
 at batch 8, tf.function), then bonetumor's ``fit`` (frozen; features cached with 1 and with 4
 views; uncached with augmentation, and uncached without it, the like-for-like twin of 1 view) and
-inference at batch 8 (PyTorch eager fp32 and bf16, torch.compile bf16, ONNX Runtime), plus
+inference at batch 8 (PyTorch eager fp32 and bf16 with BatchNorms folded as bonetumor runs
+eager inference, torch.compile bf16, ONNX Runtime), plus
 ``predict`` over the data folder with its defaults, file decoding included. Same synthetic data,
 same image size, random weights on both sides; bonetumor at ``--precision auto`` unless told.
 Results: ``benchmarks/results/keras_original_cpu.json``.
@@ -88,6 +89,7 @@ def main() -> None:
     from ceiling import measure_ceiling, share
 
     from bonetumor import TrainConfig, create_synthetic_dataset, fit
+    from bonetumor.batchnorm import inference_folded
     from bonetumor.checkpoint import load_checkpoint
     from bonetumor.compiled import CompiledInference
     from bonetumor.export import export_onnx, load_onnx
@@ -148,9 +150,10 @@ def main() -> None:
             ck = load_checkpoint(run / "best.pt")
             model = ck.model.to(memory_format=torch.channels_last).eval()
             export_onnx(run / "best.pt", tmp / f"m{rep}.onnx")
-            results["torch_eager_fp32"].append(rate(model))
-            if bf16:
-                results["torch_eager_bf16"].append(rate(model, torch.bfloat16))
+            with inference_folded(model):  # eager, as bonetumor runs it: BatchNorms folded
+                results["torch_eager_fp32"].append(rate(model))
+                if bf16:
+                    results["torch_eager_bf16"].append(rate(model, torch.bfloat16))
                 if compiled is None:  # compiled once; its compile time is reported by resnet50_throughput.py
                     compiled = CompiledInference(model, 8)
                     rate(compiled, torch.bfloat16)

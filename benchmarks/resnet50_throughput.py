@@ -3,8 +3,9 @@
 The ceiling (benchmarks/ceiling.py) is a large channels_last convolution's GFLOP/s, measured just
 before and just after each figure (their mean), so the ratios hold even when the machine's speed
 drifts, between runs or within one. Each figure is the
-median of >= 3 timed repetitions after a warm-up. Inference: eager and torch.compile (weights
-frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam, as ``fit`` makes it) in fp32 and bf16, with
+median of >= 3 timed repetitions after a warm-up. Inference: eager (the model as torchvision builds
+it, and with its BatchNorms folded into the convolutions, as bonetumor runs it eager) and
+torch.compile (weights frozen), fp32 and bf16 autocast; training: a full fine-tuning step (Adam, as ``fit`` makes it) in fp32 and bf16, with
 BatchNorm statistics from each batch (``--bn-statistics batch``, the default from random weights) and
 ``--recompute-stages`` 0 (the default), 1 and 5, and with frozen statistics folded into the
 convolutions (``--bn-statistics frozen``, the default from pretrained weights: see batchnorm.py).
@@ -17,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 
 import torch
 from ceiling import measure_ceiling, median_seconds, share
 
-from bonetumor.batchnorm import folded_batchnorm
+from bonetumor.batchnorm import folded_batchnorm, inference_folded
 from bonetumor.config import TrainConfig
 from bonetumor.models import create_model
 from bonetumor.train import create_optimizer
@@ -109,9 +111,12 @@ def main() -> None:
     for p in precisions:
         ref = "bf16" if p == "fp16" else p  # fp16 against the bf16 ceiling (same tensor-core rate)
         for batch in (8, 32):
-            ips, ceil = around(lambda: inference_ips(model, device, batch, p, args.reps))
-            inf[f"eager_{p}_b{batch}"] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref)}
-            print(f"eager_{p}_b{batch}", inf[f"eager_{p}_b{batch}"], flush=True)
+            # the model as torchvision builds it, then as bonetumor runs it eager (BatchNorms folded)
+            for key, fold in ((f"eager_{p}_b{batch}", nullcontext), (f"eager_folded_{p}_b{batch}", inference_folded)):
+                with fold(model):
+                    ips, ceil = around(lambda: inference_ips(model, device, batch, p, args.reps))
+                inf[key] = {"ips": round(ips, 2), "of_ceiling": share(ips, ceil, ref)}
+                print(key, inf[key], flush=True)
         if not args.no_compile:
             compiled = torch.compile(model, dynamic=False, options={"freezing": True})
             x = torch.randn(8, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)

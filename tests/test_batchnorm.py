@@ -1,6 +1,8 @@
 import copy
-from contextlib import nullcontext
+import importlib
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -9,7 +11,10 @@ from torch import nn
 
 from bonetumor import fit
 from bonetumor import train as train_mod
-from bonetumor.batchnorm import conv_bn_pairs, fold_batchnorm, folded_batchnorm, resolve_bn_statistics
+from bonetumor import batchnorm
+from bonetumor.batchnorm import (conv_bn_pairs, fold_batchnorm, folded_batchnorm, inference_folded,
+                                 resolve_bn_statistics)
+from bonetumor.data.datasets import discover
 from bonetumor.errors import BonetumorError
 from bonetumor.models import create_model
 from bonetumor.serialization import read_torch_file
@@ -188,3 +193,142 @@ def test_folding_and_recomputed_stages_together_give_the_same_step():
         assert torch.allclose(_step(both, x), ref, rtol=1e-10, atol=0)
     for (k, p), q in zip(plain.named_parameters(), both.parameters()):
         assert torch.allclose(q.grad, p.grad, rtol=1e-7, atol=1e-12), k
+
+
+@pytest.mark.parametrize("name, folded", [("resnet50", 53), ("efficientnet_b0", 49), ("densenet121", 59)])
+def test_inference_folding_gives_the_unfolded_outputs(name, folded):
+    model = _pretrained_like(name).eval()
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        ref = model(x)
+        with inference_folded(model) as n:
+            assert n == folded
+            out = model(x)
+        assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12) and ref.std() > 0
+    model.train()  # frozen statistics: still folded while training
+    with inference_folded(model) as n:
+        assert n == folded
+    model.bn_statistics = "batch"
+    model.train()  # batch statistics: nothing may be folded
+    with inference_folded(model) as n:
+        assert n == 0
+
+
+def test_inference_folding_inside_training_folding_folds_the_rest_and_leaves_the_outer_pairs():
+    model = create_model("resnet50", "none", freeze="backbone", unfreeze=["layer4"]).double()
+    model.bn_statistics = "batch"
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        ref = model.eval()(x)
+    with folded_batchnorm(model) as outer:  # as fit trains, then validates inside the same block
+        assert outer == 43
+        model.eval()
+        with torch.inference_mode(), inference_folded(model) as inner:
+            assert inner == 10  # layer4's, in eval mode now
+            assert torch.allclose(model(x), ref, rtol=1e-10, atol=1e-12)
+        assert type(model.backbone.layer4[0].conv1) is nn.Conv2d  # the inner block's pairs restored
+        assert type(model.backbone.layer1[0].conv1).__name__ == "_FoldedConv2d"  # the outer's kept
+    assert all(type(m) in (nn.Conv2d, nn.BatchNorm2d) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+
+
+def test_pairs_are_traced_once_per_module_and_again_when_it_changes(monkeypatch):
+    model = create_model("resnet50", "none", freeze="none")
+    first = conv_bn_pairs(model.backbone)
+    traces = []
+    real = batchnorm._Tracer.trace
+    monkeypatch.setattr(batchnorm._Tracer, "trace", lambda self, m: traces.append(m) or real(self, m))
+    assert conv_bn_pairs(model.backbone) == first and traces == []
+    model.backbone.layer1[0].bn1 = nn.Identity()  # a pair gone: the cached list no longer holds
+    assert len(conv_bn_pairs(model.backbone)) == 52 and len(traces) == 1
+
+
+def _spy(monkeypatch, module, counts, fold=True):
+    """Replace ``module``'s ``inference_folded`` by one that records how many BatchNorms it folded
+    (or, with ``fold=False``, folds none)."""
+    @contextmanager
+    def spy(model):
+        with (inference_folded(model) if fold else nullcontext(0)) as n:
+            counts.append(n)
+            yield n
+
+    monkeypatch.setattr(module, "inference_folded", spy)
+
+
+def test_predict_evaluate_features_and_deletion_scores_run_folded_with_the_same_results(tiny_run, tiny_data, monkeypatch):
+    images = sorted((tiny_data / "test").rglob("*.png"))[:6]
+    samples = discover(tiny_data).split("test")[:6]
+    cfg = tiny_config(tiny_data)
+    model = create_model("resnet50", "none", freeze="none")
+    with torch.no_grad():  # statistics that are not 0 and 1, so that folding them matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(6, 3, 32, 32)
+    loader = [(x, torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))]
+    # the modules (the package exports functions of the same names)
+    predict, evaluate, features, scores = (importlib.import_module(f"bonetumor.{m}")
+                                           for m in ("predict", "evaluate", "features", "explain.scores"))
+    maps, target = torch.rand(6, 32, 32), torch.tensor([0, 1, 0, 1, 0, 1])
+    out = {}
+    for fold in (True, False):
+        counts = []
+        for mod in (predict, evaluate, features, scores):
+            _spy(monkeypatch, mod, counts, fold)
+        rows = predict.predict(tiny_run / "best.pt", images, device="cpu", engine="torch", compile_mode="off")
+        preds = evaluate.predict_loader(model, loader, torch.device("cpu"))
+        feats = features.extract_features(model, samples, cfg, 1, torch.device("cpu"))
+        dele, ins = scores.deletion_insertion(model.eval(), x, maps, target, steps=2)
+        out[fold] = (np.array([r["probability"] for r in rows]), preds.probs, feats, dele, ins)
+        assert counts == ([53] * 4 if fold else [0] * 4)
+    for a, b in zip(out[True], out[False]):  # fp32 rounding apart, over 50 layers
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert out[True][2].std() > 0 and len(out[True][0]) == 6
+
+
+def test_a_module_without_batchnorms_is_never_traced():
+    # An exported model's runner is a module whose forward hands its input to another runtime:
+    # tracing would hand it a placeholder (ONNX Runtime crashed the process with a bus error).
+    seen = []
+
+    class Runner(nn.Module):
+        def forward(self, x):
+            seen.append(type(x))
+            return x
+
+    with inference_folded(Runner()) as n:
+        assert n == 0
+    assert seen == []
+
+
+def test_inference_folds_each_weight_once_until_a_source_changes(monkeypatch):
+    # Folding 25 M weights on every call would cost a third of a batch-of-one forward.
+    model = _pretrained_like().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    folds = []
+    real = batchnorm._FoldedConv2d._fold
+    monkeypatch.setattr(batchnorm._FoldedConv2d, "_fold", lambda self: folds.append(self) or real(self))
+    with torch.inference_mode(), inference_folded(model):
+        first = model(x)
+        assert len(folds) == 53
+        assert torch.equal(model(x), first) and len(folds) == 53  # reused
+    with torch.no_grad():
+        model.backbone.layer1[0].bn2.weight.mul_(2.0)  # in place, as an optimizer step changes it
+    with torch.inference_mode():
+        ref = model(x)
+        with inference_folded(model):
+            model(x)
+            assert len(folds) == 106  # a new block folds afresh
+            model.backbone.layer1[0].bn2.weight.mul_(0.5)
+            ref2 = model(x)
+            assert len(folds) == 107  # only the changed pair again
+    with torch.inference_mode():
+        assert torch.allclose(ref2, first, rtol=1e-10, atol=1e-12) and not torch.allclose(ref, first)
+    # While the folded weights are trained, they are folded on every call (gradients must reach the sources)
+    model.train()
+    with inference_folded(model):
+        model(x).sum().backward()
+        model(x)
+    assert len(folds) == 107 + 2 * 53 and model.backbone.conv1.weight.grad is not None
+    assert not any("_fold_cache" in m.__dict__ for m in model.modules())  # dropped on exit

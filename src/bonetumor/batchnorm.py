@@ -20,16 +20,23 @@ backward (0.6 GB of 1.4 GB at batch 32, 224 px, bf16) are gone. PyTorch's own co
 (``torch.nn.utils.fusion``, ``torch.fx.experimental.optimization.fuse``) fold into fixed weights
 for inference, and ``torch.ao``'s ConvBn2d serves quantisation-aware training only; hence this
 module.
+
+At inference every BatchNorm uses its running statistics, so eager inference (validation,
+``evaluate``, ``predict`` with PyTorch, the frozen backbone's feature pass) folds them all
+(``inference_folded``): 1.1-1.2x faster on a CPU. Folding per call rather than into a copy keeps one
+set of weights and the module names that checkpoints, hooks and Grad-CAM's layer names refer to.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.fx
 from torch import nn
+
 
 def resolve_bn_statistics(setting: str, weights: str) -> str:
     """``batch`` or ``frozen`` for ``--bn-statistics setting`` with ``--weights weights``."""
@@ -45,40 +52,87 @@ def keeps_statistics(bn: nn.Module, bn_statistics: str) -> bool:
     return bn_statistics == "frozen" or not any(p.requires_grad for p in bn.parameters())
 
 
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with folded modules kept whole (so that a model can be traced while folded)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_FoldedConv2d, _FoldedBatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+
+# Pairs per module, found once: tracing costs 15-40 ms, and inference folds on every call (a
+# served model, per request). Weak keys: a cached module is not kept alive by the cache.
+_PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str]]]" = weakref.WeakKeyDictionary()
+
+
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """(conv, batchnorm) module names where a Conv2d's output goes only into a BatchNorm2d.
+    """(conv, batchnorm) module names where a Conv2d's output goes only into a BatchNorm2d
+    (whether or not they are folded at the moment).
 
     Found from the module's traced graph (torch.fx), not from names, so that it holds for any
     torchvision backbone: all 53 BatchNorms of ResNet50 and 49 of EfficientNet-B0, but only 59 of
     DenseNet-121's 121, whose other BatchNorms come before their convolution.
     """
-    try:
-        graph = torch.fx.symbolic_trace(module).graph
-    except Exception:  # noqa: BLE001 - an untraceable module trains unfolded, which is only slower
-        return []
     mods = dict(module.named_modules())
+    if not any(isinstance(m, nn.BatchNorm2d) for m in mods.values()):
+        # Nothing to fold, and nothing traced: tracing runs forward on placeholders, which code
+        # outside PyTorch (an exported model's runtime, behind a module) must never see.
+        return []
+    cached = _PAIRS.get(module)
+    if cached is not None and all(isinstance(mods.get(c), nn.Conv2d) and isinstance(mods.get(b), nn.BatchNorm2d)
+                                  for c, b in cached):
+        return list(cached)
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # noqa: BLE001 - an untraceable module runs unfolded, which is only slower
+        return []
+    conv_types, bn_types = (nn.Conv2d, _FoldedConv2d), (nn.BatchNorm2d, _FoldedBatchNorm2d)
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or type(mods[node.target]) is not nn.BatchNorm2d:
+        if node.op != "call_module" or type(mods[node.target]) not in bn_types:
             continue
         src = node.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and type(mods[src.target]) is nn.Conv2d
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and type(mods[src.target]) in conv_types
                 and len(src.users) == 1 and mods[node.target].affine and mods[node.target].track_running_stats):
             pairs.append((src.target, node.target))
-    return pairs
+    _PAIRS[module] = pairs
+    return list(pairs)
 
 
 class _FoldedConv2d(nn.Conv2d):
     """A Conv2d that applies the frozen-statistics BatchNorm after it (``self._bn``) itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, *self._folded())
+
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight and bias: recomputed on every call while they are to be trained;
+        otherwise (inference, or nothing here requires grad) kept until a tensor they come from
+        changes (its version counter moves), as folding 25 M weights per call costs a third of a
+        batch-of-one ResNet50 forward."""
+        bn = self._bn
+        sources = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.bias)
+        trained = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+        if trained:
+            return self._fold()
+        try:
+            key = (torch.is_inference_mode_enabled(), *(t._version for t in sources if t is not None))
+        except RuntimeError:  # a tensor made under inference_mode has no version counter
+            return self._fold()
+        cached = self.__dict__.get("_fold_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, *self._fold())
+            object.__setattr__(self, "_fold_cache", cached)
+        return cached[1], cached[2]
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self._bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         # Multiplying keeps the weight's memory format (channels_last), which oneDNN wants.
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
         shift = bn.bias - bn.running_mean * scale
         bias = shift if self.bias is None else shift + self.bias * scale
-        return self._conv_forward(x, weight, bias)
+        return weight, bias
 
 
 class _FoldedBatchNorm2d(nn.BatchNorm2d):
@@ -91,14 +145,17 @@ class _FoldedBatchNorm2d(nn.BatchNorm2d):
 
 
 @contextmanager
-def fold_batchnorm(module: nn.Module, where: Callable[[nn.Module], bool] = lambda bn: True) -> Iterator[int]:
+def fold_batchnorm(module: nn.Module, where: Callable[[nn.Module], bool] = lambda bn: True,
+                   keep: nn.Module | None = None) -> Iterator[int]:
     """Within the block, every BatchNorm2d of ``module`` that follows a convolution (and for
     which ``where(bn)`` holds) is folded into it (see the module docstring); yields how many.
     Those BatchNorms must stay in eval mode (frozen statistics) meanwhile. Parameter and buffer
     names are unchanged (the modules only change class), so state dicts and optimizers work as
-    before; the classes are restored on exit."""
+    before; the classes are restored on exit. A pair that includes ``keep`` is not folded."""
     named = dict(module.named_modules())
-    pairs = [(c, b) for c, b in conv_bn_pairs(module) if where(named[b])]
+    # Pairs folded already (by an enclosing block) are left to it.
+    pairs = [(c, b) for c, b in conv_bn_pairs(module)
+             if type(named[c]) is nn.Conv2d and where(named[b]) and keep not in (named[c], named[b])]
     for conv_name, bn_name in pairs:
         conv, bn = named[conv_name], named[bn_name]
         conv.__class__, bn.__class__ = _FoldedConv2d, _FoldedBatchNorm2d
@@ -110,6 +167,7 @@ def fold_batchnorm(module: nn.Module, where: Callable[[nn.Module], bool] = lambd
             conv, bn = named[conv_name], named[bn_name]
             conv.__class__, bn.__class__ = nn.Conv2d, nn.BatchNorm2d
             object.__delattr__(conv, "_bn")
+            conv.__dict__.pop("_fold_cache", None)
 
 
 def folded_batchnorm(net: nn.Module) -> ContextManager[int]:
@@ -121,3 +179,15 @@ def folded_batchnorm(net: nn.Module) -> ContextManager[int]:
         return nullcontext(0)
     mode = getattr(net, "bn_statistics", "batch")
     return fold_batchnorm(backbone, lambda bn: keeps_statistics(bn, mode))
+
+
+def inference_folded(model: nn.Module, keep: nn.Module | None = None) -> ContextManager[int]:
+    """``fold_batchnorm`` for inference: every BatchNorm of ``model`` (a Classifier's backbone, or
+    any module) that is in eval mode, so that it normalises with its running statistics, is folded
+    into its convolution; 1.1-1.2x faster eager ResNet50 inference on a CPU at batch 8-32. A pair
+    with ``keep`` in it (a layer whose output is being watched, such as Grad-CAM's) stays as it is.
+    Other objects (an exported model's runner) pass unchanged."""
+    target = getattr(model, "backbone", model)
+    if not isinstance(target, nn.Module):
+        return nullcontext(0)
+    return fold_batchnorm(target, lambda bn: not bn.training, keep)

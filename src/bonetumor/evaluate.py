@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
+from bonetumor.batchnorm import inference_folded
 from bonetumor.errors import BonetumorError
 from bonetumor.metrics import N_BOOT, binary_values, multiclass_values, patient_scores, roc_band, with_intervals
 from bonetumor.utils import atomic_write_csv, atomic_write_json, atomic_write_text, to_device
@@ -46,17 +47,18 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, loss_fn
     mean loss if ``loss_fn`` is given."""
     model.eval()
     probs, targets, indices, raw, total = [], [], [], [], 0.0
-    for x, y, idx in loader:
-        x = to_device(x, device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x).float()
-        if loss_fn is not None:
-            total += loss_fn(logits, loss_target(logits, y.to(device))).item() * len(y)
-        p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
-        probs.append(p.cpu().numpy())
-        raw.append((logits[:, 0] if logits.shape[1] == 1 else logits).cpu().numpy())
-        targets.append(y.numpy())
-        indices.append(np.asarray(idx))
+    with inference_folded(model):
+        for x, y, idx in loader:
+            x = to_device(x, device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(x).float()
+            if loss_fn is not None:
+                total += loss_fn(logits, loss_target(logits, y.to(device))).item() * len(y)
+            p = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+            probs.append(p.cpu().numpy())
+            raw.append((logits[:, 0] if logits.shape[1] == 1 else logits).cpu().numpy())
+            targets.append(y.numpy())
+            indices.append(np.asarray(idx))
     n = sum(len(t) for t in targets)
     cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
     return Predictions(cat(probs), cat(targets).astype(int), cat(indices).astype(int), total / n if n else float("nan"),

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from rich.progress import track
 
+from bonetumor.batchnorm import inference_folded
 from bonetumor.checkpoint import weights_digest
 from bonetumor.compiled import maybe_compiled
 from bonetumor.config import TrainConfig, read_options
@@ -84,10 +85,12 @@ def extract_features(model: torch.nn.Module, samples: Sequence[Sample], cfg: Tra
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     backbone = maybe_compiled(model.backbone.eval(), cfg.compile, len(loader.dataset), cfg.batch_size, device)
     out = []
-    for x in track(loader, description=desc, transient=True, disable=not verbose):
-        x = to_device(x, device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out.append(backbone(x).float().cpu())
+    # Eager, BatchNorms fold into their convolutions; a compiled backbone has them folded already.
+    with inference_folded(backbone):
+        for x in track(loader, description=desc, transient=True, disable=not verbose):
+            x = to_device(x, device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out.append(backbone(x).float().cpu())
     feats = torch.cat(out) if out else torch.zeros(0, 0)
     return feats.reshape(len(samples), views, -1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2.functional import normalize
 
+from bonetumor.batchnorm import inference_folded
 from bonetumor.checkpoint import checkpoint_config, load_checkpoint
 from bonetumor.config import read_options
 from bonetumor.data.datasets import load_tensor
@@ -241,7 +243,9 @@ def score_refs(ck, refs: Sequence[SliceRef], options: ReadOptions, device: torch
     resize = create_resize(ck.image_size)
     memory_format = getattr(ck.model, "input_memory_format", torch.channels_last)
     results = []
-    with torch.inference_mode():
+    # Eager, BatchNorms fold into their convolutions (the precision check below runs folded too,
+    # as the model it checks for); a compiled model has them folded already.
+    with torch.inference_mode(), inference_folded(ck.model) if run is ck.model else nullcontext():
         for chunk, x, bad in _batches(refs, batch_size, resize, options, skip_bad, workers, prefetch,
                                       pin_memory=device.type == "cuda"):
             results += bad

@@ -1,3 +1,5 @@
+from contextlib import contextmanager, nullcontext
+
 import pytest
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
@@ -110,3 +112,33 @@ def test_unknown_layer_and_method_and_target():
         compute_cams(model, x, "backbone.layer4", "lime")
     with pytest.raises(BonetumorError, match="--target 'tumour'"):
         compute_cams(model, x, "backbone.layer4", target="tumour")
+
+
+@pytest.mark.parametrize("layer, folded", [("backbone.layer4", 53), ("backbone.layer4.2.conv3", 52),
+                                           ("backbone.layer4.2.bn3", 52)])
+def test_folded_batchnorms_leave_the_maps_and_the_watched_layer_as_they_were(layer, folded, monkeypatch):
+    # Grad-CAM runs with the BatchNorms folded into their convolutions, but for the watched
+    # layer's own pair: a watched convolution's output must stay its own, not the BatchNorm's.
+    import bonetumor.explain.cam as cam
+    from bonetumor.batchnorm import inference_folded
+
+    model = _model().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    counts = []
+
+    @contextmanager
+    def spy(m, keep=None):
+        with inference_folded(m, keep) as n:
+            counts.append(n)
+            yield n
+
+    monkeypatch.setattr(cam, "inference_folded", spy)
+    ours = compute_cams(model, x, layer, "gradcam", target="cancer")
+    monkeypatch.setattr(cam, "inference_folded", lambda m, keep=None: nullcontext(0))
+    plain = compute_cams(model, x, layer, "gradcam", target="cancer")
+    assert counts == [folded] and ours.raw.abs().max() > 0
+    torch.testing.assert_close(ours.raw, plain.raw, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.probs, plain.probs, rtol=1e-9, atol=1e-12)
+    with inference_folded(model.eval(), keep=dict(model.named_modules())[layer]) as n:
+        assert n == folded
+    assert type(model.backbone.layer4[2].conv3) is nn.Conv2d  # restored

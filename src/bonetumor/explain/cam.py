@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonetumor.batchnorm import inference_folded
 from bonetumor.errors import BonetumorError
 
 METHODS = ("gradcam", "gradcam++", "eigencam")
@@ -75,7 +76,10 @@ def _capture(layer: nn.Module, as_leaf: bool) -> Iterator[dict]:
 
     def hook(_mod, _inp, out):
         if as_leaf:
-            out = out.detach().requires_grad_(True)
+            store["act"] = out.detach().requires_grad_(True)
+            # A copy goes on: the layer after may work in place (ResNet adds the shortcut into a
+            # bn3's output), which autograd refuses on a leaf and which would change the record.
+            return store["act"].clone()
         store["act"] = out
         return out
 
@@ -169,7 +173,10 @@ def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "g
     classes = classes or ["normal", "cancer"]
     module = resolve_layer(model, layer)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    with _explaining(model), _capture(module, as_leaf=method != "eigencam") as store:
+    # BatchNorms folded into their convolutions (eval mode: see batchnorm.py), all but the
+    # watched layer's own pair, whose output must stay what it is.
+    with _explaining(model), inference_folded(model, keep=module), \
+            _capture(module, as_leaf=method != "eigencam") as store:
         with torch.enable_grad() if method != "eigencam" else torch.inference_mode():
             with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(x)

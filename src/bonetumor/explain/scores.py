@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bonetumor.batchnorm import inference_folded
+
 
 def map_peak(cam: np.ndarray, rtol: float = 1e-6) -> tuple[int, int]:
     """Position of the map's maximum.
@@ -96,14 +98,15 @@ def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tens
     rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(n, -1))
     rank = rank.reshape(n, 1, h, w)
     dele, ins = [], []
-    for k in range(steps + 1):
-        top = rank < round(k / steps * h * w)
-        for out, start, fill in ((dele, x, blurred), (ins, blurred, x)):
-            logits = model(torch.where(top, fill, start)).float()
-            if logits.shape[1] == 1:
-                p = torch.sigmoid(torch.where(target_index == 1, logits[:, 0], -logits[:, 0]))
-            else:
-                p = torch.softmax(logits, 1).gather(1, target_index[:, None])[:, 0]
-            out.append(p.cpu().numpy())
+    with inference_folded(model):  # 2 x (steps + 1) forward passes: BatchNorms folded once for all
+        for k in range(steps + 1):
+            top = rank < round(k / steps * h * w)
+            for out, start, fill in ((dele, x, blurred), (ins, blurred, x)):
+                logits = model(torch.where(top, fill, start)).float()
+                if logits.shape[1] == 1:
+                    p = torch.sigmoid(torch.where(target_index == 1, logits[:, 0], -logits[:, 0]))
+                else:
+                    p = torch.softmax(logits, 1).gather(1, target_index[:, None])[:, 0]
+                out.append(p.cpu().numpy())
     t = np.linspace(0, 1, steps + 1)
     return np.trapezoid(np.stack(dele, 1), t, axis=1), np.trapezoid(np.stack(ins, 1), t, axis=1)
