@@ -1,8 +1,9 @@
 """Grad-CAM throughput beside inference throughput, ResNet50 at 224 px, in one run.
 
 Compares, at batch 1, 8 and 16, fp32 and bf16 autocast:
-    inference      model(x) under inference_mode, BatchNorms folded (as bonetumor's eager inference)
-    ours           bonetumor's Grad-CAM (gradient above the target layer only; BatchNorms folded too)
+    inference      model(x) under inference_mode, BatchNorms folded once for the run (as ``predict`` runs it)
+    ours           bonetumor's Grad-CAM (gradient above the target layer only; BatchNorms folded per call
+                   from 4 images on)
     captum         Captum's LayerGradCam (autograd.grad to the layer output, parameters as they are)
     pytorch_grad_cam  pytorch-grad-cam's GradCAM (loss.backward(): every trainable parameter's gradient too)
 Medians of 5 interleaved rounds after a warm-up.
@@ -13,6 +14,8 @@ Medians of 5 interleaved rounds after a warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import statistics
 import time
@@ -46,16 +49,20 @@ def main() -> None:
         from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
     except ImportError:
         GradCAM = None
+    # Inference as bonetumor's predict runs it: a copy of the model with its BatchNorms folded
+    # once for the whole run (Grad-CAM folds per call, from FOLD_MIN_BATCH images on).
+    folded = copy.deepcopy(model)
+    stack = contextlib.ExitStack()
+    stack.enter_context(inference_folded(folded))
     results = []
     for precision in ("fp32", "bf16"):
         dtype = torch.bfloat16 if precision == "bf16" else None
         for b in [int(v) for v in args.batches.split(",")]:
             x = torch.randn(b, 3, 224, 224, device=dev).contiguous(memory_format=torch.channels_last)
 
-            def infer():  # as bonetumor's eager inference runs: BatchNorms folded (as its Grad-CAM does too)
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
-                        inference_folded(model):
-                    model(x)
+            def infer():
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    folded(x)
 
             fns = {"inference": infer,
                    "ours_gradcam": lambda: compute_cams(model, x, "backbone.layer4", "gradcam", target="cancer",

@@ -123,7 +123,7 @@ def test_folded_batchnorms_leave_the_maps_and_the_watched_layer_as_they_were(lay
     from bonetumor.batchnorm import inference_folded
 
     model = _model().double()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     counts = []
 
     @contextmanager
@@ -137,6 +137,9 @@ def test_folded_batchnorms_leave_the_maps_and_the_watched_layer_as_they_were(lay
     monkeypatch.setattr(cam, "inference_folded", lambda m, keep=None: nullcontext(0))
     plain = compute_cams(model, x, layer, "gradcam", target="cancer")
     assert counts == [folded] and ours.raw.abs().max() > 0
+    monkeypatch.setattr(cam, "inference_folded", spy)
+    compute_cams(model, x[:3], layer, "gradcam", target="cancer")  # too few images for folding to pay
+    assert counts == [folded]
     torch.testing.assert_close(ours.raw, plain.raw, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ours.probs, plain.probs, rtol=1e-9, atol=1e-12)
     with inference_folded(model.eval(), keep=dict(model.named_modules())[layer]) as n:

