@@ -23,8 +23,9 @@ module.
 
 At inference every BatchNorm uses its running statistics, so eager inference (validation,
 ``evaluate``, ``predict`` with PyTorch, the frozen backbone's feature pass) folds them all
-(``inference_folded``): 1.1-1.2x faster on a CPU. Folding per call rather than into a copy keeps one
-set of weights and the module names that checkpoints, hooks and Grad-CAM's layer names refer to.
+(``inference_folded``): 1.1-1.2x faster on a CPU. Folding within a block, rather than into a
+separate fused model, keeps the module names that checkpoints, hooks and Grad-CAM's layer names
+refer to; the folded weights made for inference live only as long as the block.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class _FoldedConv2d(nn.Conv2d):
         """The folded weight and bias: recomputed on every call while they are to be trained;
         otherwise (inference, or nothing here requires grad) kept until a tensor they come from
         changes (its version counter moves), as folding 25 M weights per call costs a third of a
-        batch-of-one ResNet50 forward."""
+        batch-of-one ResNet50 forward. Kept for one block only: fused optimizers (Adam with
+        ``fused=True``) update parameters without moving their version counters."""
         bn = self._bn
         sources = (self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, self.bias)
         trained = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
