@@ -67,6 +67,6 @@ def share(ips: float, ceiling: dict, precision: str, kind: str = "inference") ->
 if __name__ == "__main__":
     import json
 
-    from bonetumor.utils import cpu_has_fast_bf16
+    from bonetumor.runtime.device import cpu_has_fast_bf16
 
     print(json.dumps(measure_ceiling(torch.device("cpu"), cpu_has_fast_bf16()), indent=1))

@@ -19,7 +19,7 @@ from pathlib import Path
 CHILD = """
 import sys, time, json
 from bonetumor.explain.run import explain
-from bonetumor.utils import peak_rss_mb
+from bonetumor.runtime.device import peak_rss_mb
 t = time.perf_counter()
 r = explain(sys.argv[1], [sys.argv[2]], sys.argv[3], device="cpu", batch_size=16, faithfulness_samples=0)
 print(json.dumps({"images": len(r.rows), "seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
@@ -33,11 +33,12 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from bonetumor.checkpoint import save_checkpoint
+    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.config import TrainConfig
-    from bonetumor.data.io import write_png
-    from bonetumor.models import create_model
-    from bonetumor.utils import atomic_write_json, peak_rss_mb
+    from bonetumor.data.writers import write_png
+    from bonetumor.model.backbones import create_model
+    from bonetumor.files import atomic_write_json
+    from bonetumor.runtime.device import peak_rss_mb
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from bonetumor import TrainConfig, create_synthetic_dataset, fit
-    from bonetumor.utils import atomic_write_json, environment_info, select_device
+    from bonetumor.files import atomic_write_json
+    from bonetumor.runtime.device import environment_info, select_device
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

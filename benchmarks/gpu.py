@@ -71,7 +71,7 @@ def reset_memory(device: torch.device) -> None:
 
 
 def fresh_model(device, freeze: str = "none"):
-    from bonetumor.models import create_model
+    from bonetumor.model.backbones import create_model
 
     torch.manual_seed(0)
     return create_model("resnet50", "none", freeze=freeze).to(device).to(memory_format=torch.channels_last)
@@ -133,13 +133,14 @@ def section_training(res, device, precisions, batches, reps, save, steps_per_epo
 def section_predict(res, device, tmp: Path, n_files: int, reps: int, save):
     import numpy as np
 
-    from bonetumor.checkpoint import load_checkpoint, save_checkpoint
+    from bonetumor.model.checkpoint import load_checkpoint, save_checkpoint
     from bonetumor.config import TrainConfig
-    from bonetumor.data.io import ReadOptions, write_png
-    from bonetumor.data.transforms import create_resize
-    from bonetumor.data.volumes import expand_inputs
-    from bonetumor.models import create_model
-    from bonetumor.predict import _batches, default_batch_size, default_workers, predict
+    from bonetumor.data.pixels import ReadOptions
+    from bonetumor.data.writers import write_png
+    from bonetumor.data.studies import expand_inputs
+    from bonetumor.model.backbones import create_model
+    from bonetumor.inference import default_batch_size, default_workers, read_batches
+    from bonetumor.predict import predict
 
     torch.manual_seed(0)
     save_checkpoint(tmp / "m.pt", create_model("resnet50", "none"), TrainConfig(data="x", image_size=224),
@@ -167,12 +168,11 @@ def section_predict(res, device, tmp: Path, n_files: int, reps: int, save):
         print("predict", name, rows[name], flush=True)
     # The decoding alone, as predict's defaults run it: what the model could at most be fed.
     ck = load_checkpoint(tmp / "m.pt")
-    resize = create_resize(ck.image_size)
     refs = expand_inputs([tmp / "imgs"], ReadOptions())
     b = default_batch_size(device)
     for workers in sorted({0, 4, 8, default_workers(device)}):
         t0 = time.perf_counter()
-        n = sum(len(x) for _, x, _ in _batches(refs, b, resize, ReadOptions(), False, workers))
+        n = sum(len(x) for _, x, _ in read_batches(refs, b, ck.image_size, ReadOptions(), False, workers))
         rows[f"decode_only_workers{workers}"] = {"ips": round(n / (time.perf_counter() - t0), 1)}
         print("decode_only", workers, rows[f"decode_only_workers{workers}"], flush=True)
     res["predict"] = rows
@@ -246,7 +246,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="Tiny sizes: a check of the code paths, not a figure.")
     args = ap.parse_args()
 
-    from bonetumor.utils import atomic_write_json, environment_info, select_device
+    from bonetumor.files import atomic_write_json
+    from bonetumor.runtime.device import environment_info, select_device
 
     device = select_device(args.device)
     precisions = ["fp32"] + (["bf16", "fp16"] if device.type == "cuda" else ["bf16"])

@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from bonetumor.batchnorm import inference_folded
+from bonetumor.runtime.batchnorm import inference_folded
 from bonetumor.explain.cam import compute_cams
-from bonetumor.models import create_model
-from bonetumor.utils import atomic_write_json, environment_info, select_device
+from bonetumor.model.backbones import create_model
+from bonetumor.files import atomic_write_json
+from bonetumor.runtime.device import environment_info, select_device
 
 
 def main() -> None:

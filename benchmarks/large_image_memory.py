@@ -21,9 +21,9 @@ from pathlib import Path
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from bonetumor.data.datasets import load_tensor
-from bonetumor.data.io import ReadOptions
-from bonetumor.utils import peak_rss_mb
+from bonetumor.data.readers import load_tensor
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.runtime.device import peak_rss_mb
 case, folder = sys.argv[1], Path(sys.argv[2])
 t = time.perf_counter()
 if case == "predict":
@@ -48,11 +48,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from bonetumor.checkpoint import save_checkpoint
+    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.config import TrainConfig
-    from bonetumor.data.io import write_png
-    from bonetumor.models import create_model
-    from bonetumor.utils import atomic_write_json, environment_info
+    from bonetumor.data.writers import write_png
+    from bonetumor.model.backbones import create_model
+    from bonetumor.files import atomic_write_json
+    from bonetumor.runtime.device import environment_info
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/serve_load_cpu.json")
     args = ap.parse_args()
     from bonetumor import TrainConfig, create_synthetic_dataset, fit
-    from bonetumor.utils import atomic_write_json
+    from bonetumor.files import atomic_write_json
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -46,8 +46,8 @@ def rss_mb() -> float:
 
 def child(mode: str, data: str, out: str) -> None:
     from bonetumor import TrainConfig, fit
-    from bonetumor import train as train_mod
-    from bonetumor.utils import peak_rss_mb
+    from bonetumor.train import loop as train_mod
+    from bonetumor.runtime.device import peak_rss_mb
 
     per_epoch: list[float] = []
     real = train_mod.train_one_epoch
@@ -76,7 +76,8 @@ def main() -> None:
     if args.child:
         return child(*args.child)
     from bonetumor import create_synthetic_dataset
-    from bonetumor.utils import atomic_write_json, environment_info
+    from bonetumor.files import atomic_write_json
+    from bonetumor.runtime.device import environment_info
 
     res: dict = {"benchmark": "training_memory", "date": time.strftime("%Y-%m-%d"), "batch_size": 32, "image_size": 224,
                  "data": "synthetic stir, 40 patients x 3 slices (84 train, 18 valid)", "modes": {}}

@@ -12,10 +12,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
-from bonetumor.checkpoint import save_checkpoint
+from bonetumor.model.checkpoint import save_checkpoint
 from bonetumor.cli import app
 from bonetumor.config import TrainConfig
-from bonetumor.models import create_model
+from bonetumor.model.backbones import create_model
 from conftest import make_class_tree, write_image
 
 runner = CliRunner()

@@ -135,8 +135,8 @@ def test_grey_and_colour_images_in_one_batch_match_the_training_transforms(tiny_
     import torch
     from PIL import Image
 
-    from bonetumor.checkpoint import load_checkpoint
-    from bonetumor.data.datasets import load_tensor
+    from bonetumor.model.checkpoint import load_checkpoint
+    from bonetumor.data.readers import load_tensor
     from bonetumor.data.transforms import create_transforms
 
     rng = np.random.default_rng(0)

@@ -14,13 +14,15 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-from bonetumor.checkpoint import load_checkpoint
 from bonetumor.config import TrainConfig, load_config
-from bonetumor.data.io import ReadOptions, read_image
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.data.readers import read_image
 from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.errors import BadImageError, BonetumorError
-from bonetumor.evaluate import compute_metrics, evaluate
-from bonetumor.models import create_model
+from bonetumor.evaluate.metrics import compute_metrics
+from bonetumor.evaluate.run import evaluate
+from bonetumor.model.backbones import create_model
+from bonetumor.model.checkpoint import load_checkpoint
 from bonetumor.predict import predict, predict_studies
 from bonetumor.train import fit
 

@@ -246,11 +246,11 @@ def evaluate(
     overwrite: bool = typer.Option(False),
 ):
     """Metrics (JSON), classification report, ROC and confusion-matrix plots, per-image predictions."""
-    from bonetumor.evaluate import evaluate as run_eval
+    from bonetumor.evaluate.run import evaluate as run_eval
 
     if data is None and manifest is None:
         raise BonetumorError("no data given: pass DATA or --manifest")
-    from bonetumor.evaluate import parse_class_map
+    from bonetumor.evaluate.run import parse_class_map
 
     split = split or ("all" if external else "test")
     m = run_eval(checkpoint, data, out_dir, split, manifest=manifest, device=device, batch_size=batch_size,
@@ -289,7 +289,7 @@ def audit(
     """Leakage and confound audit: duplicates within and across splits, patients in two splits,
     images with two labels, per-class shortcuts, and a 1-nearest-neighbour memorisation baseline."""
     from bonetumor.data.audit import leakage_summary, run_audit
-    from bonetumor.data.io import ReadOptions, parse_window
+    from bonetumor.data.pixels import ReadOptions, parse_window
 
     if data is None and manifest is None:
         raise BonetumorError("no data given: pass DATA or --manifest")
@@ -354,22 +354,14 @@ def predict(
 ):
     """Probability of cancer (the positive class) and the label for each image or slice, and one
     aggregated score per volume or DICOM series."""
-    from bonetumor.predict import predict_studies
-    from bonetumor.utils import atomic_write_csv, prepare_out_dir
+    from bonetumor.predict import predict_studies, write_predictions
+    from bonetumor.rundir import RunDir
 
-    outdir = prepare_out_dir(out_dir, overwrite=overwrite) if out_dir is not None else None
+    run = RunDir.create(out_dir, overwrite=overwrite) if out_dir is not None else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
                                     precision, compile_mode, workers)
-    if outdir is not None:
-        flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
-        atomic_write_csv(outdir / "predictions.csv", ["path", "slice", "study", "probability", "probabilities", "label",
-                                                      "threshold", "error"], flat)
-        if studies:
-            atomic_write_csv(outdir / "studies.csv", ["study", "n_slices", "aggregate", "probability", "probabilities",
-                                                      "label", "top_slices"],
-                             [{**s, "top_slices": " ".join(map(str, s["top_slices"])),
-                               **({"probabilities": json.dumps(s["probabilities"])} if "probabilities" in s else {})}
-                              for s in studies])
+    if run is not None:
+        write_predictions(run, rows, studies)
     if as_json:
         for r in rows + studies:
             sys.stdout.write(json.dumps(r) + "\n")
@@ -479,7 +471,7 @@ def export(
     overwrite: bool = typer.Option(False),
 ):
     """Export a checkpoint to one ONNX file (checked against PyTorch) for `predict --engine onnx|openvino`."""
-    from bonetumor.export import export_onnx
+    from bonetumor.model.export import export_onnx
 
     r = export_onnx(checkpoint, onnx, overwrite=overwrite)
     out.print(f"wrote {r['path']} ({r['bytes'] / 2**20:.1f} MB); ONNX Runtime vs PyTorch on 4 images: "
@@ -510,7 +502,7 @@ def serve(
 @_friendly
 def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, densenet121 or efficientnet_b0.")):
     """Download ImageNet weights into torch's cache (run on a connected machine)."""
-    from bonetumor.models import fetch_imagenet_weights
+    from bonetumor.model.backbones import fetch_imagenet_weights
 
     out.print(f"ImageNet weights for {backbone}: {fetch_imagenet_weights(backbone)}")
 

@@ -9,7 +9,27 @@ from typing import Any
 
 import yaml
 
+from bonetumor.data.pixels import ReadOptions, parse_window
 from bonetumor.errors import BonetumorError, first_line
+from bonetumor.files import atomic_write_text
+
+THRESHOLD_RULES = ("youden", "sensitivity:X", "specificity:X", "fixed:X")
+
+
+def parse_rule(rule: str) -> tuple[str, float | None]:
+    """``youden`` | ``sensitivity:0.95`` | ``specificity:0.9`` | ``fixed:0.5`` → (kind, value)."""
+    kind, _, value = rule.partition(":")
+    kind = kind.strip().lower()
+    if kind == "youden" and not value:
+        return kind, None
+    if kind in ("sensitivity", "specificity", "fixed"):
+        try:
+            v = float(value)
+        except ValueError:
+            v = -1.0
+        if 0.0 <= v <= 1.0:
+            return kind, v
+    raise BonetumorError(f"--threshold-rule {rule!r}: use youden, sensitivity:X, specificity:X or fixed:X with X in [0, 1]")
 
 
 @dataclass
@@ -78,6 +98,11 @@ class TrainConfig:
     workers: int = 0
     precision: str = "auto"  # auto: the native bf16/fp16 if it agrees with fp32 (precision.py); fp32, bf16, fp16
 
+    @property
+    def read_options(self) -> ReadOptions:
+        """How this run reads pixels (window, slice axis, size limit); kept with the model."""
+        return ReadOptions(window=self.window, slice_axis=self.slice_axis, allow_large=self.allow_large_images)
+
     def validate(self) -> None:
         """Raise BonetumorError on values that cannot work, naming the option."""
         if self.data is None and self.manifest is None and self.train_dir is None:
@@ -104,23 +129,12 @@ class TrainConfig:
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
         ]
-        from bonetumor.calibration import parse_rule
-        from bonetumor.data.io import parse_window
-
         parse_rule(self.threshold_rule)
         parse_window(self.window)
         checks.append((self.slice_axis in (0, 1, 2), f"--slice-axis must be 0, 1 or 2, not {self.slice_axis}"))
         for ok, msg in checks:
             if not ok:
                 raise BonetumorError(msg)
-
-
-def read_options(cfg: TrainConfig, window: str | None = None):
-    """The ReadOptions of a run (``window`` overrides the run's own, e.g. at prediction)."""
-    from bonetumor.data.io import ReadOptions
-
-    return ReadOptions(window=window if window is not None else cfg.window, slice_axis=cfg.slice_axis,
-                       allow_large=cfg.allow_large_images)
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
@@ -186,6 +200,4 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from bonetumor.utils import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

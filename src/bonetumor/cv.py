@@ -12,17 +12,20 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import torch
-from bonetumor.config import TrainConfig, save_config
-from bonetumor.data.datasets import DatasetIndex, ImageDataset, with_splits
-from bonetumor.checkpoint import load_checkpoint
+
+from bonetumor.config import TrainConfig, config_to_dict
+from bonetumor.data.samples import DatasetIndex, with_splits
 from bonetumor.data.splits import assign_folds, assign_splits, groups_per_class
-from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError
-from bonetumor.evaluate import compute_metrics, predict_loader
-from bonetumor.metrics import N_BOOT, binary_values, multiclass_values
+from bonetumor.evaluate.metrics import (
+    N_BOOT,
+    binary_values,
+    compute_metrics,
+    multiclass_values,
+)
+from bonetumor.inference import open_model, predict_samples
+from bonetumor.rundir import RunDir
 from bonetumor.train import console, fit, prepare_data
-from bonetumor.utils import atomic_write_csv, atomic_write_json, prepare_out_dir, select_device
 
 FOLD_METRICS = ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")
 
@@ -42,49 +45,60 @@ def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite:
     ``cv_folds.csv`` and ``cv.json`` (per-fold metrics, their mean and sd, pooled out-of-fold
     metrics with patient-level CIs)."""
     cfg.validate()
-    root = prepare_out_dir(out, overwrite=overwrite)
+    root = RunDir.create(out, overwrite=overwrite)
     index = prepare_data(cfg)
     pool, fold = fold_indices(index, folds, cfg.seed)
-    save_config(cfg, root / "config.yaml")
-    device = select_device(cfg.device)
-    binary = len(index.classes) == 2
-    prob_cols = ["probability"] if binary else [f"p_{c}" for c in index.classes]
+    root.write_yaml(RunDir.CONFIG, config_to_dict(cfg))
     rows, per_fold = [], []
     for k in range(folds):
-        held = [s for s, f in zip(pool, fold) if f == k]
-        rest = assign_splits([s for s, f in zip(pool, fold) if f != k], cfg.val_fraction, 0.0, cfg.seed + k)
-        fold_index = dataclasses.replace(index, samples=rest + with_splits(held, ["test"] * len(held)))
-        if verbose:
-            console.print(f"fold {k + 1}/{folds}: train {sum(s.split == 'train' for s in rest)}, "
-                  f"valid {sum(s.split == 'valid' for s in rest)}, held out {len(held)}")
-        res = fit(dataclasses.replace(cfg), root / f"fold_{k + 1}", overwrite=overwrite, verbose=verbose, index=fold_index)
-        ck = load_checkpoint(res.run_dir / "best.pt", device)
-        tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
-        loader = torch.utils.data.DataLoader(ImageDataset(held, ck.classes, tf), batch_size=cfg.batch_size, shuffle=False)
-        preds = predict_loader(ck.model, loader, device)
-        vals = binary_values(preds.targets, preds.probs, ck.threshold) if binary else multiclass_values(preds.targets, preds.probs)
-        per_fold.append({"fold": k + 1, "n": len(held), "threshold": ck.threshold, "best_epoch": res.best_epoch,
-                         **{name: vals[name] for name in FOLD_METRICS if name in vals}})
-        for i, p in zip(preds.indices, preds.probs):
-            s = held[i]
-            rows.append({"path": s.path, "label": s.label, "patient_id": s.patient_id or "", "fold": k + 1,
-                         **dict(zip(prob_cols, (f"{v:.6f}" for v in np.atleast_1d(p)))), "prediction": ck.label_for(p)})
+        rows_k, summary = _run_fold(cfg, index, pool, fold, k, folds, root, overwrite, verbose)
+        rows += rows_k
+        per_fold.append(summary)
+    result = _summarise(index, pool, per_fold, rows, folds, n_boot)
+    prob_cols = [c for c in rows[0] if c == "probability" or c.startswith("p_")]
+    root.write_csv(RunDir.OOF, ["path", "label", "patient_id", "fold", *prob_cols, "prediction"], rows)
+    root.write_csv(RunDir.CV_FOLDS, ["fold", "n", "threshold", "best_epoch", *result["mean_sd"]], per_fold)
+    root.write_json(RunDir.CV, result)
+    return result
+
+
+def _run_fold(cfg: TrainConfig, index: DatasetIndex, pool: list, fold: np.ndarray, k: int, folds: int, root: RunDir,
+              overwrite: bool, verbose: bool) -> tuple[list[dict], dict]:
+    """Train fold ``k`` and predict its held-out images: (their rows, the fold's metrics)."""
+    held = [s for s, f in zip(pool, fold) if f == k]
+    rest = assign_splits([s for s, f in zip(pool, fold) if f != k], cfg.val_fraction, 0.0, cfg.seed + k)
+    fold_index = dataclasses.replace(index, samples=rest + with_splits(held, ["test"] * len(held)))
+    if verbose:
+        console.print(f"fold {k + 1}/{folds}: train {sum(s.split == 'train' for s in rest)}, "
+                      f"valid {sum(s.split == 'valid' for s in rest)}, held out {len(held)}")
+    res = fit(dataclasses.replace(cfg), root / f"fold_{k + 1}", overwrite=overwrite, verbose=verbose, index=fold_index)
+    ck, device = open_model(res.run_dir / RunDir.BEST, cfg.device)
+    preds = predict_samples(ck, held, device, cfg.batch_size)
+    vals = (binary_values(preds.targets, preds.probs, ck.threshold) if ck.task.binary
+            else multiclass_values(preds.targets, preds.probs))
+    summary = {"fold": k + 1, "n": len(held), "threshold": ck.threshold, "best_epoch": res.best_epoch,
+               **{name: vals[name] for name in FOLD_METRICS if name in vals}}
+    cols = ck.task.probability_columns()
+    rows = [{"path": s.path, "label": s.label, "patient_id": s.patient_id or "", "fold": k + 1,
+             **dict(zip(cols, (f"{v:.6f}" for v in np.atleast_1d(p)))), "prediction": ck.label_for(p)}
+            for s, p in zip(held, preds.probs)]
+    return rows, summary
+
+
+def _summarise(index: DatasetIndex, pool: list, per_fold: list[dict], rows: list[dict], folds: int, n_boot: int) -> dict:
+    """Per-fold metrics with their mean and sd, and the pooled out-of-fold metrics."""
     names = [n for n in FOLD_METRICS if n in per_fold[0]]
     summary = {n: {"mean": float(np.nanmean([f[n] for f in per_fold])), "sd": float(np.nanstd([f[n] for f in per_fold], ddof=1))}
                for n in names}
     classes = index.classes
+    cols = [c for c in rows[0] if c == "probability" or c.startswith("p_")]
     y = np.array([classes.index(r["label"]) for r in rows])
-    p = np.array([[float(r[c]) for c in prob_cols] for r in rows])
-    p = p[:, 0] if binary else p
+    p = np.array([[float(r[c]) for c in cols] for r in rows])
+    p = p[:, 0] if len(classes) == 2 else p
     g = [r["patient_id"] for r in rows] if all(r["patient_id"] for r in rows) else None
     # Pooled out-of-fold scores come from k models with k thresholds, so only the threshold-free
     # metrics are pooled; thresholded ones are in the per-fold table.
     full = compute_metrics(y, p, classes, 0.5, g, n_boot)
     pooled = {k: full[k] for k in ("n", "roc_auc", "pr_auc", "brier", "ece", "interval") if k in full}
-    result = {"folds": folds, "n_images": len(pool), "left_out_test_images": len(index.samples) - len(pool),
-              "split_level": "patient" if index.patient_level else "image", "per_fold": per_fold,
-              "mean_sd": summary, "pooled_out_of_fold": pooled}
-    atomic_write_csv(root / "oof_predictions.csv", ["path", "label", "patient_id", "fold", *prob_cols, "prediction"], rows)
-    atomic_write_csv(root / "cv_folds.csv", ["fold", "n", "threshold", "best_epoch", *names], per_fold)
-    atomic_write_json(root / "cv.json", result)
-    return result
+    return {"folds": folds, "n_images": len(pool), "left_out_test_images": len(index.samples) - len(pool),
+            "split_level": index.split_level, "per_fold": per_fold, "mean_sd": summary, "pooled_out_of_fold": pooled}

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from bonetumor.config import TrainConfig
 from bonetumor.data.synth import create_synthetic_dataset
-from bonetumor.evaluate import evaluate
+from bonetumor.evaluate.run import evaluate
 from bonetumor.explain.run import ExplainResult, explain
+from bonetumor.report import build_report
+from bonetumor.rundir import RunDir
+from bonetumor.runtime.device import cpu_has_fast_bf16, select_device
 from bonetumor.train import fit
-from bonetumor.utils import cpu_has_fast_bf16, prepare_out_dir, select_device
 
 # Small enough for 2 CPU cores in a few minutes, large enough for the model to learn. Fat-
 # suppressed (STIR-like) MRI, where marrow lesions are bright, as radiologists look for them.
@@ -42,7 +44,7 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: s
     """Make the synthetic data set, train ResNet50 from scratch on it, evaluate on its test split and
     explain the test split with Grad-CAM (scored against the synthetic lesion masks)."""
     t0 = time.perf_counter()
-    root = prepare_out_dir(out, overwrite=overwrite)
+    root = RunDir.create(out, overwrite=overwrite).path
     data = create_synthetic_dataset(root / "data", **DEMO_DATA)
     cfg = TrainConfig(data=str(data.root), device=device, **DEMO_TRAIN)
     if select_device(device).type == "cpu" and not cpu_has_fast_bf16():
@@ -50,11 +52,10 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: s
     if epochs is not None:
         cfg.epochs = epochs
     res = fit(cfg, root / "run", verbose=verbose)
-    metrics = evaluate(res.run_dir / "best.pt", str(data.root), root / "eval", "test", device=device)
+    best = res.run_dir / RunDir.BEST
+    metrics = evaluate(best, str(data.root), root / "eval", "test", device=device)
     # Grad-CAM over the whole test split (scored against the synthetic masks); panels for a sample.
-    ex = explain(res.run_dir / "best.pt", [data.root / "test"], root / "explain", manifest=data.manifest,
-                 device=device, max_panels=DEMO_PANELS)
-    from bonetumor.report import build_report
-
-    report = build_report(res.run_dir, root / "eval", root / "explain", root / "report.html")
+    ex = explain(best, [data.root / "test"], root / "explain", manifest=data.manifest, device=device,
+                 max_panels=DEMO_PANELS)
+    report = build_report(res.run_dir, root / "eval", root / "explain", root / RunDir.REPORT)
     return DemoResult(root, res.run_dir, root / "eval", metrics, ex, time.perf_counter() - t0, report)

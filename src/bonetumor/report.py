@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from bonetumor.errors import BonetumorError
-from bonetumor.utils import atomic_write_text
+from bonetumor.rundir import RunDir
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -62,7 +62,7 @@ def _ci(d: dict) -> str:
 
 
 def _data_section(run: Path, cfg: dict) -> str:
-    data = _read_json(run / "data.json") or {}
+    data = _read_json(run / RunDir.DATA) or {}
     counts = data.get("counts", {})
     classes = data.get("classes", [])
     rows = [[split, *[counts[split].get(c, 0) for c in classes], sum(counts[split].values())] for split in counts]
@@ -72,7 +72,7 @@ def _data_section(run: Path, cfg: dict) -> str:
            f"<p>Split level: <b>{html.escape(str(data.get('split_level')))}</b>"
            + (" (no patient ids: images of one patient may fall in different splits)" if data.get("split_level") == "image" else "")
            + "</p>"]
-    audit = _read_json(run / "audit.json")
+    audit = _read_json(run / RunDir.AUDIT)
     if audit is None:
         out.append('<p class="warn">No leakage audit was run for this training run.</p>')
     else:
@@ -94,7 +94,7 @@ def _data_section(run: Path, cfg: dict) -> str:
 
 
 def _method_section(run: Path, cfg: dict) -> str:
-    env = _read_json(run / "environment.json") or {}
+    env = _read_json(run / RunDir.ENVIRONMENT) or {}
     pre = [["image size", cfg.get("image_size")], ["normalisation", "ImageNet mean/std, grey repeated to 3 channels"],
            ["augmentation (training only)", f"horizontal flip {cfg.get('hflip')}, rotation ±{cfg.get('rotate_degrees')}°, "
                                             f"zoom {cfg.get('zoom_min')}–{cfg.get('zoom_max')}"]]
@@ -107,11 +107,11 @@ def _method_section(run: Path, cfg: dict) -> str:
     sw = ", ".join(f"{k} {v}" for k, v in pk.items())
     return (f"<h3>Preprocessing</h3>{_table(pre)}<h3>Model</h3>{_table(model)}<h3>Training</h3>{_table(train)}"
             f"<p class='muted'>Device {html.escape(str(env.get('device')))}; {html.escape(sw)}</p>"
-            + _figure(run / "curves.png", "Accuracy and loss per epoch, training vs validation"))
+            + _figure(run / RunDir.CURVES, "Accuracy and loss per epoch, training vs validation"))
 
 
 def _metrics_section(ev: Path | None, run: Path) -> str:
-    m = _read_json(ev / "metrics.json") if ev else None
+    m = _read_json(ev / RunDir.METRICS) if ev else None
     if m is None:
         return "<p class='warn'>No evaluation folder given: run <code>bonetumor evaluate</code> and pass --eval.</p>"
     names = [k for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
@@ -135,21 +135,21 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
     for how, pm in m.get("per_patient", {}).items():
         out.append(f"<p>Per patient ({m.get('n_patients')} patients, score = {how} of the slices): ROC-AUC {_ci(pm['roc_auc'])}, "
                    f"sensitivity {pm['sensitivity']['value']:.4f}, specificity {pm['specificity']['value']:.4f}.</p>")
-    figs = [("roc.png", "ROC curve with 95% bootstrap band"), ("pr.png", "Precision-recall curve"),
-            ("confusion_matrix.png", "Confusion matrix at the operating threshold"),
-            ("scores.png", "Score histogram per class")]
+    figs = [(RunDir.ROC, "ROC curve with 95% bootstrap band"), (RunDir.PR, "Precision-recall curve"),
+            (RunDir.CONFUSION, "Confusion matrix at the operating threshold"),
+            (RunDir.SCORES, "Score histogram per class")]
     out.append('<div class="grid">' + "".join(_figure(ev / f, c) for f, c in figs) + "</div>")
-    op = _read_json(run / "operating_point.json") or {}
+    op = _read_json(run / RunDir.OPERATING_POINT) or {}
     cal = (f"<p>Temperature scaling on validation: T = {op['temperature']:.3f}, ECE {op['ece_before']:.4f} → "
            f"{op['ece_after']:.4f}.</p>") if op.get("temperature") else "<p>No temperature scaling (train with --calibrate).</p>"
-    out.append(f"<h3>Calibration</h3>{cal}" + _figure(ev / "reliability.png", "Reliability diagram"))
+    out.append(f"<h3>Calibration</h3>{cal}" + _figure(ev / RunDir.RELIABILITY, "Reliability diagram"))
     return "".join(out)
 
 
 def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
     """Top false negatives and false positives, with their Grad-CAM panels."""
-    pred = ev / "predictions.csv"
-    m = _read_json(ev / "metrics.json")
+    pred = ev / RunDir.PREDICTIONS
+    m = _read_json(ev / RunDir.METRICS)
     if not pred.is_file() or m is None or "positive_class" not in m:
         return "<p class='muted'>No binary predictions to show failures from.</p>"
     pos = m["positive_class"]
@@ -165,7 +165,7 @@ def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
         for name, group in (("False negatives (missed cancer), lowest P first", fn), ("False positives, highest P first", fp)):
             if not group:
                 continue
-            res = explain(run / "best.pt", [r["path"] for r in group], Path(tmp) / name[:5], target="predicted",
+            res = explain(run / RunDir.BEST, [r["path"] for r in group], Path(tmp) / name[:5], target="predicted",
                           faithfulness_samples=0)
             out.append(f"<h3>{html.escape(name)}</h3><div class='grid'>"
                        + "".join(_figure(Path(tmp) / name[:5] / r["panel"], f"{Path(r['path']).name}: P = {r['probability']:.3f}")
@@ -174,7 +174,7 @@ def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
 
 
 def _localization_section(explain_dir: Path | None) -> str:
-    loc = _read_json(explain_dir / "localization.json") if explain_dir else None
+    loc = _read_json(explain_dir / RunDir.LOCALIZATION) if explain_dir else None
     if not loc or "cam" not in loc:
         return "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
     base = loc["baseline_centred_gaussian"]
@@ -191,7 +191,7 @@ def _other_evaluations(evals: list[Path]) -> str:
     """Key figures of further evaluations (another split, external data), each labelled."""
     rows = []
     for ev in evals:
-        m = _read_json(ev / "metrics.json")
+        m = _read_json(ev / RunDir.METRICS)
         if m is None:
             raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
         kind = "external" if m.get("external") else "internal"
@@ -216,12 +216,12 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
     """Write the report (default ``RUN/report.html``) and return its path. ``eval_dir`` is the
     main evaluation; ``more_evals`` (another split, external data) are tabulated beside it."""
     run = Path(run)
-    if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
+    if not (run / RunDir.CONFIG).is_file() or not (run / RunDir.BEST).is_file():
         raise BonetumorError(f"{run}: not a run folder (config.yaml and best.pt expected)")
     ev = Path(eval_dir) if eval_dir else None
-    if ev is not None and not (ev / "metrics.json").is_file():
+    if ev is not None and not (ev / RunDir.METRICS).is_file():
         raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    cfg = yaml.safe_load((run / RunDir.CONFIG).read_text()) or {}
     parts = [("1. Data", _data_section(run, cfg)), ("2. Methods", _method_section(run, cfg)),
              ("3. Results", _metrics_section(ev, run)
               + (_other_evaluations([Path(e) for e in more_evals]) if more_evals else "")),
@@ -234,6 +234,6 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
             f"content='width=device-width,initial-scale=1'><title>bonetumor report: {html.escape(run.name)}</title>"
             f"<style>{CSS}</style></head><body><main><h1>Model report: {html.escape(run.name)}</h1>"
             f"<p class='muted'>Written {when} by bonetumor from the run folder and its evaluation.</p>{body}</main></body></html>")
-    path = Path(out) if out else run / "report.html"
-    atomic_write_text(path, page)
+    path = Path(out) if out else run / RunDir.REPORT
+    RunDir(path.parent).write_text(path.name, page)
     return path

@@ -8,7 +8,7 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
 from bonetumor.data.audit import audit, leakage_summary, memorisation_baseline, run_audit, scan_file
-from bonetumor.data.datasets import discover
+from bonetumor.data.layouts import discover
 from bonetumor.data.synth import create_synthetic_dataset
 
 

@@ -9,8 +9,9 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from bonetumor.data.writers import write_dicom
-from bonetumor.data.io import ReadOptions, image_kind, read_image
-from bonetumor.data.volumes import expand_inputs
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.data.readers import image_kind, read_image
+from bonetumor.data.studies import expand_inputs
 from bonetumor.errors import BadImageError
 
 
@@ -67,7 +68,7 @@ def test_missing_decoder_is_one_line_naming_syntax_and_package():
         "import sys\n"
         "for m in ('pylibjpeg', 'libjpeg', 'openjpeg', 'gdcm', 'jpeg_ls', 'pyjpegls'):\n"
         "    sys.modules[m] = None\n"
-        "from bonetumor.data.io import read_image\n"
+        "from bonetumor.data.readers import read_image\n"
         "from bonetumor.errors import BadImageError\n"
         "try:\n"
         f"    read_image({bundled('MR_small_jpeg_ls_lossless.dcm')!r})\n"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bonetumor.data.datasets import Sample
+from bonetumor.data.samples import Sample
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError
 

@@ -4,12 +4,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bonetumor.data.datasets import discover
+from bonetumor.data.layouts import discover
 from bonetumor.data.writers import write_nifti
-from bonetumor.data.io import ReadOptions, read_image
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.data.readers import read_image
 from bonetumor.data.splits import assign_splits
 from bonetumor.data.synth import create_synthetic_dataset
-from bonetumor.data.volumes import expand_inputs, nonempty_slices
+from bonetumor.data.nifti import nonempty_slices
+from bonetumor.data.studies import expand_inputs
 from bonetumor.errors import BadImageError
 
 
@@ -86,7 +88,7 @@ def test_volume_data_set_splits_by_patient_and_keeps_slices_together(tmp_path):
 def test_manifest_of_volumes_without_splits_is_split_by_patient(tmp_path):
     import csv
 
-    from bonetumor.train import prepare_data
+    from bonetumor.train.setup import prepare_data
     from conftest import tiny_config
 
     r = create_synthetic_dataset(tmp_path / "d", n_patients=20, size=32, slices_per_patient=3, fmt="nifti")
@@ -105,7 +107,7 @@ def test_manifest_of_volumes_without_splits_is_split_by_patient(tmp_path):
 
 
 def test_a_volume_above_the_voxel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
-    from bonetumor.data import volumes
+    from bonetumor.data import nifti as volumes
 
     path = write_nifti(tmp_path / "v.nii.gz", images(4, 20, 30))
     monkeypatch.setattr(volumes, "MAX_VOXELS", 1000)

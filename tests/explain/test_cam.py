@@ -7,7 +7,7 @@ from torch import nn
 
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
-from bonetumor.models import create_model
+from bonetumor.model.backbones import create_model
 
 
 def _model(n_out=1, freeze="backbone"):
@@ -120,7 +120,7 @@ def test_folded_batchnorms_leave_the_maps_and_the_watched_layer_as_they_were(lay
     # Grad-CAM runs with the BatchNorms folded into their convolutions, but for the watched
     # layer's own pair: a watched convolution's output must stay its own, not the BatchNorm's.
     import bonetumor.explain.cam as cam
-    from bonetumor.batchnorm import inference_folded
+    from bonetumor.runtime.batchnorm import inference_folded
 
     model = _model().double()
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)

@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from bonetumor.checkpoint import load_checkpoint
-from bonetumor.data.datasets import load_tensor
+from bonetumor.model.checkpoint import load_checkpoint
+from bonetumor.data.readers import load_tensor
 from bonetumor.data.transforms import create_transforms
 from bonetumor.data.writers import write_dicom, write_nifti
 from bonetumor.explain.cam import compute_cams
 from bonetumor.predict import predict, predict_studies
-from bonetumor.plots import heatmap_rgba as _heatmap_rgba
+from bonetumor.explain.panels import heatmap_rgba as _heatmap_rgba
 from bonetumor.serve.app import create_app
 
 TOKEN = "a-long-enough-test-token-123"
@@ -77,7 +77,7 @@ def test_a_volume_gives_every_slice_and_the_study_score(client, tiny_run, tmp_pa
     assert by_slice == pytest.approx({r["slice"]: r["probability"] for r in rows}, abs=1e-5)
     ranks = [im["probability"] for im in body["images"]]
     assert ranks == sorted(ranks, reverse=True) and len(ranks) == 5
-    from bonetumor.data import volumes
+    from bonetumor.data import nifti as volumes
 
     client.post("/api/predict", files={"file": ("v", vol.read_bytes(), "x")})
     assert not volumes._CACHE  # the request's decoded volume is not kept by the server

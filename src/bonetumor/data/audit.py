@@ -30,9 +30,11 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from bonetumor.data.datasets import DatasetIndex, Sample
-from bonetumor.data.io import ReadOptions, read_image
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.data.readers import read_image
+from bonetumor.data.samples import DatasetIndex, Sample
 from bonetumor.errors import BadImageError
+from bonetumor.rundir import RunDir
 
 THUMB = 32
 NEAR_THRESHOLD = 6  # of 64 pHash bits; re-encoded or slightly resized copies differ by 0-4
@@ -271,7 +273,7 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
     patients = _patients_in_two_splits(samples)
     report = {
         "n_images": len(samples), "classes": classes, "layout": index.layout,
-        "split_level": "patient" if index.patient_level else "image", "near_threshold_bits": near_threshold,
+        "split_level": index.split_level, "near_threshold_bits": near_threshold,
         "unreadable": [{"path": s.ref, "error": f.error} for s, f in zip(samples, facts) if f.error],
         "duplicates": dup, "label_conflicts": conflicts,
         "patients_in_two_splits": {"n": len(patients), "examples": patients[:10]},
@@ -299,17 +301,16 @@ def run_audit(data: str | None = None, manifest: str | None = None, out: str | P
               options: ReadOptions | None = None) -> dict:
     """Find the data set as ``train`` would (same layouts, same seeded split), audit it and,
     with ``out``, write ``out/audit.json``."""
-    from bonetumor.data.datasets import discover
+    from bonetumor.data.layouts import discover
     from bonetumor.data.splits import assign_splits
-    from bonetumor.utils import atomic_write_json, prepare_out_dir
 
     index = discover(data, manifest, options=options)
     index.samples = assign_splits(index.samples, val_fraction, test_fraction, seed, refuse_shared_patients=False)
-    outdir = prepare_out_dir(out, overwrite=overwrite) if out is not None else None
+    run = RunDir.create(out, overwrite=overwrite) if out is not None else None
     report = audit(index, near_threshold, baseline, options=options)
     report["data"] = str(data or manifest)
-    if outdir is not None:
-        atomic_write_json(outdir / "audit.json", report)
+    if run is not None:
+        run.write_json(RunDir.AUDIT, report)
     return report
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonetumor.data.io import ReadOptions, apply_window, linear_window
+from bonetumor.data.pixels import ReadOptions, apply_window, linear_window
 from bonetumor.errors import BadImageError, first_line
 
 DECODERS_HINT = "install the DICOM decoders: pip install 'bonetumor[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"

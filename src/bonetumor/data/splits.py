@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bonetumor.data.datasets import Sample, with_splits
+from bonetumor.data.samples import Sample, with_splits
 from bonetumor.errors import BonetumorError
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bonetumor.data.io import write_png
+from bonetumor.data.writers import write_png
 from bonetumor.errors import BonetumorError
-from bonetumor.utils import atomic_write_csv
+from bonetumor.files import atomic_write_csv
 
 MODALITIES = ("mri", "stir", "xray")
 FORMATS = ("png", "dicom", "nifti")

@@ -1,7 +1,8 @@
 """Preprocessing and augmentation with torchvision.transforms.v2.
 
-Input is a float tensor 3xHxW in [0, 1] (see ``load_tensor``). Resizing comes first so that the
-augmentation works on the small image, which is cheaper and gives the same result.
+Input is a float tensor CxHxW in [0, 1], C = 1 (grey) or 3 (see ``load_tensor``). Resizing comes
+first so that the augmentation works on the small image, which is cheaper and gives the same
+result; a grey image stays one channel until normalisation, which needs three.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ def create_resize(size: int) -> v2.Resize:
     return v2.Resize((size, size), antialias=True)
 
 
+def three_channels(x: torch.Tensor) -> torch.Tensor:
+    """A grey image (1xHxW) repeated to the three channels an ImageNet backbone takes."""
+    return x.expand(3, -1, -1) if x.shape[-3] == 1 else x
+
+
 def create_transforms(
     train: bool,
     size: int,
@@ -28,13 +34,14 @@ def create_transforms(
     std: tuple[float, ...] = IMAGENET_STD,
     resize: bool = True,
 ) -> v2.Compose:
-    """Train: resize + horizontal flip + rotation ±degrees + zoom; eval: resize only. Both normalise.
-    ``resize=False`` leaves out the resize (for images already resized, see ``create_resize``)."""
+    """Train: resize + horizontal flip + rotation ±degrees + zoom; eval: resize only. Both make
+    three channels and normalise. ``resize=False`` leaves out the resize (for images already
+    resized, see ``create_resize``)."""
     ops: list = [create_resize(size)] if resize else []
     if train:
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
         if rotate_degrees > 0 or zoom != (1.0, 1.0):
             ops.append(v2.RandomAffine(degrees=rotate_degrees, scale=zoom))
-    ops += [v2.ToDtype(torch.float32), v2.Normalize(mean=list(mean), std=list(std))]
+    ops += [v2.Lambda(three_channels), v2.ToDtype(torch.float32), v2.Normalize(mean=list(mean), std=list(std))]
     return v2.Compose(ops)

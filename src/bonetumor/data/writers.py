@@ -1,4 +1,4 @@
-"""Writing synthetic images as DICOM files and NIfTI volumes (pydicom and nibabel do the format).
+"""Writing synthetic images as PNG, DICOM files and NIfTI volumes (Pillow, pydicom and nibabel do the format).
 
 Used by ``synth --format dicom|nifti`` and the tests, so every reader path runs on files whose
 true pixels are known. Values are stored the way scanners store them: 12-bit integers with a
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
-from bonetumor.utils import atomic_path
+from bonetumor.files import atomic_path
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -85,3 +86,15 @@ def write_nifti(path: str | Path, slices: Sequence[np.ndarray], empty_ends: int 
         nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(target))
         target.replace(tmp)
     return p
+
+
+def write_png(path: str | Path, img: np.ndarray, bit_depth: int = 8) -> None:
+    """Write a float image in [0, 1] (H, W) as an 8- or 16-bit greyscale PNG, atomically."""
+    p = Path(path)
+    a = np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0)
+    if bit_depth == 16:
+        pil = Image.fromarray(np.round(a * 65535).astype(np.uint16))
+    else:
+        pil = Image.fromarray(np.round(a * 255).astype(np.uint8))
+    with atomic_path(p, fsync=False) as tmp:
+        pil.save(tmp, format="PNG")

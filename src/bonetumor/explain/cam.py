@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bonetumor.batchnorm import inference_folded
 from bonetumor.errors import BonetumorError
+from bonetumor.runtime.batchnorm import inference_folded
+from bonetumor.runtime.precision import autocast
+from bonetumor.task import Task
 
 METHODS = ("gradcam", "gradcam++", "eigencam")
 FOLD_MIN_BATCH = 4  # batches from this size on run with BatchNorms folded (see compute_cams)
@@ -91,24 +93,14 @@ def _capture(layer: nn.Module, as_leaf: bool) -> Iterator[dict]:
         handle.remove()
 
 
-def _select_scores(logits: torch.Tensor, target: str | int, classes: list[str], threshold: float):
+def _select_scores(logits: torch.Tensor, target: str | int, task: Task, threshold: float):
     """Per-image score to explain, and the class index it stands for."""
-    n = logits.shape[0]
-    if logits.shape[1] == 1:
-        logit = logits[:, 0]
-        if target == "predicted":
-            positive = torch.sigmoid(logit.detach().float()) >= threshold
-        else:
-            idx = target if isinstance(target, int) else _class_index(target, classes)
-            positive = torch.full((n,), idx == 1, dtype=torch.bool, device=logits.device)
-        score = torch.where(positive, logit, -logit)
-        return score, positive.long()
     if target == "predicted":
-        idx = logits.detach().argmax(1)
+        idx = task.indices(task.probabilities(logits.detach().float()), threshold)
     else:
-        i = target if isinstance(target, int) else _class_index(target, classes)
-        idx = torch.full((n,), i, dtype=torch.long, device=logits.device)
-    return logits.gather(1, idx[:, None])[:, 0], idx
+        i = target if isinstance(target, int) else _class_index(target, list(task.classes))
+        idx = torch.full((len(logits),), i, dtype=torch.long, device=logits.device)
+    return task.class_score(logits, idx), idx
 
 
 def _class_index(name: str, classes: list[str]) -> int:
@@ -156,6 +148,10 @@ def _eigencam(act: torch.Tensor) -> torch.Tensor:
     return (proj * sign[:, None]).clamp_min(0).reshape(n, h, w)
 
 
+def _default_classes(n_outputs: int) -> list[str]:
+    return ["normal", "cancer"] if n_outputs == 1 else [str(i) for i in range(n_outputs)]
+
+
 def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "gradcam",
                  target: str | int = "predicted", classes: list[str] | None = None, threshold: float = 0.5,
                  precision: str = "fp32") -> CamResult:
@@ -165,25 +161,24 @@ def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "g
         layer: module name, e.g. ``backbone.layer4``.
         method: gradcam, gradcam++ or eigencam.
         target: ``predicted``, a class name or a class index.
-        precision: ``fp32`` or ``bf16`` (autocast; fp16 on CUDA is also accepted as ``fp16``).
+        classes: the model's classes (default: normal, cancer for one output).
+        precision: ``fp32``, ``bf16`` or (CUDA) ``fp16``.
 
     The model's mode and parameter gradient flags are restored on return.
     """
     if method not in METHODS:
         raise BonetumorError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    classes = classes or ["normal", "cancer"]
     module = resolve_layer(model, layer)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # BatchNorms folded into their convolutions (eval mode: see batchnorm.py), all but the
+    # BatchNorms folded into their convolutions (eval mode: see runtime/batchnorm.py), all but the
     # watched layer's own pair, whose output must stay what it is. Folding is one pass over the
-    # weights per call, which pays from a few images on (ResNet50 on a CPU, fp32: 0.77x at
-    # batch 1, 0.93x at 2, 1.07x at 8).
+    # weights per call, which pays only from a few images on (docs/performance.md).
     fold = inference_folded(model, keep=module) if len(x) >= FOLD_MIN_BATCH else nullcontext(0)
     with _explaining(model), fold, _capture(module, as_leaf=method != "eigencam") as store:  # entered in this order
         with torch.enable_grad() if method != "eigencam" else torch.inference_mode():
-            with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(precision, x.device):
                 logits = model(x)
-            score, idx = _select_scores(logits.float(), target, classes, threshold)
+            task = Task.of(classes or _default_classes(logits.shape[1]))
+            score, idx = _select_scores(logits.float(), target, task, threshold)
             act = store["act"]
             if method == "eigencam":
                 raw = _eigencam(act)
@@ -192,6 +187,5 @@ def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "g
                 act, grad = act.detach().float(), grad.float()
                 weights = grad.mean(dim=(2, 3)) if method == "gradcam" else _weights_gradcam_pp(act, grad)
                 raw = torch.relu((weights[:, :, None, None] * act).sum(1))
-    logits = logits.detach().float()
-    probs = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+    probs = task.probabilities(logits.detach().float())
     return CamResult(_normalise(raw.detach(), tuple(x.shape[-2:])), raw.detach().float(), probs, idx.detach())

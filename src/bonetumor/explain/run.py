@@ -17,31 +17,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bonetumor.checkpoint import load_checkpoint
-from bonetumor.data.datasets import load_tensor, read_manifest
-from bonetumor.data.io import read_image
+from bonetumor.data.layouts import read_manifest
+from bonetumor.data.readers import read_image
+from bonetumor.data.samples import Sample
+from bonetumor.data.studies import expand_inputs
 from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
+from bonetumor.explain.panels import cam_panel
 from bonetumor.explain.scores import (
     bootstrap_ci,
     deletion_insertion,
     gaussian_baseline,
     localization_scores,
 )
-from bonetumor.models import BACKBONES
-from bonetumor.plots import save_cam_panel
-from bonetumor.predict import score_refs, slice_score
-from bonetumor.data.volumes import SliceRef, expand_inputs
-from bonetumor.utils import (
-    atomic_path,
-    atomic_write_csv,
-    atomic_write_json,
-    atomic_write_text,
-    prepare_out_dir,
-    select_device,
-    to_device,
-)
+from bonetumor.explain.slices import explained_images
+from bonetumor.inference import open_model
+from bonetumor.model.backbones import BACKBONES
+from bonetumor.rundir import RunDir
+from bonetumor.runtime.device import to_device
 
 SCORES = ("pointing", "energy", "iou_top15")
 
@@ -117,52 +111,44 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
     Volumes and series: the ``top_slices`` slices with the highest positive-class score.
     """
-    dev = select_device(device)
-    ck = load_checkpoint(checkpoint, dev)
+    ck, dev = open_model(checkpoint, device)
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
-    options = ck.read_options
     tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
-    files = _top_slices(ck, expand_inputs(paths, options), top_slices, dev, batch_size)
+    images = explained_images(ck, expand_inputs(paths, ck.read_options), top_slices, dev, batch_size)
     lookup = mask_lookup(masks, boxes, manifest)
-    outdir = prepare_out_dir(out, overwrite=overwrite)
-    (outdir / "maps").mkdir(exist_ok=True)
-    (outdir / "panels").mkdir(exist_ok=True)
+    run = RunDir.create(out, overwrite=overwrite)
+    run.folder(RunDir.MAPS)
+    run.folder(RunDir.PANELS)
     rows, faith = [], {"deletion": [], "insertion": []}
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        originals = [load_tensor(f.path, f.frame, options) for f in chunk]
-        x = to_device(torch.stack([tf(t) for t in originals]), dev)
+    for start, chunk in _batched(images, batch_size):
+        x = to_device(torch.stack([tf(image) for _, image in chunk]), dev)
         res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold)
         if len(faith["deletion"]) < faithfulness_samples:
             k = faithfulness_samples - len(faith["deletion"])
-            d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k])
+            d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k], task=ck.task)
             faith["deletion"] += d.tolist()
             faith["insertion"] += i.tolist()
-        for j, f in enumerate(chunk):
-            rows.append(_one_image(j + start, f, originals[j], res, j, ck, lookup, outdir, max_panels))
-    result = ExplainResult(outdir, rows)
+        for j, (f, image) in enumerate(chunk):
+            rows.append(_one_image(j + start, f, image, res, j, ck, lookup, run, max_panels))
+    result = ExplainResult(run.path, rows)
     result.faithfulness = {k: bootstrap_ci(v) for k, v in faith.items()}
-    _write_tables(result, method, target, layer, ck.classes[-1])
+    _write_tables(run, result, method, target, layer, ck.classes[-1])
     return result
 
 
-def _top_slices(ck, refs: list[SliceRef], k: int, dev, batch_size: int) -> list[SliceRef]:
-    """2-D images as they are; of each study, its ``k`` slices with the highest score (in slice order)."""
-    studies: dict[str, list[SliceRef]] = {}
-    for r in refs:
-        if r.study:
-            studies.setdefault(r.study, []).append(r)
-    big = {s for s, rs in studies.items() if len(rs) > k}
-    if not big:
-        return refs
-    ranked = [r for r in refs if r.study in big]
-    # Binary: P(positive); multiclass: the top class's probability.
-    score = {r: slice_score(row) for r, row in zip(ranked, score_refs(ck, ranked, ck.read_options, dev, batch_size))}
-    keep = {r for s in big for r in sorted(studies[s], key=lambda r: -score[r])[:k]}
-    return [r for r in refs if r.study not in big or r in keep]
+def _batched(items, n: int):
+    """(index of the first, list of up to ``n`` items) over an iterator, without reading it all."""
+    chunk, start = [], 0
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield start, chunk
+            start, chunk = start + n, []
+    if chunk:
+        yield start, chunk
 
 
-def _one_image(n: int, f: SliceRef, original: torch.Tensor, res, j: int, ck, lookup, outdir: Path, max_panels) -> dict:
+def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, lookup, run: RunDir, max_panels) -> dict:
     h, w = original.shape[-2:]
     cam = F.interpolate(res.maps[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     cam = cam.clamp(0, 1).cpu().numpy().astype(np.float32)
@@ -170,25 +156,30 @@ def _one_image(n: int, f: SliceRef, original: torch.Tensor, res, j: int, ck, loo
     name = p_file.name if f.frame is None else f"{p_file.name} slice {f.frame}"
     base = p_file.name[:-7] if p_file.name.lower().endswith(".nii.gz") else p_file.stem
     stem = f"{n:05d}_{base}" + ("" if f.frame is None else f"_slice{f.frame:04d}")
-    with atomic_path(outdir / "maps" / f"{stem}.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, cam)
+    run.save(f"{RunDir.MAPS}/{stem}.npy", lambda tmp: _save_npy(tmp, cam))
     p = res.probs[j]
     prob, label = float(p.max()), ck.label_for(p.cpu())
     row = {"path": f.path, "slice": f.frame, "study": f.study, "probability": round(prob, 6), "prediction": label,
-           "explained_class": ck.classes[int(res.target_index[j])], "map": f"maps/{stem}.npy", "panel": ""}
+           "explained_class": ck.classes[int(res.target_index[j])], "map": f"{RunDir.MAPS}/{stem}.npy", "panel": ""}
     mask = lookup(p_file, (h, w)) if f.frame is None else None  # lesion masks are given per 2-D image
     if mask is not None and mask.any():
         row.update(localization_scores(cam, mask))
         row.update({f"baseline_{k}": v for k, v in localization_scores(gaussian_baseline((h, w)), mask).items()})
     if max_panels is None or n < max_panels:
-        row["panel"] = f"panels/{stem}.png"
+        row["panel"] = f"{RunDir.PANELS}/{stem}.png"
         title = f"{name}  P({ck.classes[-1]})={prob:.3f} -> {label}"
-        save_cam_panel(original.permute(1, 2, 0).numpy(), cam, outdir / row["panel"], title, mask)
+        panel = cam_panel(original.permute(1, 2, 0).numpy(), cam, title, mask)
+        run.save(row["panel"], lambda tmp: panel.save(tmp, format="PNG"))
     return row
 
 
-def _write_tables(result: ExplainResult, method: str, target: str, layer: str, positive: str) -> None:
-    out, rows = result.out, result.rows
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, arr)
+
+
+def _write_tables(run: RunDir, result: ExplainResult, method: str, target: str, layer: str, positive: str) -> None:
+    rows = result.rows
     scored = [r for r in rows if "pointing" in r]
     if scored:
         # Images with a lesion that the model also called positive: where a map should point at it.
@@ -199,11 +190,11 @@ def _write_tables(result: ExplainResult, method: str, target: str, layer: str, p
             "correctly_classified_positive": {"n": len(correct_pos), "cam": _summary(correct_pos, ""),
                                               "baseline_centred_gaussian": _summary(correct_pos, "baseline_")},
         }
-        atomic_write_json(out / "localization.json", result.localization)
+        run.write_json(RunDir.LOCALIZATION, result.localization)
         keys = ["path", "probability", "prediction", "explained_class", *SCORES, *[f"baseline_{k}" for k in SCORES]]
-        atomic_write_csv(out / "localization.csv", keys, scored)
-    atomic_write_json(out / "explain.json", {"method": method, "target": target, "layer": layer, "n_images": len(rows),
-                                             "faithfulness": result.faithfulness, "images": rows})
+        run.write_csv(RunDir.LOCALIZATION_TABLE, keys, scored)
+    run.write_json(RunDir.EXPLAIN, {"method": method, "target": target, "layer": layer, "n_images": len(rows),
+                                    "faithfulness": result.faithfulness, "images": rows})
     cards = []
     for r in rows:
         if not r["panel"]:
@@ -213,7 +204,7 @@ def _write_tables(result: ExplainResult, method: str, target: str, layer: str, p
         cards.append(f'<figure><img src="{html.escape(r["panel"])}" alt="{html.escape(name)}" loading="lazy">'
                      f'<figcaption>{html.escape(name)} · P={r["probability"]:.3f} · '
                      f'{html.escape(r["prediction"])}{extra}</figcaption></figure>')
-    atomic_write_text(out / "index.html", _INDEX.format(title=f"{method} ({target}, {layer})", n=len(rows), cards="\n".join(cards)))
+    run.write_text(RunDir.INDEX, _INDEX.format(title=f"{method} ({target}, {layer})", n=len(rows), cards="\n".join(cards)))
 
 
 _INDEX = """<!doctype html>

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bonetumor.batchnorm import inference_folded
+from bonetumor.runtime.batchnorm import inference_folded
+from bonetumor.task import Task
 
 
 def map_peak(cam: np.ndarray, rtol: float = 1e-6) -> tuple[int, int]:
@@ -83,13 +84,13 @@ def bootstrap_ci(values, n_resamples: int = 1000, level: float = 0.95, seed: int
 
 @torch.inference_mode()
 def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tensor, target_index: torch.Tensor,
-                       steps: int = 10) -> tuple[np.ndarray, np.ndarray]:
+                       steps: int = 10, task: Task = Task(("normal", "cancer"))) -> tuple[np.ndarray, np.ndarray]:
     """Deletion and insertion AUC per image (Petsiuk et al., 2018).
 
     Pixels are removed (deletion: replaced by a blurred copy) or revealed (insertion: starting
     from the blurred copy) in order of the map, ``steps`` equal chunks; the score is the
-    probability of the explained class (``target_index``). Lower deletion and higher insertion
-    mean a more faithful map.
+    probability of the explained class (``target_index``; ``task``: what the model's outputs
+    mean). Lower deletion and higher insertion mean a more faithful map.
     """
     n, _, h, w = x.shape
     blurred = F.avg_pool2d(x, 11, stride=1, padding=5, count_include_pad=False)
@@ -103,10 +104,6 @@ def deletion_insertion(model: torch.nn.Module, x: torch.Tensor, maps: torch.Tens
             top = rank < round(k / steps * h * w)
             for out, start, fill in ((dele, x, blurred), (ins, blurred, x)):
                 logits = model(torch.where(top, fill, start)).float()
-                if logits.shape[1] == 1:
-                    p = torch.sigmoid(torch.where(target_index == 1, logits[:, 0], -logits[:, 0]))
-                else:
-                    p = torch.softmax(logits, 1).gather(1, target_index[:, None])[:, 0]
-                out.append(p.cpu().numpy())
+                out.append(task.class_probability(logits, target_index).cpu().numpy())
     t = np.linspace(0, 1, steps + 1)
     return np.trapezoid(np.stack(dele, 1), t, axis=1), np.trapezoid(np.stack(ins, 1), t, axis=1)

@@ -30,17 +30,19 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from bonetumor import __version__
-from bonetumor.checkpoint import load_checkpoint
-from bonetumor.data.datasets import load_tensor
+from bonetumor.data.nifti import forget_volumes
+from bonetumor.data.readers import load_tensor
+from bonetumor.data.studies import expand_inputs
 from bonetumor.data.transforms import create_transforms
-from bonetumor.data.volumes import expand_inputs, forget_volumes
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
-from bonetumor.models import BACKBONES
-from bonetumor.plots import heatmap_rgba, to_rgb8
-from bonetumor.predict import DEFAULT_AGGREGATE, prediction_rows, score_refs, slice_score, study_scores
+from bonetumor.explain.panels import heatmap_rgba, to_rgb8
+from bonetumor.explain.slices import top_slices
+from bonetumor.inference import open_model, prediction_rows
+from bonetumor.model.backbones import BACKBONES
+from bonetumor.predict import DEFAULT_AGGREGATE, slice_score, study_scores
+from bonetumor.runtime.device import release_free_memory, to_device
 from bonetumor.serve.sniff import ACCEPTED, SUFFIXES, sniff
-from bonetumor.utils import release_free_memory, select_device, to_device
 
 log = logging.getLogger("bonetumor.serve")
 DISCLAIMER = "Research tool, not a diagnostic device: not for clinical decisions."
@@ -70,8 +72,7 @@ class Service:
     time (two at once would only share the same cores and double the memory)."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto"):
-        self.device = select_device(device)
-        self.ck = load_checkpoint(checkpoint, self.device)
+        self.ck, self.device = open_model(checkpoint, device)
         self.ck.model.eval()
         self.path = Path(checkpoint)
         self.tf = create_transforms(False, self.ck.image_size, mean=self.ck.mean, std=self.ck.std)
@@ -105,25 +106,27 @@ class Service:
             raise BonetumorError(f"the files form {len({r.study for r in refs})} series; send one series per request")
         is_study = len(refs) > 1 or refs[0].frame is not None  # one single-frame DICOM file is an image
         # Few slices: Grad-CAM's own forward pass scores them all. Many: score every slice in
-        # batches (not all held in memory), then explain the highest-scoring ones.
-        rows = score_refs(ck, refs, opts, self.device, batch_size=16) if len(refs) > MAX_HEATMAPS else None
-        chosen = sorted(range(len(refs)), key=lambda i: -slice_score(rows[i]))[:MAX_HEATMAPS] if rows else range(len(refs))
-        originals = [load_tensor(refs[i].path, refs[i].frame, opts) for i in chosen]
-        x = to_device(torch.stack([self.tf(t) for t in originals]), self.device)
+        # batches (not all held in memory), keeping the highest-scoring ones to explain.
+        if len(refs) > MAX_HEATMAPS:
+            chosen, rows = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16)
+        else:
+            chosen, rows = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs], None
+        x = to_device(torch.stack([self.tf(image) for _, image in chosen]), self.device)
         cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold)
-        cam_rows = prediction_rows(ck, [{"path": refs[i].path, "study": refs[i].study} for i in chosen], cams.probs.cpu())
+        cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu())
         rows = rows or cam_rows
         for k, row in enumerate(rows):  # a series' files are numbered in slice order (as expand_inputs sorts them)
             row.update(slice=(refs[k].frame if refs[k].frame is not None else k) if is_study else None,
                        study=refs[k].study or "upload")
+        position = {r: k for k, r in enumerate(refs)}
         images = []
-        for j, i in enumerate(chosen):
-            h, w = originals[j].shape[-2:]
+        for j, (ref, image) in enumerate(chosen):
+            h, w = image.shape[-2:]
             cam = torch.nn.functional.interpolate(cams.maps[j][None, None], size=(h, w), mode="bilinear",
                                                   align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
-            images.append({"slice": rows[i]["slice"], **{k: cam_rows[j][k] for k in cam_rows[j] if k.startswith("prob")},
+            images.append({"slice": rows[position[ref]]["slice"], **{k: cam_rows[j][k] for k in cam_rows[j] if k.startswith("prob")},
                            "label": cam_rows[j]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
-                           "image_png": _png_b64(to_rgb8(originals[j].permute(1, 2, 0).numpy())),
+                           "image_png": _png_b64(to_rgb8(image.permute(1, 2, 0).numpy())),
                            "heatmap_png": _png_b64(heatmap_rgba(cam))})
         images.sort(key=lambda im: -slice_score(im))
         for rank, im in enumerate(images, 1):

@@ -1,0 +1,169 @@
+"""``evaluate``: a checkpoint's metrics, figures and per-image predictions on one split of a data set.
+
+Every image of the split is scored once, in order, through the inference pipeline, and every
+figure comes from those same predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bonetumor.data.layouts import check_files, discover
+from bonetumor.data.splits import assign_splits
+from bonetumor.errors import BonetumorError
+from bonetumor.evaluate.figures import (
+    plot_confusion,
+    plot_pr,
+    plot_reliability,
+    plot_roc,
+    plot_score_hist,
+)
+from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
+from bonetumor.inference import Predictions, open_model, predict_samples
+from bonetumor.model.checkpoint import LoadedCheckpoint
+from bonetumor.rundir import RunDir
+
+
+def parse_class_map(text: str | None) -> dict[str, str] | None:
+    """``malignant=cancer,normal=normal`` → {"malignant": "cancer", "normal": "normal"}."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        src, eq, dst = part.partition("=")
+        if not eq or not src.strip() or not dst.strip():
+            raise BonetumorError(f"--class-map {text!r}: write it as theirs=ours,theirs=ours (e.g. malignant=cancer)")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None):
+    """(all samples with splits, the samples to evaluate, classes dropped by the map and their counts)."""
+    cfg = ck.config
+    index = discover(data, manifest, None, None, None, classes=None if class_map else ck.classes, options=ck.read_options)
+    samples, dropped = index.samples, {}
+    if class_map:
+        bad = sorted(set(class_map.values()) - set(ck.classes))
+        if bad:
+            raise BonetumorError(f"--class-map maps to {bad}, which are not the model's classes {ck.classes}")
+        for s in samples:
+            if s.label not in class_map:
+                dropped[s.label] = dropped.get(s.label, 0) + 1
+        samples = [replace(s, label=class_map[s.label]) for s in samples if s.label in class_map]
+    if split == "all":
+        return samples, list(samples), dropped
+    all_samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return all_samples, [s for s in all_samples if s.split == split], dropped
+
+
+def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
+             manifest: str | None = None, device: str = "auto", batch_size: int | None = None,
+             workers: int = 0, overwrite: bool = False, skip_bad_files: bool = False, baseline: bool = True,
+             n_boot: int = N_BOOT, class_map: dict[str, str] | None = None, external: bool = False,
+             exclude_near_duplicates_of: str | None = None) -> dict:
+    """Evaluate a checkpoint on one split of a data set and write the results to ``out``.
+
+    Writes metrics.json (each metric with a 95% bootstrap CI), classification_report.txt,
+    predictions.csv, roc.png (with CI band), pr.png, reliability.png, scores.png and
+    confusion_matrix.png. The split is rebuilt exactly as in training (same seed and fractions);
+    ``split="all"`` takes every image (for an external data set).
+
+    Args:
+        baseline: also score a 1-nearest-neighbour look-up on the training split's thumbnails
+            (``memorisation_baseline``).
+        class_map: the data set's class names → the model's; other classes are dropped and counted.
+        external: label the figures as external (another data set than the model's).
+        exclude_near_duplicates_of: a split name (``train``): the same metrics again without the
+            images that copy one of that split's (``excluding_copies``).
+
+    Returns:
+        The metrics dict (also in metrics.json).
+    """
+    split = {"val": "valid", "validation": "valid"}.get(split, split)
+    if split not in ("train", "valid", "test", "all"):
+        raise BonetumorError(f"--split must be train, valid, test or all, not {split!r}")
+    ck, dev = open_model(checkpoint, device)
+    all_samples, samples, dropped = _select(data, manifest, ck, split, class_map)
+    if not samples:
+        raise BonetumorError(f"{data or manifest}: no images in the {split} split")
+    if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
+        raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
+                             f"{exclude_near_duplicates_of} split")
+    run = RunDir.create(out, overwrite=overwrite)
+    samples, skipped = check_files(samples, skip_bad_files, options=ck.read_options)
+    preds = predict_samples(ck, samples, dev, batch_size or ck.config.batch_size, workers)
+    # Intervals resample patients (or, without ids, whole volumes/series): their images are not independent.
+    groups = [s.patient_id or s.study for s in samples] if all(s.patient_id or s.study for s in samples) else None
+    m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)
+    m.update({"split": split, "checkpoint": str(checkpoint), "data": str(data or manifest), "external": bool(external),
+              "skipped_files": len(skipped)})
+    missing = [c for i, c in enumerate(ck.classes) if not (preds.targets == i).any()]
+    if missing:
+        m["notes"] = [f"the {split} split holds no {', '.join(missing)} images: ROC-AUC and the metrics that "
+                      f"need them (sensitivity, PPV, F1) are undefined (nan)"]
+    if class_map:
+        m["class_map"], m["dropped_classes"] = class_map, dropped
+    _lookup_figures(m, all_samples, samples, preds, ck, groups, n_boot, baseline, exclude_near_duplicates_of)
+    report = m.pop("classification_report")
+    run.write_json(RunDir.METRICS, m)
+    run.write_text(RunDir.CLASSIFICATION_REPORT, report)
+    _write_predictions(run, samples, preds, ck)
+    _write_figures(run, preds, m, ck, f"{split}, external" if external else split, groups, n_boot)
+    m["classification_report"] = report
+    return m
+
+
+def _write_predictions(run: RunDir, samples, preds: Predictions, ck: LoadedCheckpoint) -> None:
+    cols = ck.task.probability_columns()
+    rows = ({"path": s.ref, "label": s.label, "prediction": ck.label_for(p),
+             **dict(zip(cols, (f"{v:.6f}" for v in np.atleast_1d(p))))} for s, p in zip(samples, preds.probs))
+    run.write_csv(RunDir.PREDICTIONS, ["path", "label", *cols, "prediction"], rows)
+
+
+def _write_figures(run: RunDir, preds: Predictions, m: dict, ck: LoadedCheckpoint, name: str, groups, n_boot: int) -> None:
+    if ck.task.binary:
+        t, p = preds.targets, preds.probs
+        auc = m["roc_auc"]
+        run.save_figure(RunDir.ROC, plot_roc(t, p, title=f"ROC ({name}, n={m['n']})", band=roc_band(t, p, groups, n_boot),
+                                             auc_ci=(auc["ci_low"], auc["ci_high"])))
+        run.save_figure(RunDir.PR, plot_pr(t, p, title=f"Precision-recall ({name})"))
+        run.save_figure(RunDir.RELIABILITY, plot_reliability(t, p, m["ece"]["value"], title=f"Reliability ({name})"))
+        run.save_figure(RunDir.SCORES, plot_score_hist(t, p, ck.classes, ck.threshold, title=f"Scores per class ({name})"))
+    title = f"Confusion matrix at threshold {ck.threshold:.3f}" if ck.task.binary else "Confusion matrix"
+    run.save_figure(RunDir.CONFUSION, plot_confusion(np.array(m["confusion_matrix"]["matrix"]), ck.classes, title=title))
+
+
+def _lookup_figures(m: dict, all_samples, ordered, preds: Predictions, ck, groups, n_boot: int, baseline: bool,
+                    exclude_of: str | None) -> None:
+    """Add the 1-NN look-up baseline and the metrics without copies of ``exclude_of`` to ``m``."""
+    from bonetumor.data.audit import copies_of, scan, split_baseline
+
+    train = [s for s in all_samples if s.split == "train"]
+    if not ((baseline and train and m["split"] != "train") or exclude_of):
+        return
+    fh = scan(ordered, options=ck.read_options)
+    cache: dict[str, tuple[list, list]] = {}  # a reference split is read once, even when both figures need it
+
+    def facts_of(split: str) -> tuple[list, list]:
+        if split not in cache:
+            refs = [s for s in all_samples if s.split == split]
+            cache[split] = (refs, scan(refs, options=ck.read_options))
+        return cache[split]
+
+    if baseline and train and m["split"] != "train":
+        # Look-up alone, on the same images: when it comes near the model, the split measures memory.
+        b = split_baseline(*facts_of("train"), ordered, fh, ck.classes)
+        if b is not None:
+            m["memorisation_baseline"] = b
+    if exclude_of:
+        mask, why = copies_of(ordered, fh, *facts_of(exclude_of))
+        keep = ~mask
+        sub = {"of": exclude_of, "removed": why, "n": int(keep.sum())}
+        if keep.any():
+            g = None if groups is None else [x for x, k in zip(groups, keep) if k]
+            sub.update({k: v for k, v in compute_metrics(preds.targets[keep], preds.probs[keep], ck.classes, ck.threshold,
+                                                         g, n_boot).items() if k != "classification_report"})
+        m["excluding_copies"] = sub

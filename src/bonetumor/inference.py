@@ -1,0 +1,230 @@
+"""The one inference pipeline: read -> batch -> normalise -> engine and precision -> scores.
+
+``evaluate``, ``predict``, ``explain``, ``serve`` and cross-validation all score images through
+``score_batches``; training's validation and the feature cache run their loaders through the same
+``runtime.forward.Forward``. A batch is read and resized with grey images kept as one channel
+(a third of the work, and of what a worker process hands over), then moved to the device, made
+three channels and normalised as ``create_transforms`` normalises in training.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms.v2.functional import normalize
+
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.data.readers import load_tensor
+from bonetumor.data.samples import Sample
+from bonetumor.data.transforms import create_resize
+from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from bonetumor.runtime.device import select_device, to_device
+from bonetumor.runtime.engines import Engine
+from bonetumor.runtime.forward import Forward
+from bonetumor.task import Task
+
+Batch = tuple[list[int], "torch.Tensor | None", list[dict]]  # (indices read, images, rows of unreadable files)
+
+
+@dataclass
+class Predictions:
+    """Model outputs over a loader, in its order: probs is P(positive) (N,) for a binary task,
+    else (N, C); logits in the same shape."""
+
+    task: Task
+    probs: np.ndarray
+    targets: np.ndarray
+    indices: np.ndarray
+    loss: float = float("nan")
+    logits: np.ndarray | None = None
+
+    def accuracy(self, threshold: float = 0.5) -> float:
+        pred = self.task.indices(self.probs, threshold)
+        return float((pred == self.targets).mean()) if len(pred) else float("nan")
+
+
+def open_model(path: str | Path, device: str = "auto", engine: str | Engine = Engine.TORCH) -> tuple[LoadedCheckpoint, torch.device]:
+    """(the model with its checkpoint's facts, the device it runs on) for ``engine``: torch (a
+    .pt checkpoint), or onnx / openvino (an exported .onnx, or a checkpoint exported first, once,
+    into the export cache), which run on the CPU."""
+    engine = Engine.parse(engine)
+    if engine.exported:
+        from bonetumor.model.export import cached_export, load_onnx, load_openvino
+
+        load = load_onnx if engine is Engine.ONNX else load_openvino
+        return load(path if str(path).lower().endswith(".onnx") else cached_export(path)), torch.device("cpu")
+    if engine is not Engine.TORCH:
+        raise BonetumorError("--engine auto is resolved before a model is opened")
+    if str(path).lower().endswith(".onnx"):
+        raise BonetumorError(f"{path}: an ONNX file; pass --engine onnx or --engine openvino")
+    dev = select_device(device)
+    return load_checkpoint(path, dev), dev
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per batch: 8 on a CPU (the fastest there), 64 on a GPU, where a small batch leaves
+    it waiting for kernel launches (docs/performance.md)."""
+    return 64 if device.type == "cuda" else 8
+
+
+def default_workers(device: torch.device) -> int:
+    """Worker processes decoding images: on a CUDA GPU up to 8, leaving two cores (one drives
+    the GPU, one copies batches to it), as one core decodes far slower than a GPU predicts;
+    none on a CPU, whose cores the model needs."""
+    return max(1, min(8, (os.cpu_count() or 3) - 2)) if device.type == "cuda" else 0
+
+
+def _decode(samples: Sequence[Sample], indices: Sequence[int], resize, options: ReadOptions, skip_bad: bool) -> Batch:
+    """One batch read and resized: (indices read, the images stacked in [0, 1] with one channel
+    when all are grey, or None, rows of unreadable files)."""
+    done, xs, bad = [], [], []
+    for i in indices:
+        s = samples[i]
+        try:
+            xs.append(resize(load_tensor(s.path, s.frame, options, rgb=False)))
+            done.append(i)
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            bad.append({"path": s.path, "slice": s.frame, "study": s.study, "error": e.problem})
+    return done, stack_images(xs) if xs else None, bad
+
+
+def stack_images(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Resized images as one batch, with one channel when all are grey."""
+    channels = max(x.shape[0] for x in xs)
+    return torch.stack([x.expand(channels, -1, -1) for x in xs])
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """Batches as items, so DataLoader workers each decode whole batches."""
+
+    def __init__(self, samples: Sequence[Sample], chunks: list, resize, options: ReadOptions):
+        self.samples, self.chunks, self.resize, self.options = samples, chunks, resize, options
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> Batch:
+        # Unreadable files come back as rows: the caller raises for the first, or keeps them.
+        return _decode(self.samples, self.chunks[i], self.resize, self.options, True)
+
+
+def read_batches(samples: Sequence[Sample], batch_size: int, image_size: int, options: ReadOptions,
+                 skip_bad: bool = False, workers: int = 0, prefetch: bool = False,
+                 pin_memory: bool = False) -> Iterator[Batch]:
+    """``samples`` read, resized and stacked, a batch at a time, in order. ``workers`` > 0:
+    decoded in that many processes (a DataLoader, batches in order); else, with ``prefetch``,
+    the next batch is read in a background thread while the caller runs the model on this one.
+    On a CPU only the exported-model engines prefetch: PyTorch's own threads lose more to a
+    third thread taking a core than the overlap gains (docs/performance.md)."""
+    resize = create_resize(image_size)
+    chunks = [list(range(start, min(start + batch_size, len(samples)))) for start in range(0, len(samples), batch_size)]
+    if workers > 0 and len(chunks) > 1:
+        loader = torch.utils.data.DataLoader(_Chunks(samples, chunks, resize, options), batch_size=None, shuffle=False,
+                                             num_workers=min(workers, len(chunks)), pin_memory=pin_memory)
+        for done, x, bad in loader:
+            if bad and not skip_bad:
+                raise BadImageError(bad[0]["path"], bad[0]["error"])
+            yield done, x, bad
+        return
+    if not prefetch or len(chunks) < 2:
+        for chunk in chunks:
+            yield _decode(samples, chunk, resize, options, skip_bad)
+        return
+    # One batch ahead only (Executor.map would read them all at once).
+    with ThreadPoolExecutor(1, thread_name_prefix="bonetumor-decode") as pool:
+        pending = pool.submit(_decode, samples, chunks[0], resize, options, skip_bad)
+        for following in chunks[1:] + [None]:
+            batch = pending.result()
+            if following is not None:
+                pending = pool.submit(_decode, samples, following, resize, options, skip_bad)
+            yield batch
+
+
+def model_input(x: torch.Tensor, device: torch.device, mean, std,
+                memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """A batch from ``read_batches`` on ``device``, three channels, normalised as
+    ``create_transforms`` normalises in training, in ``memory_format`` (channels_last for
+    PyTorch's convolutions; the exported-model engines take plain NCHW)."""
+    x = x.to(device, non_blocking=True)
+    x = normalize(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, list(mean), list(std))
+    return x.contiguous(memory_format=memory_format)
+
+
+def score_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
+                  precision: str = "fp32", run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
+                  prefetch: bool = False, options: ReadOptions | None = None) -> Iterator[tuple[list[int], torch.Tensor | None, list[dict]]]:
+    """The model's logits for ``samples``, a batch at a time: (indices scored, their logits
+    (N, outputs) on the CPU, or None, rows of unreadable files). ``run``: the model's compiled
+    form, if any; ``precision`` auto is resolved on the first batch (see ``Forward``);
+    ``options``: how to read the files (default: as the model's training read its own)."""
+    memory_format = getattr(ck.model, "input_memory_format", torch.channels_last)
+    batches = read_batches(samples, batch_size, ck.image_size, options or ck.read_options, skip_bad, workers, prefetch,
+                           pin_memory=device.type == "cuda")
+    with Forward(ck.model, device, precision, run, ck.task.probabilities) as forward:
+        for done, x, bad in batches:
+            logits = None if x is None else forward(model_input(x, device, ck.mean, ck.std, memory_format)).cpu()
+            yield done, logits, bad
+
+
+def prediction_rows(ck: LoadedCheckpoint, samples: Sequence[Sample], probs: torch.Tensor) -> list[dict]:
+    """A row per sample: path, slice, study, its probability (or class probabilities) and label."""
+    rows = []
+    for s, p in zip(samples, probs.tolist()):
+        row = {"path": s.path, "slice": s.frame, "study": s.study, **ck.task.probability_fields(p, digits=6),
+               "label": ck.label_for(p)}
+        if ck.task.binary:
+            row["threshold"] = ck.threshold
+        rows.append(row)
+    return rows
+
+
+def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
+                  precision: str = "fp32", run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
+                  prefetch: bool = False, options: ReadOptions | None = None) -> list[dict]:
+    """``prediction_rows`` for ``samples`` in their order, with a row naming each unreadable
+    file (``skip_bad``) where it stood (see ``score_batches`` for the arguments)."""
+    rows: list[dict] = []
+    for done, logits, bad in score_batches(ck, samples, device, batch_size, precision, run, skip_bad, workers,
+                                           prefetch, options):
+        rows += bad
+        if logits is not None:
+            rows += prediction_rows(ck, [samples[i] for i in done], ck.task.probabilities(logits))
+    return rows
+
+
+def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int,
+                    workers: int = 0) -> Predictions:
+    """The model's probabilities (fp32) for labelled ``samples``, in their order, with their targets."""
+    index = {c: i for i, c in enumerate(ck.classes)}
+    logits = [x for _, x, _ in score_batches(ck, samples, device, batch_size, workers=workers)]
+    out = torch.cat(logits) if logits else torch.zeros(0, ck.task.n_outputs)
+    return Predictions(ck.task, ck.task.probabilities(out).numpy(), np.array([index[s.label] for s in samples], dtype=int),
+                       np.arange(len(samples)), logits=ck.task.scores(out).numpy())
+
+
+@torch.inference_mode()
+def score_loader(forward: Forward, loader, task: Task, loss_fn=None) -> Predictions:
+    """``forward`` over every (inputs, targets, indices) batch of ``loader`` (already
+    transformed images, or cached features); the mean loss too, when ``loss_fn`` is given."""
+    probs, targets, indices, raw, total = [], [], [], [], 0.0
+    for x, y, idx in loader:
+        logits = forward(to_device(x, forward.device))
+        if loss_fn is not None:
+            total += loss_fn(logits, task.loss_target(logits, y.to(forward.device))).item() * len(y)
+        probs.append(task.probabilities(logits).cpu().numpy())
+        raw.append(task.scores(logits).cpu().numpy())
+        targets.append(y.numpy())
+        indices.append(np.asarray(idx))
+    n = sum(len(t) for t in targets)
+    cat = (lambda a: np.concatenate(a) if a else np.zeros(0))  # noqa: E731
+    return Predictions(task, cat(probs), cat(targets).astype(int), cat(indices).astype(int),
+                       total / n if n else float("nan"), cat(raw))

@@ -1,0 +1,211 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` (a file never runs code)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
+from bonetumor.data.pixels import ReadOptions
+from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from bonetumor.errors import BonetumorError, first_line
+from bonetumor.files import atomic_path
+from bonetumor.model.backbones import create_model
+from bonetumor.model.serialization import (
+    FORMAT,
+    FORMAT_VERSION,
+    is_bonetumor_checkpoint,
+    read_torch_file,
+)
+from bonetumor.task import Task
+
+__all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint",
+           "checkpoint_payload", "update_checkpoint", "write_checkpoint"]
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
+                    optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
+                    epoch: int = 0, threshold: float = 0.5, extra: dict | None = None) -> None:
+    """Write everything needed to predict, evaluate or resume, atomically.
+
+    Holds: model weights, optimizer state, epoch, config, class names, image size,
+    normalisation and the decision threshold (plus ``extra``: history, early-stopping state).
+    """
+    write_checkpoint(path, checkpoint_payload(model, cfg, classes, optimizer=optimizer, scaler_state=scaler_state,
+                                              epoch=epoch, threshold=threshold, extra=extra, copy=False))
+
+
+def checkpoint_payload(model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
+                       optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
+                       epoch: int = 0, threshold: float = 0.5, extra: dict | None = None, copy: bool = True) -> dict:
+    """The content of a checkpoint, for ``write_checkpoint``; with ``copy`` a snapshot on the CPU
+    that later training steps leave unchanged (so the best epoch can be written later). Frozen
+    modules' tensors cannot change, so the snapshot shares them instead of copying 94 MB."""
+    frozen = _frozen_tensor_names(model) if copy else set()
+    weights = {k: v.detach() if k in frozen and v.device.type == "cpu" else _cpu(v, copy)
+               for k, v in model.state_dict().items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": weights,
+        "optimizer": _cpu(optimizer.state_dict(), copy) if optimizer is not None else None,
+        "scaler": _cpu(scaler_state, copy),
+        "epoch": int(epoch),
+        "config": config_to_dict(cfg),
+        "classes": list(classes),
+        "backbone": cfg.backbone,
+        "image_size": int(cfg.image_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "threshold": float(threshold),
+        "extra": _cpu(extra or {}, copy),
+    }
+
+
+def snapshot_bytes(model: torch.nn.Module) -> int:
+    """Bytes a snapshot (``checkpoint_payload`` with ``copy``) of ``model`` copies: its tensors
+    outside frozen modules."""
+    frozen = _frozen_tensor_names(model)
+    return sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in frozen)
+
+
+def _frozen_tensor_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters and buffers of modules whose parameters are all frozen
+    (their BatchNorm statistics stay fixed too: see Classifier.train)."""
+    names = set()
+    for prefix, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            dot = f"{prefix}." if prefix else ""
+            names.update(dot + n for n, _ in m.named_parameters(recurse=False))
+            names.update(dot + n for n, b in m.named_buffers(recurse=False) if b is not None)
+    return names
+
+
+def _cpu(obj, copy: bool):
+    """``obj`` with every tensor on the CPU (copied, with ``copy``) and containers rebuilt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=copy)
+    if isinstance(obj, dict):
+        return {k: _cpu(v, copy) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v, copy) for v in obj)
+    return obj
+
+
+def write_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` (from ``checkpoint_payload``) atomically, with the digest of its weights."""
+    _write(path, sealed(payload))
+
+
+def sealed(payload: dict) -> dict:
+    """``payload`` with the digest of its weights, as checkpoints are written."""
+    return {**payload, "model_sha256": weights_digest(payload["model"])}
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of a state dict, in order.
+
+    torch's archive reader does not check its members, so altered weight bytes would load
+    silently; this digest, saved beside them, makes such a file refused.
+    """
+    h = hashlib.sha256()
+    for k, t in state.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def update_checkpoint(path: str | Path, fields: dict, raw: dict | None = None) -> None:
+    """Rewrite a checkpoint with some entries set (e.g. the threshold chosen after training),
+    atomically; ``raw`` is its already-read content, if at hand."""
+    _write(path, {**(raw if raw is not None else read_torch_file(path)), **fields})
+
+
+def _write(path: str | Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for inference plus what the checkpoint says about it."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    threshold: float
+    epoch: int
+    raw: dict
+
+    @property
+    def read_options(self) -> ReadOptions:
+        """How the model's training read its images (window, slice axis), to read new ones alike."""
+        return self.config.read_options
+
+    @property
+    def task(self) -> Task:
+        """What the model's outputs mean for its classes."""
+        return Task.of(self.classes)
+
+    @property
+    def positive_class(self) -> str:
+        """The class whose probability a binary model outputs."""
+        return self.classes[-1]
+
+    def label_for(self, prob) -> str:
+        """The predicted class: P(positive) >= threshold for binary models, else the most probable class."""
+        return self.task.label(prob, self.threshold)
+
+
+def _read_checked(path: str | Path) -> dict:
+    """A checkpoint file's contents, refused unless bonetumor wrote it in a format it reads."""
+    obj = read_torch_file(path)
+    if not is_bonetumor_checkpoint(obj):
+        raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise BonetumorError(f"{path}: written by a newer bonetumor (format {obj['format_version']}); upgrade")
+    return obj
+
+
+def checkpoint_config(path: str | Path) -> TrainConfig:
+    """A checkpoint's training config, read without building its model (a fraction of the time).
+
+    Raises:
+        BonetumorError: missing, foreign, too new or incomplete file.
+    """
+    obj = _read_checked(path)
+    try:
+        return config_from_dict(obj["config"])
+    except (KeyError, TypeError) as e:
+        raise BonetumorError(f"{path}: checkpoint is incomplete ({first_line(e, 160)})") from None
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Load a bonetumor checkpoint and rebuild its model (eval mode) on ``device``.
+
+    Raises:
+        BonetumorError: missing, foreign, tampered or incompatible file.
+    """
+    obj = _read_checked(path)
+    if "model_sha256" in obj and isinstance(obj.get("model"), dict) and weights_digest(obj["model"]) != obj["model_sha256"]:
+        raise BonetumorError(f"{path}: the weights do not match their checksum; the file was altered or damaged")
+    try:
+        cfg = config_from_dict(obj["config"])
+        classes = list(obj["classes"])
+        model = create_model(cfg.backbone, "none", "backbone", (), Task.of(classes).n_outputs, cfg.hidden,
+                             cfg.dropout, cfg.output_stride)
+        model.load_state_dict(obj["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({first_line(e, 160)})") from None
+    model.temperature = float(obj.get("temperature", 1.0))
+    model.to(device).to(memory_format=torch.channels_last).eval()  # as inputs are: no layout reorders per call
+    norm = obj.get("normalization", {})
+    return LoadedCheckpoint(model, cfg, classes, int(obj["image_size"]), tuple(norm.get("mean", ())),
+                            tuple(norm.get("std", ())), float(obj.get("threshold", 0.5)), int(obj.get("epoch", 0)), obj)

@@ -1,0 +1,157 @@
+"""The training loop: ``fit(cfg, out)`` from the first epoch to the operating point.
+
+Adam, (binary) cross-entropy on logits, early stopping on validation loss with the best weights
+kept, checkpoints written atomically (train/checkpointer.py), and ``--resume``. Each epoch
+reseeds the shuffling, augmentation and dropout from (seed, epoch), so a resumed run repeats
+the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.progress import track
+
+from bonetumor.config import TrainConfig
+from bonetumor.data.samples import DatasetIndex
+from bonetumor.errors import BonetumorError
+from bonetumor.evaluate.calibration import operating_point
+from bonetumor.evaluate.figures import plot_curves
+from bonetumor.evaluate.metrics import binary_auc
+from bonetumor.inference import Predictions, score_loader
+from bonetumor.rundir import RunDir
+from bonetumor.runtime.batchnorm import folded_batchnorm
+from bonetumor.runtime.device import release_free_memory, to_device
+from bonetumor.runtime.forward import Forward
+from bonetumor.runtime.precision import autocast
+from bonetumor.train.batches import BatchSource, create_batch_source
+from bonetumor.train.checkpointer import Checkpointer
+from bonetumor.train.setup import TrainingRun, console, lr_at_epoch, start_run
+
+HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
+
+
+@dataclass
+class FitResult:
+    """What a finished run left behind."""
+
+    run_dir: Path
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, resume: bool = False,
+        verbose: bool = True, index: DatasetIndex | None = None) -> FitResult:
+    """Train a model as ``cfg`` says and write the run folder ``out``.
+
+    ``index`` (samples with their splits already set, as cross-validation makes them) replaces
+    finding the data from ``cfg``.
+
+    Raises:
+        BonetumorError: bad data, options or run folder (a one-line message).
+    """
+    run = out if isinstance(out, RunDir) else RunDir(out)
+    r = start_run(cfg, run, overwrite, resume, verbose, index)
+    cfg, progress = r.cfg, r.progress
+    source = create_batch_source(r.model, r.index, cfg, r.device, verbose and console.is_terminal)
+    if verbose and source.summary:
+        console.print(source.summary)
+    checkpointer = Checkpointer(run, r.model, cfg, r.index.classes, cfg.checkpoint_seconds)
+    best_val = None
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        if progress.stopped:
+            break
+        t0 = time.perf_counter()
+        source.set_epoch(epoch, cfg.seed)
+        lr = lr_at_epoch(cfg, epoch)
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr
+        with folded_batchnorm(source.net):
+            tr_loss, tr_acc = train_one_epoch(r, source, f"epoch {epoch}/{cfg.epochs}", verbose)
+            val = validate(r, source)
+        row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
+               "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
+               "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if r.task.binary else "",
+               "lr": float(f"{lr:.6g}"), "seconds": round(time.perf_counter() - t0, 2)}
+        improved = progress.record(row, val.loss)
+        best_val = val if improved else best_val
+        checkpointer.epoch_end(epoch, improved, progress.stopped or epoch == cfg.epochs, r.optimizer, r.scaler,
+                               progress.saved())
+        run.write_csv(RunDir.HISTORY, HISTORY_FIELDS, progress.history)
+        release_free_memory()
+        if verbose:
+            _print_epoch(row, improved)
+    if verbose and progress.stopped:
+        console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {progress.best_epoch}")
+    run.save_figure(RunDir.CURVES, plot_curves(progress.history))
+    if checkpointer.has_best:
+        _set_operating_point(r, source, checkpointer, best_val, verbose)
+    return FitResult(run.path, progress.best_epoch, progress.best_loss, progress.history, progress.stopped)
+
+
+def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train", verbose: bool = True) -> tuple[float, float]:
+    """One pass over the training batches (in the run's precision); returns (mean loss, accuracy)."""
+    net, device, task = source.net, r.device, r.task
+    net.train()
+    total, n, correct = 0.0, 0, 0
+    context = autocast(r.cfg.precision, device)
+    for x, y, _ in track(source.train, description=desc, transient=True, disable=not (verbose and console.is_terminal),
+                         console=console):
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        with context:
+            logits = net(x)
+            loss = r.loss_fn(logits.float(), task.loss_target(logits, y))
+        r.optimizer.zero_grad(set_to_none=True)
+        if r.scaler is not None:  # fp16 needs loss scaling; bf16 has fp32's range and does not
+            r.scaler.scale(loss).backward()
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
+        else:
+            loss.backward()
+            r.optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise BonetumorError("training loss became NaN/inf; lower --lr")
+        total += loss.item() * len(y)
+        n += len(y)
+        correct += (task.predicted(logits) == y).sum().item()
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def validate(r: TrainingRun, source: BatchSource, loss: bool = True) -> Predictions:
+    """The network's predictions (and mean loss) on the validation batches."""
+    with Forward(source.net, r.device, r.cfg.precision) as forward:
+        return score_loader(forward, source.valid, r.task, r.loss_fn if loss else None)
+
+
+def _set_operating_point(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer, best_val: Predictions | None,
+                         verbose: bool) -> None:
+    """Choose the threshold (and temperature) on the best epoch's validation logits and store it
+    in best.pt and operating_point.json."""
+    cfg = r.cfg
+    if best_val is None:  # resumed after its best epoch: that epoch's logits, again, from its weights
+        r.model.load_state_dict(checkpointer.best_weights())
+        best_val = validate(r, source, loss=False)
+    op = operating_point(best_val.logits, best_val.targets, cfg.threshold_rule, cfg.calibrate, cfg.precision)
+    checkpointer.finish({"threshold": float(op["threshold"]), "temperature": float(op.get("temperature", 1.0)),
+                         "operating_point": op})
+    r.run.write_json(RunDir.OPERATING_POINT, op)
+    if verbose:
+        t = op.get("temperature")
+        console.print(f"operating point ({cfg.threshold_rule}, on validation): threshold {op['threshold']:.4f}"
+                      + (f"; temperature {t:.3f}, ECE {op['ece_before']:.4f} -> {op['ece_after']:.4f}" if t else ""))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "-"
+
+
+def _print_epoch(row: dict, improved: bool) -> None:
+    console.print(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.3f}  "
+                  f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.3f}  val_auc {_fmt(row['val_roc_auc'])}  "
+                  f"{row['seconds']:.1f}s{'  *' if improved else ''}")
+

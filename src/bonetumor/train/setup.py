@@ -1,0 +1,290 @@
+"""Everything a training run needs before its first epoch, checked before its folder is touched.
+
+``start_run`` resolves the config (from ``last.pt`` when resuming), finds and checks the data,
+builds the model, refuses a full disk or an unwritable folder, audits the data, chooses the
+precision, and writes the run record (config, environment, data fingerprint, splits).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
+from bonetumor.data.audit import audit, leakage_summary, scan
+from bonetumor.data.layouts import check_files, discover, fingerprint
+from bonetumor.data.samples import DatasetIndex
+from bonetumor.data.splits import assign_splits
+from bonetumor.errors import BonetumorError, LeakageWarning
+from bonetumor.files import check_free_space
+from bonetumor.model.backbones import count_parameters, create_model
+from bonetumor.model.serialization import read_torch_file
+from bonetumor.rundir import RunDir
+from bonetumor.runtime.batchnorm import resolve_bn_statistics
+from bonetumor.runtime.device import (
+    environment_info,
+    seed_everything,
+    select_device,
+    to_device,
+)
+from bonetumor.runtime.precision import autocast_dtype, resolve_precision
+from bonetumor.task import Task
+
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: its history, the best epoch so far, and early stopping's count."""
+
+    patience: int
+    epoch: int = 0  # the last epoch done
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    @classmethod
+    def restored(cls, patience: int, state: dict) -> "Progress":
+        """The progress saved in ``last.pt``."""
+        ex = state["extra"]
+        return cls(patience, state["epoch"], ex["history"], ex["best_val_loss"], ex["best_epoch"], ex["bad_epochs"])
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def record(self, row: dict, val_loss: float) -> bool:
+        """Add an epoch's row; True when its validation loss is the best yet."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        improved = val_loss < self.best_loss - 1e-7
+        if improved:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def saved(self) -> dict:
+        """What ``last.pt`` keeps of it (``restored`` reads it back)."""
+        return {"history": self.history, "best_val_loss": self.best_loss, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+
+@dataclass
+class TrainingRun:
+    """A run ready for its first epoch."""
+
+    cfg: TrainConfig
+    run: RunDir
+    device: torch.device
+    index: DatasetIndex
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    progress: Progress
+
+
+def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetIndex:
+    """Discover samples and give each a split (files are not decoded yet)."""
+    index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes,
+                     options=cfg.read_options)
+    index.samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    require_every_class(index)
+    return index
+
+
+def require_every_class(index: DatasetIndex) -> None:
+    """Training and validation need every class (the loss, early stopping and the threshold do)."""
+    for split in ("train", "valid"):
+        labels = {s.label for s in index.split(split)}
+        if len(labels) < len(index.classes):
+            raise BonetumorError(f"the {split} split holds only {sorted(labels) or 'no'} images; it needs every class")
+
+
+def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None] | None = None) -> list[tuple[str, str]]:
+    """Decode every file once to catch bad ones before training (or use ``problems`` from a
+    decoding pass already made); returns the skipped ones."""
+    index.samples, skipped = check_files(index.samples, cfg.skip_bad_files, workers=os.cpu_count() or 2,
+                                         problems=problems, options=index.options)
+    require_every_class(index)  # again: skipped files may have removed a class
+    return skipped
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Size of a checkpoint of ``model``: its weights, plus Adam's two moments per trainable weight."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return total + 2 * trainable
+
+
+def create_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, fused (one kernel over all parameters) on CPU and CUDA where this torch has it:
+    the same update rule, in fewer passes over the weights."""
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # older torch: no fused Adam on this device
+            pass
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for ``epoch`` (1-based): constant, or a cosine decay to 1% over ``cfg.epochs``.
+
+    A pure function of the epoch, not a scheduler object, so that a resumed run needs no
+    scheduler state to follow the same curve.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = (epoch - 1) / max(cfg.epochs - 1, 1)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _resumed_config(cfg: TrainConfig, run: RunDir) -> tuple[TrainConfig, dict]:
+    """The config a run was saved with (its epochs, device and workers from ``cfg``) and last.pt."""
+    if not run.has(RunDir.LAST):
+        raise BonetumorError(f"{run.path}/{RunDir.LAST} not found: nothing to resume")
+    state = read_torch_file(run / RunDir.LAST)
+    saved = config_from_dict(state["config"])
+    # A run saved before --bn-statistics existed trained with batch statistics.
+    saved.bn_statistics = state["config"].get("bn_statistics", "batch")
+    saved.epochs, saved.device, saved.workers = cfg.epochs, cfg.device, cfg.workers
+    return saved, state
+
+
+def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: nn.Module) -> tuple[list, list | None]:
+    """Refuse an unwritable folder or a full disk, then decode every file once: for the bad-file
+    check and, when it runs, the audit. Returns (files skipped, the kept samples' audit facts)."""
+    run.check_writable()
+    # best.pt and last.pt, each briefly twice while replaced atomically, plus plots and records.
+    check_free_space(run.path, 3 * checkpoint_bytes(model) + 50 * 2**20, "a training run")
+    facts = None
+    if cfg.audit and not run.has(RunDir.AUDIT):
+        facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=index.options)))
+    skipped = check_data(index, cfg, [facts[s.ref].error for s in index.samples] if facts else None)
+    return skipped, [facts[s.ref] for s in index.samples] if facts is not None else None
+
+
+def audit_data(index: DatasetIndex, run: RunDir, verbose: bool = True, facts: list | None = None) -> dict:
+    """Run the leakage audit on the splits about to be used (``facts``: their scan, if made);
+    write ``audit.json`` and warn, never silently, when a split shares images or patients."""
+    report = audit(index, facts=facts)
+    run.write_json(RunDir.AUDIT, report)
+    summary = leakage_summary(report)
+    if summary:
+        msg = f"leakage in the data: {summary}; validation and test scores will be optimistic (see {run / RunDir.AUDIT})"
+        if verbose:
+            console.print(f"[bold yellow]warning:[/] {msg}")
+        else:
+            warnings.warn(msg, LeakageWarning, stacklevel=3)
+    return report
+
+
+def write_run_record(run: RunDir, cfg: TrainConfig, index: DatasetIndex, skipped, device: torch.device) -> None:
+    """The run's config, environment, data record (with its fingerprint) and splits."""
+    run.write_yaml(RunDir.CONFIG, config_to_dict(cfg))
+    run.write_json(RunDir.ENVIRONMENT, environment_info(device))
+    run.write_json(RunDir.DATA, {
+        "layout": index.layout, "root": index.root, "classes": index.classes,
+        "positive_class": index.classes[-1] if len(index.classes) == 2 else None,
+        "split_level": index.split_level, "counts": index.counts(), "fingerprint": fingerprint(index.samples, index.root),
+        "skipped_files": len(skipped), "ignored_non_image_files": len(index.ignored_files),
+    })
+    run.write_csv(RunDir.SPLITS, ["path", "slice", "study", "label", "patient_id", "split"],
+                  ({"path": s.path, "slice": "" if s.frame is None else s.frame, "study": s.study or "",
+                    "label": s.label, "patient_id": s.patient_id or "", "split": s.split} for s in index.samples))
+    if skipped:
+        run.write_csv(RunDir.SKIPPED, ["path", "problem"], ({"path": p, "problem": why} for p, why in skipped))
+
+
+def choose_training_precision(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device,
+                              task: Task) -> dict:
+    """Resolve ``cfg.precision`` (``auto``: see runtime/precision.py) on the first validation
+    batch; the choice is recorded in ``precision.json`` beside the config that then holds it."""
+    from bonetumor.train.batches import create_loader
+
+    x = None
+    if cfg.precision == "auto" and index.split("valid"):
+        x, _, _ = next(iter(create_loader(index, "valid", replace(cfg, batch_size=min(cfg.batch_size, 16)), False, device)))
+        x = to_device(x, device)
+    return resolve_precision(cfg.precision, model, x, device, task.probabilities)
+
+
+def _choose_precision(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device, task: Task,
+                      run: RunDir, verbose: bool) -> TrainConfig:
+    """``cfg`` with its precision resolved (saved with the run, so ``--resume`` keeps it)."""
+    precision = choose_training_precision(model, index, cfg, device, task)
+    run.write_json(RunDir.PRECISION, precision)
+    if verbose and precision["requested"] == "auto" and "max_abs_diff_probability" in precision:
+        console.print(f"precision auto: {precision['chosen']} ({precision['candidate']} vs fp32 on {precision['n']} "
+                      f"validation images: max |Δ probability| {precision['max_abs_diff_probability']:.4f}, "
+                      f"limit {precision['tolerance']})")
+    return replace(cfg, precision=precision["chosen"])
+
+
+def create_loss(index: DatasetIndex, cfg: TrainConfig, device: torch.device, task: Task) -> nn.Module:
+    """The task's loss on ``device``; with ``cfg.class_balanced`` weighted by the training split's class counts."""
+    counts = [sum(s.label == c for s in index.split("train")) for c in index.classes]
+    return task.create_loss(counts if cfg.class_balanced else None).to(device)
+
+
+def _print_setup(cfg: TrainConfig, index: DatasetIndex, model: nn.Module, device: torch.device) -> None:
+    tr, tot = count_parameters(model)
+    dtype = autocast_dtype(cfg.precision, device)
+    console.print(f"data: {index.layout} layout, classes {index.classes}, counts {index.counts()}, "
+                  f"{index.split_level}-level splits")
+    console.print(f"model: {cfg.backbone} ({cfg.weights} weights), {tr:,} of {tot:,} parameters trainable; device {device}, "
+                  f"{'fp32' if dtype is None else str(dtype).split('.')[-1]} compute")
+
+
+def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bool = False, verbose: bool = True,
+              index: DatasetIndex | None = None) -> TrainingRun:
+    """Everything checked and made for the first epoch (see the module docstring); ``index``:
+    samples with their splits already set (cross-validation's folds) instead of finding them."""
+    state = None
+    if resume:
+        cfg, state = _resumed_config(cfg, run)
+    cfg.validate()
+    # Resolved before anything is saved, so the run records (and --resume keeps) what it trained with.
+    cfg = replace(cfg, bn_statistics=resolve_bn_statistics(cfg.bn_statistics, cfg.weights))
+    device = select_device(cfg.device)
+    run.refuse_existing(overwrite, resume)
+    seed_everything(cfg.seed)
+    index = index if index is not None else prepare_data(cfg, state["classes"] if state else None)
+    task = Task.of(index.classes)
+    # The model (and its weights) come before the file scan, so a weights problem shows at once.
+    model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, task.n_outputs,
+                         cfg.hidden, cfg.dropout, cfg.output_stride)
+    skipped, facts = _scan_and_check(run, cfg, index, model)
+    RunDir.create(run, overwrite, resume)  # only now, with data and weights known to be usable
+    if skipped and verbose:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / RunDir.SKIPPED}")
+    if facts is not None:
+        audit_data(index, run, verbose, facts)
+    model.to(device).to(memory_format=torch.channels_last)
+    model.recompute_stages, model.bn_statistics = cfg.recompute_stages, cfg.bn_statistics
+    if not state:  # a resumed run keeps the precision its first epoch chose
+        cfg = _choose_precision(model, index, cfg, device, task, run, verbose)
+    optimizer = create_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype(cfg.precision, device) == torch.float16 else None
+    loss_fn = create_loss(index, cfg, device, task)
+    progress = Progress(cfg.patience)
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        progress = Progress.restored(cfg.patience, state)
+    write_run_record(run, cfg, index, skipped, device)
+    if verbose:
+        _print_setup(cfg, index, model, device)
+    return TrainingRun(cfg, run, device, index, task, model, optimizer, scaler, loss_fn, progress)
