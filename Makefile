@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench docs install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+docs: $(STAMP)
+	$(BIN)/python -c "from bonetumor.config import options_markdown; print(options_markdown())" > docs/options.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/resnet50_throughput.py

@@ -106,3 +106,36 @@ def test_fetch_weights_offline_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     code, out = _run("fetch-weights", "--backbone", "densenet121")
     assert code == 2 and "densenet121" in out and "--weights PATH" in out and "Traceback" not in out
+
+
+def test_train_and_cv_take_every_config_option_as_a_flag():
+    import typer
+
+    from bonetumor.config import options
+
+    commands = typer.main.get_command(app).commands
+    for name in ("train", "cv"):
+        params = {p.name for p in commands[name].params}
+        assert {f.name for f, opt in options() if opt.cli} <= params, name
+    code, out = _run("train", "--help")
+    assert code == 0 and all(title in out for title in ("Data", "Reading and preprocessing", "Model", "Optimisation",
+                                                        "Runtime", "Output"))
+
+
+@pytest.mark.parametrize("command,args,needle", [
+    ("train", ["--zoom-min", "1.2", "--zoom-max", "1.1"], "--zoom-min must not exceed --zoom-max"),
+    ("train", ["--dropout", "1.5"], "--dropout must be in [0, 1), not 1.5"),
+    ("cv", ["--lr", "-1"], "--lr must be positive, not -1.0"),
+    ("cv", ["--no-hflip", "--lr-schedule", "step"], "--lr-schedule must be constant or cosine, not 'step'"),
+])
+def test_config_flags_reach_the_config(tmp_path, tiny_data, command, args, needle):
+    code, out = _run(command, tiny_data, "--out", tmp_path / "r", *args)
+    assert code == 2 and needle in out and not (tmp_path / "r").exists()
+
+
+def test_flags_override_the_yaml_file_and_lists_split_on_commas(tmp_path):
+    from bonetumor.config import load_config
+
+    (tmp_path / "c.yaml").write_text("hflip: false\nunfreeze: [layer3]\nepochs: 3\n")
+    cfg = load_config(tmp_path / "c.yaml", {"hflip": True, "unfreeze": "layer4, layer2", "epochs": None})
+    assert cfg.hflip is True and cfg.unfreeze == ["layer4", "layer2"] and cfg.epochs == 3

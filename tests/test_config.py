@@ -46,3 +46,43 @@ def test_validate_rejects_impossible_values(kw):
     c = TrainConfig(**{"data": "x", **kw})
     with pytest.raises(BonetumorError):
         c.validate()
+
+
+def test_docs_options_table_is_made_from_the_schema():
+    from pathlib import Path
+
+    from bonetumor.config import options, options_markdown
+
+    docs = Path(__file__).parents[1] / "docs" / "options.md"
+    assert docs.read_text() == options_markdown() + "\n", "docs/options.md is out of date: run make docs"
+    for f, opt in options():  # every field, its key and its default are in the table
+        assert f"`{f.name}`" in docs.read_text() and opt.help.split(" ")[0] in docs.read_text()
+
+
+def test_every_backbone_is_named_in_the_backbone_option():
+    from dataclasses import fields
+
+    from bonetumor.model.backbones import BACKBONES
+
+    help_text = next(f for f in fields(TrainConfig) if f.name == "backbone").metadata["option"].help
+    assert all(name in help_text for name in BACKBONES)
+
+
+@pytest.mark.parametrize("name,bad", [("freeze", "all"), ("lr_schedule", "step"), ("precision", "fp8"),
+                                      ("compile", "yes"), ("bn_statistics", "running"), ("output_stride", 4),
+                                      ("slice_axis", 3)])
+def test_values_outside_the_choices_are_refused_naming_the_flag_and_the_choices(name, bad):
+    from dataclasses import fields
+
+    choices = next(f for f in fields(TrainConfig) if f.name == name).metadata["option"].choices
+    with pytest.raises(BonetumorError, match=rf"--{name.replace('_', '-')} must be .*{choices[-1]}, not {bad!r}"):
+        TrainConfig(data="x", **{name: bad}).validate()
+
+
+@pytest.mark.parametrize("kw,msg", [({"dropout": 1.5}, "--dropout must be in \\[0, 1\\), not 1.5"),
+                                    ({"workers": -1}, "--workers must be 0 or more"),
+                                    ({"zoom_min": 1.2}, "--zoom-min must not exceed --zoom-max"),
+                                    ({"recompute_stages": 6}, "--recompute-stages must be 0 to 5, not 6")])
+def test_range_checks_come_from_the_schema(kw, msg):
+    with pytest.raises(BonetumorError, match=msg):
+        TrainConfig(data="x", **kw).validate()

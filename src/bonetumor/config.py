@@ -1,11 +1,19 @@
-"""Run configuration: defaults < YAML file < command-line flags, saved in every run folder."""
+"""Run configuration: one schema, grouped; defaults < YAML file < command-line flags.
+
+Every field of ``TrainConfig`` carries its help text, group, allowed values and checks
+(``option``). From that one schema come the YAML keys (``load_config``), validation
+(``TrainConfig.validate``), the options of ``train`` and ``cv`` (cli/options.py) and the options
+table of the docs (``options_markdown``: ``make docs`` writes docs/options.md, and a test fails
+while it is out of date), so that they cannot drift apart.
+The resolved config is saved as ``config.yaml`` in every run folder and inside its checkpoints.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -13,7 +21,150 @@ from bonetumor.data.pixels import ReadOptions, parse_window
 from bonetumor.errors import BonetumorError, first_line
 from bonetumor.files import atomic_write_text
 
+GROUPS = {"data": "Data", "read": "Reading and preprocessing", "model": "Model", "optimisation": "Optimisation",
+          "runtime": "Runtime", "output": "Output"}
 THRESHOLD_RULES = ("youden", "sensitivity:X", "specificity:X", "fixed:X")
+WINDOW_HELP = "CENTRE,WIDTH in stored units (e.g. 40,400 Hounsfield) or pLOW,pHIGH percentiles (e.g. p1,p99)."
+WINDOW_DEFAULT = "the file's own (DICOM header, NIfTI 0.5-99.5 percentiles)"
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the schema knows of one field besides its type and default."""
+
+    help: str
+    group: str
+    choices: tuple | None = None  # the only values allowed
+    rule: str | None = None  # what ``check`` requires, in words ("at least 1")
+    check: Callable[[Any], bool] | None = None
+    cli: bool = True  # a flag of train and cv (``data`` is their argument instead)
+    default_text: str | None = None  # how the default reads in help, when not its value
+
+    def flag(self, name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+
+def option(default: Any = None, *, help: str, group: str, factory: Callable | None = None, **kw) -> Any:
+    """A ``TrainConfig`` field with its ``Option``."""
+    meta = {"option": Option(help, group, **kw)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(n):
+    return {"rule": f"at least {n}", "check": lambda v: v >= n}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Saved as ``config.yaml`` in the run folder."""
+
+    # Data
+    data: str | None = option(help="Data folder (any supported layout).", group="data", cli=False)
+    manifest: str | None = option(help="CSV with path,label[,patient_id][,split][,mask_path].", group="data")
+    train_dir: str | None = option(help="Training folder of <class>/ subfolders.", group="data")
+    val_dir: str | None = option(help="Validation folder of <class>/ subfolders.", group="data")
+    test_dir: str | None = option(help="Test folder of <class>/ subfolders.", group="data")
+    positive_class: str | None = option(help="Positive class when none is named 'cancer'.", group="data",
+                                        default_text="the class named cancer")
+    val_fraction: float = option(0.15, help="Validation share when the tool splits.", group="data",
+                                 rule="in (0, 1)", check=lambda v: 0 < v < 1)
+    test_fraction: float = option(0.15, help="Test share when the tool splits (0 for none).", group="data",
+                                  rule="in [0, 1)", check=lambda v: 0 <= v < 1)
+    skip_bad_files: bool = option(False, help="List unreadable files with their problem instead of stopping.",
+                                  group="data")
+    audit: bool = option(True, help="Leakage audit before training (audit.json in the run folder).", group="data")
+    # Reading and preprocessing (see data/pixels.py): kept with the model, so prediction reads alike
+    window: str | None = option(help=WINDOW_HELP, group="read", default_text=WINDOW_DEFAULT)
+    slice_axis: int = option(2, help="NIfTI axis to slice across (2 = axial in RAS).", group="read", choices=(0, 1, 2))
+    allow_large_images: bool = option(False, help="Read images above Pillow's decompression-bomb limit.", group="read")
+    image_size: int = option(224, help="Side of the square model input in pixels.", group="read", **_at_least(32))
+    hflip: bool = option(True, help="Training augmentation: random horizontal flip.", group="read")
+    rotate_degrees: float = option(15.0, help="Training augmentation: random rotation up to ± this.", group="read",
+                                   **_at_least(0))
+    zoom_min: float = option(0.9, help="Training augmentation: smallest random zoom.", group="read", **_at_least(0.01))
+    zoom_max: float = option(1.1, help="Training augmentation: largest random zoom.", group="read", **_at_least(0.01))
+    # Model
+    backbone: str = option("resnet50", help="resnet50, densenet121 or efficientnet_b0 (torchvision).", group="model")
+    weights: str = option("imagenet", help="imagenet (torchvision's weights API), none (random) or a weights or "
+                          "checkpoint file.", group="model")
+    freeze: str = option("backbone", help="backbone (train the head only) or none (train everything).", group="model",
+                         choices=("backbone", "none"))
+    unfreeze: list[str] = option(help="Backbone blocks to fine-tune even when frozen, e.g. layer4,layer3.", group="model",
+                                 factory=list, default_text="none")
+    dropout: float = option(0.5, help="Dropout before the head's last layer.", group="model",
+                            rule="in [0, 1)", check=lambda v: 0 <= v < 1)
+    hidden: int = option(256, help="Width of the head's hidden layer.", group="model", **_at_least(1))
+    output_stride: int = option(32, help="32, or 16/8 for resnet50: a finer last feature map and Grad-CAM.",
+                                group="model", choices=(32, 16, 8))
+    bn_statistics: str = option("auto", help="Fine-tuning: BatchNorm statistics from each batch (batch) or kept from "
+                                "the pretrained weights (frozen: faster, less memory); auto: frozen unless --weights "
+                                "none.", group="model", choices=("auto", "batch", "frozen"))
+    # Optimisation
+    epochs: int = option(30, help="Most epochs to train.", group="optimisation", **_at_least(1))
+    batch_size: int = option(32, help="Images per training batch.", group="optimisation", **_at_least(1))
+    lr: float = option(1e-3, help="Adam's learning rate.", group="optimisation", rule="positive", check=lambda v: v > 0)
+    lr_schedule: str = option("constant", help="constant, or cosine (decays to 1% of --lr by the last epoch).",
+                              group="optimisation", choices=("constant", "cosine"))
+    weight_decay: float = option(0.0, help="Adam's weight decay.", group="optimisation", **_at_least(0))
+    class_balanced: bool = option(False, help="Weight the loss so that every class counts alike.", group="optimisation")
+    patience: int = option(5, help="Early stopping: epochs without a better validation loss.", group="optimisation",
+                           **_at_least(1))
+    threshold_rule: str = option("youden", help="Operating point chosen on validation: youden, sensitivity:0.95, "
+                                 "specificity:0.9 or fixed:0.5.", group="optimisation")
+    calibrate: bool = option(False, help="Temperature scaling fitted on validation.", group="optimisation")
+    # Runtime
+    seed: int = option(42, help="Fixes splits, initialisation, shuffling and augmentation.", group="runtime")
+    device: str = option("auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", group="runtime")
+    workers: int = option(0, help="Data-loading worker processes.", group="runtime", rule="0 or more",
+                          check=lambda v: v >= 0)
+    precision: str = option("auto", help="auto (the device's native bf16/fp16 when a validation batch agrees with "
+                            "fp32 within 0.01, else fp32), fp32, bf16 or fp16.", group="runtime",
+                            choices=("auto", "fp32", "bf16", "fp16"))
+    compile: str = option("auto", help="torch.compile the frozen backbone's feature pass: auto (from 5,000 image "
+                          "views on), on or off.", group="runtime", choices=("auto", "on", "off"))
+    cache_features: bool = option(True, help="Frozen backbone: compute its features once per image and view.",
+                                  group="runtime")
+    feature_views: int = option(4, help="Augmented views per training image for the feature cache (1 = none).",
+                                group="runtime", **_at_least(1))
+    feature_cache_dir: str | None = option(help="Also keep cached features on disk here, for later runs.",
+                                           group="runtime")
+    cache_images: bool | None = option(help="Keep decoded, resized images in memory.", group="runtime",
+                                       default_text="on for GPUs")
+    recompute_stages: int = option(0, help="Fine-tuning: recompute the first N backbone stages in backward instead of "
+                                   "keeping them: less memory, more time (1 is the stem).", group="runtime",
+                                   rule="0 to 5", check=lambda v: 0 <= v <= 5)
+    # Output
+    checkpoint_seconds: float = option(30.0, help="Write best.pt/last.pt when this many seconds have passed since the "
+                                       "last write, and at the end (0 = every epoch).", group="output",
+                                       rule="0 or more", check=lambda v: v >= 0)
+
+    @property
+    def read_options(self) -> ReadOptions:
+        """How this run reads pixels (window, slice axis, size limit); kept with the model."""
+        return ReadOptions(window=self.window, slice_axis=self.slice_axis, allow_large=self.allow_large_images)
+
+    def validate(self) -> None:
+        """Raise BonetumorError on values that cannot work, naming the option."""
+        if self.data is None and self.manifest is None and self.train_dir is None:
+            raise BonetumorError("no data given: pass DATA, --manifest or --train-dir")
+        for f in fields(self):
+            opt, value = f.metadata["option"], getattr(self, f.name)
+            if opt.choices is not None and value not in opt.choices:
+                raise BonetumorError(f"{opt.flag(f.name)} must be {_or(opt.choices)}, not {value!r}")
+            if opt.check is not None and value is not None and not opt.check(value):
+                raise BonetumorError(f"{opt.flag(f.name)} must be {opt.rule}, not {value}")
+        if self.zoom_min > self.zoom_max:
+            raise BonetumorError("--zoom-min must not exceed --zoom-max")
+        parse_rule(self.threshold_rule)
+        parse_window(self.window)
+
+
+def _or(values) -> str:
+    """'a, b or c'."""
+    words = [str(v) for v in values]
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
 
 
 def parse_rule(rule: str) -> tuple[str, float | None]:
@@ -32,137 +183,52 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
     raise BonetumorError(f"--threshold-rule {rule!r}: use youden, sensitivity:X, specificity:X or fixed:X with X in [0, 1]")
 
 
-@dataclass
-class TrainConfig:
-    """Everything that decides a training run. Saved as ``config.yaml`` in the run folder."""
-
-    # Data
-    data: str | None = None
-    manifest: str | None = None
-    train_dir: str | None = None
-    val_dir: str | None = None
-    test_dir: str | None = None
-    positive_class: str | None = None
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    skip_bad_files: bool = False
-    audit: bool = True  # leakage audit before training (audit.json in the run folder)
-    # Reading (see data.io.ReadOptions): kept with the model, so prediction reads alike
-    window: str | None = None  # None: the file's own; "C,W" centre,width; "pLO,pHI" percentiles
-    slice_axis: int = 2  # NIfTI volumes are sliced across this axis
-    allow_large_images: bool = False  # above Pillow's decompression-bomb limit
-    # Preprocessing and augmentation (the original: flip, zoom 0.9-1.1, rotate)
-    image_size: int = 224
-    hflip: bool = True
-    rotate_degrees: float = 15.0
-    zoom_min: float = 0.9
-    zoom_max: float = 1.1
-    # Model
-    backbone: str = "resnet50"
-    weights: str = "imagenet"
-    freeze: str = "backbone"
-    unfreeze: list[str] = field(default_factory=list)
-    dropout: float = 0.5
-    hidden: int = 256
-    output_stride: int = 32  # 16 or 8 (resnet50): finer last feature map, finer Grad-CAM
-    # Fine-tuning: the first N backbone stages (1 = the stem) are recomputed in backward instead
-    # of kept, for less memory (see recompute.py); no effect on a frozen backbone or the results.
-    recompute_stages: int = 0
-    # Fine-tuning: BatchNorm statistics updated from each batch ("batch") or kept from the
-    # pretrained weights ("frozen", folded into the convolutions: faster, less memory); "auto":
-    # frozen from pretrained weights, batch from random ones (see batchnorm.py).
-    bn_statistics: str = "auto"
-    # Frozen-backbone fast path: features computed once per image and view (see features.py)
-    cache_features: bool = True
-    feature_views: int = 4  # augmented views per training image; 1 = no augmentation
-    feature_cache_dir: str | None = None  # also keep features on disk, keyed by content and recipe
-    compile: str = "auto"  # torch.compile the frozen backbone's feature pass: auto (large jobs), on, off
-    cache_images: bool | None = None  # decoded, resized images kept in memory; None: on for GPUs
-    # Optimisation (the original: Adam, binary cross-entropy, early stopping patience 5)
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # constant (as the original) or cosine (decay to 1% by the last epoch)
-    weight_decay: float = 0.0
-    class_balanced: bool = False
-    patience: int = 5
-    # best.pt/last.pt are written when this many seconds have passed since the last write, and at
-    # the end: every epoch of a long run, but not 94 MB per sub-second epoch of the cached head.
-    checkpoint_seconds: float = 30.0
-    # Operating point and calibration, fitted on validation after training
-    threshold_rule: str = "youden"  # youden | sensitivity:X | specificity:X | fixed:X
-    calibrate: bool = False  # temperature scaling
-    # Runtime
-    seed: int = 42
-    device: str = "auto"
-    workers: int = 0
-    precision: str = "auto"  # auto: the native bf16/fp16 if it agrees with fp32 (precision.py); fp32, bf16, fp16
-
-    @property
-    def read_options(self) -> ReadOptions:
-        """How this run reads pixels (window, slice axis, size limit); kept with the model."""
-        return ReadOptions(window=self.window, slice_axis=self.slice_axis, allow_large=self.allow_large_images)
-
-    def validate(self) -> None:
-        """Raise BonetumorError on values that cannot work, naming the option."""
-        if self.data is None and self.manifest is None and self.train_dir is None:
-            raise BonetumorError("no data given: pass DATA, --manifest or --train-dir")
-        checks = [
-            (self.image_size >= 32, f"--image-size must be at least 32, not {self.image_size}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
-            (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
-            (self.lr > 0, f"--lr must be positive, not {self.lr}"),
-            (self.patience >= 1, f"--patience must be at least 1, not {self.patience}"),
-            (self.workers >= 0, f"--workers must be 0 or more, not {self.workers}"),
-            (self.checkpoint_seconds >= 0, f"--checkpoint-seconds must be 0 or more, not {self.checkpoint_seconds}"),
-            (self.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, not {self.compile!r}"),
-            (self.feature_views >= 1, f"--feature-views must be at least 1, not {self.feature_views}"),
-            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), not {self.val_fraction}"),
-            (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), not {self.test_fraction}"),
-            (self.zoom_min <= self.zoom_max, "zoom_min must not exceed zoom_max"),
-            (self.freeze in ("backbone", "none"), f"--freeze must be 'backbone' or 'none', not {self.freeze!r}"),
-            (self.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}"),
-            (0 <= self.recompute_stages <= 5, f"--recompute-stages must be 0 to 5, not {self.recompute_stages}"),
-            (self.bn_statistics in ("auto", "batch", "frozen"),
-             f"--bn-statistics must be auto, batch or frozen, not {self.bn_statistics!r}"),
-            (self.output_stride in (8, 16, 32), f"--output-stride must be 32, 16 or 8, not {self.output_stride}"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"),
-             f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}"),
-        ]
-        parse_rule(self.threshold_rule)
-        parse_window(self.window)
-        checks.append((self.slice_axis in (0, 1, 2), f"--slice-axis must be 0, 1 or 2, not {self.slice_axis}"))
-        for ok, msg in checks:
-            if not ok:
-                raise BonetumorError(msg)
+def options() -> list[tuple[dataclasses.Field, Option]]:
+    """Every field of ``TrainConfig`` with its ``Option``, in order."""
+    return [(f, f.metadata["option"]) for f in fields(TrainConfig)]
 
 
-def _coerce(name: str, value: Any, typ: Any) -> Any:
+def value_type(f: dataclasses.Field) -> type:
+    """The Python type of a field's values (a list is given as comma-separated text)."""
+    t = str(f.type)
+    if t.startswith("list"):
+        return list
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if name in t:
+            return typ
+    return str
+
+
+def default_text(f: dataclasses.Field, opt: Option) -> str:
+    """A field's default as help and docs show it."""
+    if opt.default_text is not None:
+        return opt.default_text
+    value = f.default
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """Convert a YAML value to the field's type, so a typo fails here and not mid-run."""
-    t = str(typ)
+    typ = value_type(f)
     try:
         if value is None:
             return None
-        if t.startswith("list"):
+        if typ is list:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
-        if "bool" in t:
+        if typ is bool:
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes", "on")
             return bool(value)
-        if "int" in t and "float" not in t:
-            return int(value)
-        if "float" in t:
-            return float(value)
-        return str(value)
+        return typ(value)
     except (TypeError, ValueError):
-        raise BonetumorError(f"config: {name} = {value!r} is not a valid {t}") from None
+        raise BonetumorError(f"config: {name} = {value!r} is not a valid {f.type}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Build a TrainConfig: defaults, then the YAML file at ``path``, then non-None ``overrides``."""
-    known = {f.name: f.type for f in fields(TrainConfig)}
+    known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -183,7 +249,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if v is not None:
             if k not in known:
                 raise BonetumorError(f"unknown option {k!r}")
-            values[k] = v
+            values[k] = _coerce(k, v, known[k]) if value_type(known[k]) is list else v
     return dataclasses.replace(TrainConfig(), **values)
 
 
@@ -201,3 +267,24 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def options_markdown() -> str:
+    """The options table of the docs (docs/options.md), one section per group."""
+    out = ["# Training options", "",
+           "Generated from the config schema (`bonetumor.config.TrainConfig`); `train` and `cv` take each as a flag,",
+           "a YAML file (`--config`) takes the same names as keys. Flags override the file, which overrides the",
+           "defaults; the resolved values are saved as `config.yaml` in the run folder.", ""]
+    for group, title in GROUPS.items():
+        out += [f"## {title}", "", "| flag | YAML key | default | what it does |", "|---|---|---|---|"]
+        for f, opt in options():
+            if opt.group != group:
+                continue
+            flag = opt.flag(f.name) if opt.cli else "DATA (argument)"
+            if value_type(f) is bool:
+                flag = f"{flag} / --no-{flag[2:]}"
+            allowed = f" One of: {_or(opt.choices)}." if opt.choices else f" Must be {opt.rule}." if opt.rule else ""
+            text = f"{opt.help}{allowed}".replace("<", "&lt;").replace("|", "\\|")
+            out.append(f"| `{flag}` | `{f.name}` | {default_text(f, opt)} | {text} |")
+        out.append("")
+    return "\n".join(out)

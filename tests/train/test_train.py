@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -132,10 +133,31 @@ def test_bad_file_stops_or_is_skipped_and_listed(tmp_path):
 
 
 def test_class_balanced_weight_and_multiclass(tmp_path):
-    data = make_class_tree(tmp_path / "d", classes=("a", "b", "c"), n=6, size=32)
-    r = fit(tiny_config(data, epochs=1, class_balanced=True, test_fraction=0.0, val_fraction=0.34), tmp_path / "r", verbose=False)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from bonetumor.task import Task
+    from bonetumor.train.setup import create_loss, prepare_data
+
+    data = tmp_path / "d"
+    for c, n in (("a", 9), ("b", 6), ("c", 3)):  # unbalanced: the weights must differ
+        make_class_tree(data, classes=(c,), n=n, size=32)
+    cfg = tiny_config(data, epochs=1, class_balanced=True, test_fraction=0.0, val_fraction=0.34)
+    index = prepare_data(cfg)
+    labels = [s.label for s in index.split("train")]
+    loss = create_loss(index, cfg, torch.device("cpu"), Task.of(index.classes))
+    expected = compute_class_weight("balanced", classes=np.array(index.classes), y=np.array(labels))
+    assert np.allclose(loss.weight.numpy(), expected) and len(set(expected.round(6))) == 3
+    r = fit(cfg, tmp_path / "r", verbose=False)
     ck = load_checkpoint(r.run_dir / "best.pt")
     assert ck.classes == ["a", "b", "c"] and ck.model.head[-1].out_features == 3
+    binary = tmp_path / "bin"
+    make_class_tree(binary, classes=("cancer",), n=4, size=32)
+    make_class_tree(binary, classes=("normal",), n=12, size=32)
+    bcfg = tiny_config(binary, class_balanced=True, test_fraction=0.0, val_fraction=0.25)
+    bindex = prepare_data(bcfg)
+    n_pos = sum(s.label == "cancer" for s in bindex.split("train"))
+    pos_weight = create_loss(bindex, bcfg, torch.device("cpu"), Task.of(bindex.classes)).pos_weight
+    assert float(pos_weight) == pytest.approx((len(bindex.split("train")) - n_pos) / n_pos) and float(pos_weight) > 1
 
 
 def test_train_split_with_one_class_is_refused(tmp_path):
@@ -146,12 +168,33 @@ def test_train_split_with_one_class_is_refused(tmp_path):
         fit(tiny_config(data, epochs=1), tmp_path / "r", verbose=False)
 
 
-def test_bf16_training_on_cpu_learns_and_records_its_precision(tmp_path, tiny_data):
-    r = fit(tiny_config(tiny_data, precision="bf16", epochs=2), tmp_path / "r", verbose=False)
-    assert len(r.history) == 2 and all(float(h["train_loss"]) > 0 for h in r.history)
+def _bright_discs(root, size=32, n_train=16, n_valid=8, seed=0):
+    """An easy task: a bright disc somewhere in cancer images, noise alone in normal ones."""
+    from bonetumor.data.writers import write_png
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        for label in ("cancer", "normal"):
+            for i in range(n):
+                img = 0.3 + 0.1 * rng.standard_normal((size, size))
+                if label == "cancer":
+                    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+                    img[(yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2] += 0.5
+                write_png(root / split / label / f"{i}.png", np.clip(img, 0, 1))
+    return root
+
+
+def test_bf16_training_on_cpu_learns_and_records_its_precision(tmp_path):
+    data = _bright_discs(tmp_path / "d")
+    r = fit(tiny_config(data, precision="bf16", epochs=5, audit=False), tmp_path / "r", verbose=False)
+    loss = [float(h["train_loss"]) for h in r.history]
+    auc = [float(h["val_roc_auc"]) for h in r.history]
+    assert loss[-1] < 0.5 * loss[0]  # it learns the training images...
+    assert max(auc) >= 0.95 and max(auc) > auc[0] + 0.2  # ...and what tells the classes apart
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["precision"] == "bf16"
     with pytest.raises(BonetumorError, match="fp16 needs a CUDA GPU"):
-        fit(tiny_config(tiny_data, precision="fp16", device="cpu"), tmp_path / "r2", verbose=False)
+        fit(tiny_config(data, precision="fp16", device="cpu"), tmp_path / "r2", verbose=False)
 
 
 def _train_cmd(data, out, *extra):

@@ -19,7 +19,7 @@ class ImageDataset(torch.utils.data.Dataset):
     With ``resize`` (the deterministic first step of the transform, kept apart from ``transform``)
     each image is decoded and resized once and kept in memory (a grey image as one channel, 200 KB
     at 224 px), up to ``cache_mb``; later epochs only augment, so decoding never bounds a fast
-    device. The cache keeps float32: even float16 rounding changed a from-scratch run's loss by 0.08.
+    device. The cache keeps float32: float16 rounding changes training measurably (docs/performance.md).
     """
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable | None = None,

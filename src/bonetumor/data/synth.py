@@ -22,8 +22,10 @@ from bonetumor.data.writers import write_png
 from bonetumor.errors import BonetumorError
 from bonetumor.files import atomic_write_csv
 
-MODALITIES = ("mri", "stir", "xray")
-FORMATS = ("png", "dicom", "nifti")
+MODALITIES = {"mri": "axial limb slices, T1-like", "stir": "the same, fat-suppressed: marrow lesions bright",
+              "xray": "long-bone projections"}
+FORMATS = {"png": "a file per slice, with lesion masks", "dicom": "a series folder per patient",
+           "nifti": "a volume per patient"}
 SPLITS = ("train", "valid", "test")
 
 
@@ -286,6 +288,36 @@ def _write_volume(root: Path, rel: Path, images: list[np.ndarray], fmt: str, pid
     return rel
 
 
+def _check_arguments(n_patients: int, size: int, modality: str, bit_depth: int, zoom: float, fmt: str) -> None:
+    if modality not in MODALITIES:
+        raise BonetumorError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    if bit_depth not in (8, 16):
+        raise BonetumorError(f"--bit-depth must be 8 or 16, not {bit_depth}")
+    if n_patients < 6:
+        raise BonetumorError(f"--n-patients must be at least 6 (one per class and split), not {n_patients}")
+    if not 0.5 <= zoom <= 4:
+        raise BonetumorError(f"--zoom must be between 0.5 and 4, not {zoom}")
+    if fmt not in FORMATS:
+        raise BonetumorError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if size < 32:
+        raise BonetumorError(f"--size must be at least 32 pixels, not {size}")
+
+
+def _write_slices(root: Path, folder: Path, pid: str, slices, label: str, split: str, bit_depth: int) -> list[dict]:
+    """A patient's slices as PNG files (and a cancer's lesion masks); their manifest rows."""
+    rows = []
+    for k, (img, mask) in enumerate(slices):
+        rel = folder / f"{pid}_s{k}.png"
+        write_png(root / rel, img, bit_depth)
+        mask_rel = ""
+        if label == "cancer":
+            mask_rel = str(Path("masks") / f"{pid}_s{k}.png")
+            write_png(root / mask_rel, mask.astype(np.float64), 8)
+        rows.append({"path": rel.as_posix(), "label": label, "patient_id": pid, "split": split,
+                     "mask_path": Path(mask_rel).as_posix() if mask_rel else ""})
+    return rows
+
+
 def create_synthetic_dataset(
     out: str | Path,
     n_patients: int = 100,
@@ -316,18 +348,7 @@ def create_synthetic_dataset(
     Raises:
         BonetumorError: on bad arguments or an existing non-empty ``out``.
     """
-    if modality not in MODALITIES:
-        raise BonetumorError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
-    if bit_depth not in (8, 16):
-        raise BonetumorError(f"--bit-depth must be 8 or 16, not {bit_depth}")
-    if n_patients < 6:
-        raise BonetumorError(f"--n-patients must be at least 6 (one per class and split), not {n_patients}")
-    if not 0.5 <= zoom <= 4:
-        raise BonetumorError(f"--zoom must be between 0.5 and 4, not {zoom}")
-    if fmt not in FORMATS:
-        raise BonetumorError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if size < 32:
-        raise BonetumorError(f"--size must be at least 32 pixels, not {size}")
+    _check_arguments(n_patients, size, modality, bit_depth, zoom, fmt)
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise BonetumorError(f"{root} exists and is not empty; choose a new folder")
@@ -343,15 +364,7 @@ def create_synthetic_dataset(
             rel = _write_volume(root, Path(split) / label / pid, [img for img, _ in slices], fmt, pid)
             rows.append({"path": rel.as_posix(), "label": label, "patient_id": pid, "split": split, "mask_path": ""})
             continue
-        for k, (img, mask) in enumerate(slices):
-            rel = Path(split) / label / f"{pid}_s{k}.png"
-            write_png(root / rel, img, bit_depth)
-            mask_rel = ""
-            if cancer:
-                mask_rel = str(Path("masks") / f"{pid}_s{k}.png")
-                write_png(root / mask_rel, mask.astype(np.float64), 8)
-            rows.append({"path": rel.as_posix(), "label": label, "patient_id": pid, "split": split,
-                         "mask_path": Path(mask_rel).as_posix() if mask_rel else ""})
+        rows += _write_slices(root, Path(split) / label, pid, slices, label, split, bit_depth)
     manifest = root / "manifest.csv"
     atomic_write_csv(manifest, ["path", "label", "patient_id", "split", "mask_path"], rows)
     n_images = len(rows) if fmt == "png" else len(rows) * slices_per_patient

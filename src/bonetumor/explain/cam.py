@@ -5,9 +5,8 @@ Grad-CAM++ nor Eigen-CAM, and pytorch-grad-cam (with OpenCV and ttach) calls ``b
 which on a fine-tuned model also computes every trainable parameter's gradient. Here one code path
 serves all three methods: a forward hook swaps the target layer's output for a detached leaf
 and parameters stop requiring gradients for the call, so autograd records nothing below the
-target layer and the backward pass runs only through the small tail (pooling + head). Grad-CAM
-then costs about one forward pass (benchmarks/gradcam_speed.py; Captum's LayerGradCam, which
-asks autograd for the layer's gradient only, is as fast). The tests hold it equal to Captum.
+target layer and the backward pass runs only through the small tail (pooling + head), so
+Grad-CAM costs about one forward pass (docs/performance.md). The tests hold it equal to Captum.
 
 Binary models with one logit: the score for the positive class is +logit and for the negative
 class -logit, so a map for a wrong prediction still shows evidence for the class asked for.

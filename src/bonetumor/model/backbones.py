@@ -162,7 +162,7 @@ def create_model(
         backbone: resnet50, densenet121 or efficientnet_b0 (torchvision).
         weights: ``imagenet`` (torchvision weights API), ``none`` (random) or a file path
             (a torchvision state_dict, or a bonetumor checkpoint whose backbone is reused).
-        freeze: ``backbone`` (train the head only, as the original) or ``none``.
+        freeze: ``backbone`` (train the head only) or ``none``.
         unfreeze: backbone blocks to train even when frozen, e.g. ``["layer4", "layer3"]``.
         n_outputs: 1 for a binary task (one logit), else the number of classes.
         output_stride: input pixels per cell of the last feature map: 32 (the usual), or for

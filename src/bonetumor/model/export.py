@@ -96,7 +96,7 @@ def cached_export_path(checkpoint: str | Path) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
-    """A hash of the checkpoint's bytes (0.06 s for ResNet50), once per file version."""
+    """A hash of the checkpoint's bytes, once per file version."""
     digest = hashlib.sha256(f"bonetumor-onnx-{EXPORT_FORMAT}".encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -105,7 +105,7 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
 
 
 def cached_export(checkpoint: str | Path) -> Path:
-    """``checkpoint`` exported to ONNX once (``export_onnx``, about 7 s for ResNet50), kept in
+    """``checkpoint`` exported to ONNX once (``export_onnx``, seconds for ResNet50), kept in
     ``export_cache_dir()`` under a hash of its bytes, and reused by later calls; only the
     ``CACHE_KEEP`` most recently used exports are kept."""
     path = cached_export_path(checkpoint)

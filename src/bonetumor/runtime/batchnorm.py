@@ -14,16 +14,15 @@ Frozen statistics also make fine-tuning faster and smaller. A BatchNorm that nor
 fixed statistics is a per-channel affine map, so it folds into the convolution before it:
 conv(x, W·s) + (β − μ·s), with s = γ / √(σ² + ε). ``fold_batchnorm`` computes that weight and
 bias from the trainable W, γ, β on every forward, so gradients reach the same parameters and
-the model is the same function; but the BatchNorm's own passes over every activation (about
-13% of a bf16 ResNet50 step on a CPU) and the copy of each convolution's output kept for its
-backward (0.6 GB of 1.4 GB at batch 32, 224 px, bf16) are gone. PyTorch's own conv–BN fusions
+the model is the same function; but the BatchNorm's own passes over every activation and the
+copy of each convolution's output kept for its backward are gone (docs/performance.md). PyTorch's own conv–BN fusions
 (``torch.nn.utils.fusion``, ``torch.fx.experimental.optimization.fuse``) fold into fixed weights
 for inference, and ``torch.ao``'s ConvBn2d serves quantisation-aware training only; hence this
 module.
 
 At inference every BatchNorm uses its running statistics, so eager inference (validation,
 ``evaluate``, ``predict`` with PyTorch, the frozen backbone's feature pass) folds them all
-(``inference_folded``): 1.1-1.2x faster on a CPU. Folding within a block, rather than into a
+(``inference_folded``), which is faster. Folding within a block, rather than into a
 separate fused model, keeps the module names that checkpoints, hooks and Grad-CAM's layer names
 refer to; the folded weights made for inference live only as long as the block.
 """
@@ -60,7 +59,7 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, (_FoldedConv2d, _FoldedBatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
-# Pairs per module, found once: tracing costs 15-40 ms, and inference folds on every call (a
+# Pairs per module, found once: tracing takes tens of milliseconds, and inference folds on every call (a
 # served model, per request). Weak keys: a cached module is not kept alive by the cache.
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str]]]" = weakref.WeakKeyDictionary()
 
@@ -186,7 +185,7 @@ def folded_batchnorm(net: nn.Module) -> ContextManager[int]:
 def inference_folded(model: nn.Module, keep: nn.Module | None = None) -> ContextManager[int]:
     """``fold_batchnorm`` for inference: every BatchNorm of ``model`` (a Classifier's backbone, or
     any module) that is in eval mode, so that it normalises with its running statistics, is folded
-    into its convolution; 1.1-1.2x faster eager ResNet50 inference on a CPU at batch 8-32. A pair
+    into its convolution, for faster eager inference. A pair
     with ``keep`` in it (a layer whose output is being watched, such as Grad-CAM's) stays as it is.
     Other objects (an exported model's runner) pass unchanged."""
     target = getattr(model, "backbone", model)

@@ -153,39 +153,9 @@ def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: 
     # FastAPIOffline serves the /docs page's Swagger UI from the package, not from a CDN: offline too.
     app = FastAPIOffline(title="bonetumor", version=__version__,
                          description="Bone-tumour image classifier with Grad-CAM heatmaps. " + DISCLAIMER)
-    bearer = HTTPBearer(auto_error=False)
-
-    def authorised(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token is None:
-            return
-        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    @app.middleware("http")
-    async def size_limit(request: Request, call_next):
-        # Refused before the body is read, when the client says its size (browsers always do).
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing allowance
-            return JSONResponse({"detail": f"upload too large: {int(length) / 2**20:.1f} MB; the limit is "
-                                           f"{max_upload_mb:g} MB"}, status_code=413)
-        return await call_next(request)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
-
-    static = resources.files("bonetumor.serve") / "static"
-
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(str(static / "index.html"), media_type="text/html")
-
-    @app.get("/static/{name}", include_in_schema=False)
-    def static_file(name: str):
-        if name not in ("app.js", "style.css"):  # a fixed list: a request never names a path
-            raise HTTPException(404, "not found")
-        return FileResponse(str(static / name))
+    authorised = _bearer(token)
+    _guard(app, limit, max_upload_mb)
+    _pages(app)
 
     @app.get("/api/health", dependencies=[Depends(authorised)])
     def health() -> dict:
@@ -203,36 +173,86 @@ def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: 
         """Probability of the positive class, the label at the operating point and Grad-CAM
         heatmaps (base64 PNG: the image, and the coloured map with its value as opacity). Several
         files in one request are the DICOM slices of one series: one study."""
-        kinds, total = [], 0
-        for up in file:
-            head = up.file.read(4096)
-            up.file.seek(0, 2)
-            total += up.file.tell()
-            kinds.append(sniff(head))
-        if total > limit:
-            raise HTTPException(413, f"upload too large: {total / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
-        if None in kinds:
-            raise HTTPException(415, f"not a {ACCEPTED} file (judged by its content, not its name)")
-        if len(file) > 1 and set(kinds) != {"dicom"}:
-            raise HTTPException(422, "several files in one request must be the DICOM files of one series")
-        kind = kinds[0]
-        tmp = Path(tempfile.mkdtemp(prefix="bonetumor-upload-"))
-        try:
-            for n, up in enumerate(file):  # fixed names: a client's file name never becomes a path
-                up.file.seek(0)
-                with open(tmp / f"upload{n:05d}{SUFFIXES[kind]}" if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}",
-                          "wb") as f:
-                    shutil.copyfileobj(up.file, f)
-            with service.lock:
-                try:
-                    return service.predict_file(tmp if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}")
-                finally:
-                    forget_volumes()  # the upload is gone after this request: so is its decoded volume
-                    release_free_memory()  # a long-running server must not look as if it grew
-        except BonetumorError as e:
-            msg = str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload")
-            raise HTTPException(422, f"cannot read the {kind.replace('-gz', '')} file: {msg}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return _predict_upload(service, file, limit, max_upload_mb)
 
     return app
+
+
+def _bearer(token: str | None):
+    """The dependency every API route needs: the bearer token, when one is set."""
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorised(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return authorised
+
+
+def _guard(app: FastAPI, limit: int, max_upload_mb: float) -> None:
+    """Large uploads refused before their body is read; no traceback ever sent to a client."""
+    @app.middleware("http")
+    async def size_limit(request: Request, call_next):
+        # Refused before the body is read, when the client says its size (browsers always do).
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing allowance
+            return JSONResponse({"detail": f"upload too large: {int(length) / 2**20:.1f} MB; the limit is "
+                                           f"{max_upload_mb:g} MB"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+
+def _pages(app: FastAPI) -> None:
+    """The page and its two static files, shipped in the package."""
+    static = resources.files("bonetumor.serve") / "static"
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str):
+        if name not in ("app.js", "style.css"):  # a fixed list: a request never names a path
+            raise HTTPException(404, "not found")
+        return FileResponse(str(static / name))
+
+
+def _predict_upload(service: Service, file: list[UploadFile], limit: int, max_upload_mb: float) -> dict:
+    """Check uploads by their bytes, save them under fixed names in a private folder, predict."""
+    kinds, total = [], 0
+    for up in file:
+        head = up.file.read(4096)
+        up.file.seek(0, 2)
+        total += up.file.tell()
+        kinds.append(sniff(head))
+    if total > limit:
+        raise HTTPException(413, f"upload too large: {total / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+    if None in kinds:
+        raise HTTPException(415, f"not a {ACCEPTED} file (judged by its content, not its name)")
+    if len(file) > 1 and set(kinds) != {"dicom"}:
+        raise HTTPException(422, "several files in one request must be the DICOM files of one series")
+    kind = kinds[0]
+    tmp = Path(tempfile.mkdtemp(prefix="bonetumor-upload-"))
+    try:
+        for n, up in enumerate(file):  # fixed names: a client's file name never becomes a path
+            up.file.seek(0)
+            with open(tmp / f"upload{n:05d}{SUFFIXES[kind]}" if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}",
+                      "wb") as f:
+                shutil.copyfileobj(up.file, f)
+        with service.lock:
+            try:
+                return service.predict_file(tmp if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}")
+            finally:
+                forget_volumes()  # the upload is gone after this request: so is its decoded volume
+                release_free_memory()  # a long-running server must not look as if it grew
+    except BonetumorError as e:
+        msg = str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload")
+        raise HTTPException(422, f"cannot read the {kind.replace('-gz', '')} file: {msg}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,5 @@
+"""``python -m bonetumor``: the command line (as ``torchrun -m bonetumor`` will need)."""
+
+from bonetumor.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from bonetumor.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""What the commands print: tables and summary lines (rich), apart from the commands themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+def show_metrics(m: dict) -> None:
+    iv = m.get("interval", {})
+    kind = "EXTERNAL " if m.get("external") else ""
+    t = Table(title=f"{kind}{m.get('split', '')} metrics (n={m['n']}; 95% CI, bootstrap over {iv.get('unit', 'image')}s)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("95% CI", justify="right")
+    half = m.get("at_threshold_0.5")
+    if half:
+        t.add_column("at threshold 0.5", justify="right")
+    for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
+              "brier", "ece"):
+        if k in m:
+            v = m[k]
+            row = [k, f"{v['value']:.4f}", f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"]
+            t.add_row(*row, *([f"{half[k]:.4f}" if k in half else ""] if half else []))
+    if "threshold" in m:
+        t.add_row("threshold", f"{m['threshold']:.4f}", "", *(["0.5000"] if half else []))
+    out.print(t)
+    for note in m.get("notes", []):
+        out.print(f"[yellow]note:[/] {note}")
+    for how, pm in m.get("per_patient", {}).items():
+        out.print(f"per patient ({m.get('n_patients')} patients, score = {how} over slices): ROC-AUC "
+                  f"{pm['roc_auc']['value']:.4f} [{pm['roc_auc']['ci_low']:.4f}, {pm['roc_auc']['ci_high']:.4f}], "
+                  f"accuracy {pm['accuracy']['value']:.4f}, sensitivity {pm['sensitivity']['value']:.4f}, "
+                  f"specificity {pm['specificity']['value']:.4f}")
+    b = m.get("memorisation_baseline")
+    if b:
+        out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {b['accuracy']:.4f}, "
+                  f"ROC-AUC {b['roc_auc']:.4f} (when close to the model's, the split measures memory, not learning)")
+
+
+def show_evaluation(m: dict, out_dir: Path) -> None:
+    """``evaluate``'s metrics table, the copies-excluded line, the classification report."""
+    show_metrics(m)
+    if m.get("dropped_classes"):
+        out.print(f"dropped (not in --class-map): {m['dropped_classes']}")
+    ex = m.get("excluding_copies")
+    if ex:
+        r = ex["removed"]
+        line = (f"without the {r['total']} images that copy a {ex['of']} image ({r['exact']} exact, {r['near']} near, "
+                f"{r['source_name_only']} by export source name): n={ex['n']}")
+        if "roc_auc" in ex:
+            line += (f", ROC-AUC {ex['roc_auc']['value']:.4f} [{ex['roc_auc']['ci_low']:.4f}, {ex['roc_auc']['ci_high']:.4f}],"
+                     f" accuracy {ex['accuracy']['value']:.4f} (all images: {m['roc_auc']['value']:.4f}, {m['accuracy']['value']:.4f})")
+        out.print(line)
+    out.print(m["classification_report"])
+    out.print(f"results in {out_dir}")
+
+
+def show_explain(r, method: str) -> None:
+    if r.localization:
+        t = Table(title=f"localization ({r.localization['n_with_lesion']} images with a lesion), 95% bootstrap CI")
+        for col in ("score", method, "centred Gaussian baseline"):
+            t.add_column(col)
+        for k in ("pointing", "energy", "iou_top15"):
+            a, b = r.localization["cam"][k], r.localization["baseline_centred_gaussian"][k]
+            t.add_row(k, f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
+                      f"{b['value']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
+        out.print(t)
+        c = r.localization["correctly_classified_positive"]
+        if c["n"]:
+            a = c["cam"]["pointing"]
+            b = c["baseline_centred_gaussian"]["pointing"]
+            out.print(f"pointing game on the {c['n']} lesion images the model called positive: "
+                      f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] (baseline {b['value']:.3f})")
+    if r.faithfulness and r.faithfulness["deletion"]["n"]:
+        out.print(f"faithfulness on {r.faithfulness['deletion']['n']} images: deletion AUC "
+                  f"{r.faithfulness['deletion']['value']:.3f} (lower is better), insertion AUC "
+                  f"{r.faithfulness['insertion']['value']:.3f} (higher is better)")
+
+
+def show_audit(r: dict, out_dir: Path | None) -> None:
+    """``audit``'s duplicate and shortcut tables, the look-up baseline and the leakage line."""
+    from bonetumor.data.audit import leakage_summary
+
+    t = Table(title=f"duplicates ({r['n_images']} images, {r['split_level']}-level splits)")
+    for col in ("split", "n", "exact within", "near within", "exact copies of train", "exact or near copies of train",
+                "same source name as train"):
+        t.add_column(col, justify="right")
+    for split, row in r["duplicates"].items():
+        cp = (f"{row['exact_copies_of_train']} ({row['exact_rate']:.1%})", f"{row['near_copies_of_train']} ({row['near_rate']:.1%})") \
+            if "exact_copies_of_train" in row else ("", "")
+        src = row.get("same_source_name_as_train")
+        t.add_row(split, str(row["n"]), str(row["exact_duplicates_within"]), str(row["near_duplicates_within"]), *cp,
+                  "" if src is None else f"{src} ({src / max(row['n'], 1):.1%})")
+    out.print(t)
+    t = Table(title="shortcuts (numbers: single-feature ROC-AUC; categories: total variation distance)")
+    for col in ("feature", "effect", "flag", "per class"):
+        t.add_column(col)
+    for name, v in r["shortcuts"].items():
+        eff = f"AUC {v['auc']:.3f}" if v["kind"] == "numeric" else f"TVD {v['tvd']:.3f}"
+        per = "; ".join(f"{c}: {x['mean']:.3g}" if v["kind"] == "numeric" else f"{c}: {next(iter(x), '')}"
+                        for c, x in v["per_class"].items())
+        t.add_row(name, eff, "[yellow]yes[/]" if v["flag"] else "", per)
+    out.print(t)
+    for split, b in r.get("memorisation_baseline", {}).items():
+        out.print(f"1-NN memorisation baseline on {split}: accuracy {b['accuracy']:.3f}, ROC-AUC {b['roc_auc']:.3f} (n={b['n']})")
+    if r["unreadable"]:
+        out.print(f"[yellow]{len(r['unreadable'])} unreadable files[/], e.g. {r['unreadable'][0]['path']}: {r['unreadable'][0]['error']}")
+    summary = leakage_summary(r)
+    out.print(f"[bold yellow]leakage:[/] {summary}" if summary else "no leakage found")
+    if out_dir is not None:
+        out.print(f"audit written to {out_dir / 'audit.json'}")
+
+
+def show_predictions(rows: list[dict], studies: list[dict], aggregate: str) -> None:
+    """``predict``'s table of images (and of studies), and a count of files skipped."""
+    t = Table()
+    for col in ("file", "slice", "probability", "label"):
+        t.add_column(col, justify="right" if col in ("slice", "probability") else "left")
+    for r in rows:
+        p = r.get("probability")
+        shown = r.get("error") and f"[red]{r['error']}[/]" or (f"{p:.4f}" if p is not None else json.dumps(r["probabilities"]))
+        t.add_row(r["path"], "" if r["slice"] is None else str(r["slice"]), shown, r.get("label", ""))
+    out.print(t)
+    if studies:
+        t = Table(title=f"studies (score = {aggregate} of the slice scores)")
+        for col in ("study", "slices", "probability", "label", "top slices"):
+            t.add_column(col)
+        for s in studies:
+            p = s.get("probability")
+            t.add_row(s["study"], str(s["n_slices"]), f"{p:.4f}" if p is not None else json.dumps(s["probabilities"]),
+                      s["label"], " ".join(map(str, s["top_slices"][:3])))
+        out.print(t)
+    bad = sum("error" in r for r in rows)
+    if bad:
+        err.print(f"[yellow]{bad} unreadable file(s) skipped[/]")
+
+
+def show_cv(r: dict, folds: int, out_dir: Path) -> None:
+    """``cv``'s per-fold table with mean and sd, and the pooled out-of-fold ROC-AUC."""
+    t = Table(title=f"{folds}-fold cross-validation ({r['n_images']} images, {r['split_level']}-level folds)")
+    # The main columns fit a terminal; every metric is in cv_folds.csv and cv.json.
+    names = [n for n in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece") if n in r["mean_sd"]]
+    for col in ("fold", "n", *names):
+        t.add_column(col, justify="right")
+    for f in r["per_fold"]:
+        t.add_row(str(f["fold"]), str(f["n"]), *(f"{f[n]:.3f}" for n in names))
+    t.add_row("mean", "", *(f"{r['mean_sd'][n]['mean']:.3f}" for n in names))
+    t.add_row("sd", "", *(f"{r['mean_sd'][n]['sd']:.3f}" for n in names))
+    out.print(t)
+    auc = r["pooled_out_of_fold"].get("roc_auc")
+    if auc:
+        out.print(f"pooled out-of-fold ROC-AUC {auc['value']:.4f} [{auc['ci_low']:.4f}, {auc['ci_high']:.4f}]")
+    out.print(f"out-of-fold predictions: {out_dir / 'oof_predictions.csv'}; summary: {out_dir / 'cv.json'}")
