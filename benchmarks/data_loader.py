@@ -27,11 +27,11 @@ def main() -> None:
     import torch
 
     from bonetumor import TrainConfig, create_synthetic_dataset
+    from bonetumor.files import atomic_write_json
     from bonetumor.model.backbones import create_model
+    from bonetumor.runtime.device import environment_info
     from bonetumor.train.batches import create_loader
     from bonetumor.train.setup import prepare_data
-    from bonetumor.files import atomic_write_json
-    from bonetumor.runtime.device import environment_info
 
     with tempfile.TemporaryDirectory() as tmp:
         root = create_synthetic_dataset(Path(tmp) / "d", n_patients=40, size=256, seed=0, slices_per_patient=4).root

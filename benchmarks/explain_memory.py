@@ -33,11 +33,11 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.config import TrainConfig
     from bonetumor.data.writers import write_png
-    from bonetumor.model.backbones import create_model
     from bonetumor.files import atomic_write_json
+    from bonetumor.model.backbones import create_model
+    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.runtime.device import peak_rss_mb
 
     results = []

@@ -133,13 +133,13 @@ def section_training(res, device, precisions, batches, reps, save, steps_per_epo
 def section_predict(res, device, tmp: Path, n_files: int, reps: int, save):
     import numpy as np
 
-    from bonetumor.model.checkpoint import load_checkpoint, save_checkpoint
     from bonetumor.config import TrainConfig
     from bonetumor.data.pixels import ReadOptions
-    from bonetumor.data.writers import write_png
     from bonetumor.data.studies import expand_inputs
-    from bonetumor.model.backbones import create_model
+    from bonetumor.data.writers import write_png
     from bonetumor.inference import default_batch_size, default_workers, read_batches
+    from bonetumor.model.backbones import create_model
+    from bonetumor.model.checkpoint import load_checkpoint, save_checkpoint
     from bonetumor.predict import predict
 
     torch.manual_seed(0)

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from bonetumor.runtime.batchnorm import inference_folded
 from bonetumor.explain.cam import compute_cams
-from bonetumor.model.backbones import create_model
 from bonetumor.files import atomic_write_json
+from bonetumor.model.backbones import create_model
+from bonetumor.runtime.batchnorm import inference_folded
 from bonetumor.runtime.device import environment_info, select_device
 
 

@@ -89,13 +89,13 @@ def main() -> None:
     from ceiling import measure_ceiling, share
 
     from bonetumor import TrainConfig, create_synthetic_dataset, fit
-    from bonetumor.runtime.batchnorm import inference_folded
+    from bonetumor.files import atomic_write_json
     from bonetumor.model.checkpoint import load_checkpoint
-    from bonetumor.runtime.compile import CompiledInference
     from bonetumor.model.export import export_onnx, load_onnx
     from bonetumor.predict import predict
-    from bonetumor.files import atomic_write_json
+    from bonetumor.runtime.batchnorm import inference_folded
     from bonetumor.runtime.device import cpu_has_fast_bf16, environment_info
+    from bonetumor.runtime.forward import CompiledInference
 
     cpu = torch.device("cpu")
     bf16 = cpu_has_fast_bf16()

@@ -48,11 +48,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.config import TrainConfig
     from bonetumor.data.writers import write_png
-    from bonetumor.model.backbones import create_model
     from bonetumor.files import atomic_write_json
+    from bonetumor.model.backbones import create_model
+    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.runtime.device import environment_info
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,13 +48,13 @@ def main() -> None:
     import torch
     from ceiling import measure_ceiling
 
-    from bonetumor.model.checkpoint import load_checkpoint, save_checkpoint
     from bonetumor.config import TrainConfig
     from bonetumor.data.writers import write_png
-    from bonetumor.model.export import export_onnx, load_onnx, load_openvino
-    from bonetumor.model.backbones import create_model
-    from bonetumor.predict import predict
     from bonetumor.files import atomic_write_json
+    from bonetumor.model.backbones import create_model
+    from bonetumor.model.checkpoint import load_checkpoint, save_checkpoint
+    from bonetumor.model.export import export_onnx, load_onnx, load_openvino
+    from bonetumor.predict import predict
     from bonetumor.runtime.device import cpu_has_fast_bf16, environment_info
 
     cpu = torch.device("cpu")

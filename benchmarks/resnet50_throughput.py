@@ -23,13 +23,13 @@ from contextlib import nullcontext
 import torch
 from ceiling import measure_ceiling, median_seconds, share
 
-from bonetumor.runtime.batchnorm import folded_batchnorm, inference_folded
 from bonetumor.config import TrainConfig
-from bonetumor.model.backbones import create_model
-from bonetumor.train.setup import create_optimizer
 from bonetumor.files import atomic_write_json
+from bonetumor.model.backbones import create_model
+from bonetumor.runtime.batchnorm import folded_batchnorm, inference_folded
 from bonetumor.runtime.device import cpu_has_fast_bf16, environment_info, select_device
 from bonetumor.runtime.precision import autocast_dtype
+from bonetumor.train.setup import create_optimizer
 
 
 def inner_steps(device: torch.device, batch: int, images: int) -> int:

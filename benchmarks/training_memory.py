@@ -46,8 +46,8 @@ def rss_mb() -> float:
 
 def child(mode: str, data: str, out: str) -> None:
     from bonetumor import TrainConfig, fit
-    from bonetumor.train import loop as train_mod
     from bonetumor.runtime.device import peak_rss_mb
+    from bonetumor.train import loop as train_mod
 
     per_epoch: list[float] = []
     real = train_mod.train_one_epoch

@@ -8,15 +8,15 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import make_class_tree, write_image
 from PIL import Image
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
-from bonetumor.model.checkpoint import save_checkpoint
 from bonetumor.cli import app
 from bonetumor.config import TrainConfig
 from bonetumor.model.backbones import create_model
-from conftest import make_class_tree, write_image
+from bonetumor.model.checkpoint import save_checkpoint
 
 runner = CliRunner()
 TRAIN = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--weights", "none", "--freeze", "none",

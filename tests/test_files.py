@@ -1,8 +1,7 @@
 import os
 import stat
 
-from bonetumor.files import atomic_write_json, atomic_write_text
-from bonetumor.rundir import prepare_out_dir
+from bonetumor.files import atomic_write_json, atomic_write_text, prepare_out_dir
 
 
 def test_atomic_write_creates_folders_and_normal_permissions(tmp_path):

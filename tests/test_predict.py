@@ -5,15 +5,20 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 from bonetumor.cli import app
 from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.run import explain
-from bonetumor.predict import aggregate_scores, parse_aggregate, predict, predict_studies
+from bonetumor.predict import (
+    aggregate_scores,
+    parse_aggregate,
+    predict,
+    predict_studies,
+)
 from bonetumor.train import fit
-from conftest import tiny_config
 
 runner = CliRunner()
 
@@ -135,9 +140,9 @@ def test_grey_and_colour_images_in_one_batch_match_the_training_transforms(tiny_
     import torch
     from PIL import Image
 
-    from bonetumor.model.checkpoint import load_checkpoint
     from bonetumor.data.readers import load_tensor
     from bonetumor.data.transforms import create_transforms
+    from bonetumor.model.checkpoint import load_checkpoint
 
     rng = np.random.default_rng(0)
     files = []

@@ -6,12 +6,12 @@ import re
 import subprocess
 
 import pytest
+from conftest import chromium_executable
 
 from bonetumor import evaluate
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.run import explain
 from bonetumor.report import build_report
-from conftest import chromium_executable
 
 CHECK = """<script>
 window.addEventListener('load', () => {

@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from bonetumor.config import TrainConfig, config_to_dict
-from bonetumor.data.samples import DatasetIndex, with_splits
-from bonetumor.data.splits import assign_folds, assign_splits, groups_per_class
+from bonetumor.data.layouts import DatasetIndex
+from bonetumor.data.splits import (
+    assign_folds,
+    assign_splits,
+    groups_per_class,
+    with_splits,
+)
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.metrics import (
     N_BOOT,
@@ -23,8 +28,8 @@ from bonetumor.evaluate.metrics import (
     compute_metrics,
     multiclass_values,
 )
+from bonetumor.files import RunDir
 from bonetumor.inference import open_model, predict_samples
-from bonetumor.rundir import RunDir
 from bonetumor.train import console, fit, prepare_data
 
 FOLD_METRICS = ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")

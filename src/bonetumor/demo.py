@@ -10,8 +10,8 @@ from bonetumor.config import TrainConfig
 from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.evaluate.run import evaluate
 from bonetumor.explain.run import ExplainResult, explain
+from bonetumor.files import RunDir
 from bonetumor.report import build_report
-from bonetumor.rundir import RunDir
 from bonetumor.runtime.device import cpu_has_fast_bf16, select_device
 from bonetumor.train import fit
 

@@ -1,4 +1,12 @@
-"""Files written so that nothing is ever lost: atomic replacement, and checks before any work."""
+"""File I/O that never loses anything: atomic writes, checks before any work, and run folders.
+
+Every command's output folder (a training run, an evaluation, an explanation, predictions,
+cross-validation, an audit) is a ``RunDir``: the one place that names the files a command writes,
+and writes them. It refuses to replace a folder without ``--overwrite``; every file goes in
+through ``save``, written to a temporary file and renamed into place (a kill or a full disk
+leaves the previous version, never half a file), and is noted in ``written``, in order, so that
+tests and callers can see what a run wrote.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import yaml
 
 from bonetumor.errors import BonetumorError
 
@@ -112,3 +122,135 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         tmp.unlink(missing_ok=True)
         n += 1
     return n
+
+
+class RunDir:
+    """A folder of a command's outputs, named by the constants below."""
+
+    # A training run
+    BEST, LAST = "best.pt", "last.pt"
+    CONFIG, ENVIRONMENT, DATA = "config.yaml", "environment.json", "data.json"
+    SPLITS, SKIPPED, AUDIT = "splits.csv", "skipped_files.csv", "audit.json"
+    HISTORY, CURVES = "history.csv", "curves.png"
+    PRECISION, OPERATING_POINT = "precision.json", "operating_point.json"
+    REPORT = "report.html"
+    # An evaluation (and cross-validation's and prediction's tables)
+    METRICS, CLASSIFICATION_REPORT, PREDICTIONS = "metrics.json", "classification_report.txt", "predictions.csv"
+    ROC, PR, RELIABILITY, SCORES, CONFUSION = "roc.png", "pr.png", "reliability.png", "scores.png", "confusion_matrix.png"
+    STUDIES = "studies.csv"
+    CV, CV_FOLDS, OOF = "cv.json", "cv_folds.csv", "oof_predictions.csv"
+    # An explanation
+    EXPLAIN, INDEX = "explain.json", "index.html"
+    LOCALIZATION, LOCALIZATION_TABLE = "localization.json", "localization.csv"
+    MAPS, PANELS = "maps", "panels"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.written: list[str] = []
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, path: "str | Path | RunDir", overwrite: bool = False, resume: bool = False) -> "RunDir":
+        """The folder, made ready: a non-empty one is refused unless ``overwrite`` (replaced) or
+        ``resume`` (kept, its interrupted writes' temporary files removed).
+
+        Raises:
+            BonetumorError: the folder exists with files and neither flag is given, or is unwritable.
+        """
+        run = path if isinstance(path, RunDir) else cls(path)
+        p = run.path
+        run.refuse_existing(overwrite, resume)
+        if p.exists() and any(p.iterdir()) and not resume:
+            shutil.rmtree(p)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe = p / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise BonetumorError(f"{p}: cannot write to output folder ({e.strerror})") from None
+        if resume:
+            remove_stale_temporaries(p)  # left by a write that a kill interrupted
+        return run
+
+    def refuse_existing(self, overwrite: bool = False, resume: bool = False) -> None:
+        """Raise, before any work, when the folder holds files and may not be replaced."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise BonetumorError(f"{p} exists and is not a folder")
+        if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
+            raise BonetumorError(f"{p} already exists; pass --overwrite to replace it or --resume to continue")
+
+    def check_writable(self) -> None:
+        """Raise, before any work, when the folder cannot be created or written."""
+        check_writable(self.path)
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def folder(self, name: str) -> Path:
+        """A subfolder (maps/, panels/), made if missing."""
+        (self.path / name).mkdir(parents=True, exist_ok=True)
+        return self.path / name
+
+    def save(self, name: str, write: Callable[[Path], Any], fsync: bool = True) -> Path:
+        """Write ``name`` atomically: ``write(tmp)`` fills a temporary file that then replaces it.
+        ``fsync=False`` skips forcing the bytes to disk, for many small files that can be remade."""
+        with atomic_path(self.path / name, fsync=fsync) as tmp:
+            write(tmp)
+        self.written.append(name)
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.save(name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """JSON, indented, keys in insertion order."""
+        return self.write_text(name, json.dumps(obj, indent=2, default=str) + "\n")
+
+    def write_yaml(self, name: str, obj: Any) -> Path:
+        return self.write_text(name, yaml.safe_dump(obj, sort_keys=False))
+
+    def write_csv(self, name: str, fieldnames: Sequence[str], rows: Iterable[dict]) -> Path:
+        """Dict rows as CSV (keys not in ``fieldnames`` are left out)."""
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        return self.save(name, write)
+
+    def save_figure(self, name: str, fig) -> Path:
+        """A matplotlib figure as PNG (then closed)."""
+        import matplotlib.pyplot as plt
+
+        try:
+            return self.save(name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        finally:
+            plt.close(fig)
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON record of the run, or None if missing or unreadable."""
+        try:
+            return json.loads((self.path / name).read_text()) if self.has(name) else None
+        except (OSError, ValueError):
+            return None
+
+    def read_splits(self) -> dict[str, str] | None:
+        """{sample ref: split} as training recorded them, or None without a record."""
+        if not self.has(self.SPLITS):
+            return None
+        with open(self.path / self.SPLITS, newline="", encoding="utf-8") as f:
+            return {row["path"] + (f"#{row['slice']}" if row.get("slice") else ""): row["split"]
+                    for row in csv.DictReader(f)}
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create an output folder (see ``RunDir.create``) and return its path."""
+    return RunDir.create(path, overwrite, resume).path
+

@@ -5,13 +5,20 @@
 ``runtime.forward.Forward``. A batch is read and resized with grey images kept as one channel
 (a third of the work, and of what a worker process hands over), then moved to the device, made
 three channels and normalised as ``create_transforms`` normalises in training.
+
+A volume or series is explained (``explain``, ``serve``) through its highest-scoring slices:
+``top_slices`` scores every slice of the study and keeps the decoded images of the best ``k``
+meanwhile (never more than ``k`` plus a batch), so that no file is read twice and memory stays
+bounded however many slices a study has.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -21,7 +28,7 @@ from torchvision.transforms.v2.functional import normalize
 
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import load_tensor
-from bonetumor.data.samples import Sample
+from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_resize
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -228,3 +235,58 @@ def score_loader(forward: Forward, loader, task: Task, loss_fn=None) -> Predicti
     cat = (lambda a: np.concatenate(a) if a else np.zeros(0))  # noqa: E731
     return Predictions(task, cat(probs), cat(targets).astype(int), cat(indices).astype(int),
                        total / n if n else float("nan"), cat(raw))
+
+
+Decoded = tuple[Sample, torch.Tensor]  # a slice and its image as read (C x H x W, C = 1 or 3)
+
+
+def model_batch(ck: LoadedCheckpoint, images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Decoded images (any size, one or three channels) as the model's input batch on ``device``:
+    resized, three channels, normalised."""
+    resize = create_resize(ck.image_size)
+    return model_input(stack_images([resize(im) for im in images]), device, ck.mean, ck.std)
+
+
+def explained_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], k: int, device: torch.device,
+                      batch_size: int) -> Iterator[tuple[int, list[Decoded], torch.Tensor]]:
+    """``explained_images`` a batch at a time: (index of its first image, the images with their
+    slices, the model's input batch)."""
+    chunk, start = [], 0
+    for item in explained_images(ck, samples, k, device, batch_size):
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield start, chunk, model_batch(ck, [image for _, image in chunk], device)
+            start, chunk = start + batch_size, []
+    if chunk:
+        yield start, chunk, model_batch(ck, [image for _, image in chunk], device)
+
+
+def explained_images(ck: LoadedCheckpoint, samples: Sequence[Sample], k: int, device: torch.device,
+                     batch_size: int) -> Iterator[Decoded]:
+    """Every 2-D image of ``samples`` and, of each study with more than ``k`` slices, its ``k``
+    highest-scoring slices, in the order of ``samples``, each with its decoded image."""
+    for study, run in groupby(samples, key=lambda s: s.study):
+        group = list(run)
+        if study is None or len(group) <= k:
+            for s in group:
+                yield s, load_tensor(s.path, s.frame, ck.read_options, rgb=False)
+        else:
+            yield from top_slices(ck, group, k, device, batch_size)[0]
+
+
+def top_slices(ck: LoadedCheckpoint, slices: Sequence[Sample], k: int, device: torch.device,
+               batch_size: int) -> tuple[list[Decoded], torch.Tensor]:
+    """(the ``k`` highest-scoring of one study's ``slices``, in slice order, with their decoded
+    images; the probabilities of every slice). Ties keep the earlier slice."""
+    best: list[tuple[float, int, torch.Tensor]] = []  # a heap of (score, -position, image): the worst on top
+    probs: list[torch.Tensor] = []
+    with Forward(ck.model, device, "fp32") as forward:
+        for start in range(0, len(slices), batch_size):
+            images = [load_tensor(s.path, s.frame, ck.read_options, rgb=False) for s in slices[start:start + batch_size]]
+            probs.append(ck.task.probabilities(forward(model_batch(ck, images, device))).cpu())
+            for j, (image, p) in enumerate(zip(images, probs[-1])):
+                heapq.heappush(best, (ck.task.ranking_score(p), -(start + j), image))
+                if len(best) > k:
+                    heapq.heappop(best)
+    kept = sorted(best, key=lambda item: -item[1])
+    return [(slices[-position], image) for _, position, image in kept], torch.cat(probs)

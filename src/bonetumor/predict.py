@@ -18,6 +18,7 @@ import torch
 
 from bonetumor.data.studies import expand_inputs
 from bonetumor.errors import BonetumorError
+from bonetumor.files import RunDir
 from bonetumor.inference import (
     default_batch_size,
     default_workers,
@@ -26,11 +27,10 @@ from bonetumor.inference import (
 )
 from bonetumor.model.checkpoint import checkpoint_config
 from bonetumor.model.export import cached_export_path
-from bonetumor.rundir import RunDir
 from bonetumor.runtime import engines
-from bonetumor.runtime.compile import maybe_compiled
 from bonetumor.runtime.device import select_device
 from bonetumor.runtime.engines import Engine
+from bonetumor.runtime.forward import maybe_compiled
 
 AGGREGATES = "max, mean or topk:K"
 DEFAULT_AGGREGATE = "topk:3"  # a study's score: the mean of its three highest slice scores
@@ -78,7 +78,7 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
         precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
             of images, the device's native reduced precision if the probabilities of the first
             images stay within 0.01 of fp32's (see runtime/precision.py); a single batch stays fp32.
-        compile_mode: ``auto`` (torch.compile from ``runtime.compile.COMPILE_MIN_IMAGES`` images
+        compile_mode: ``auto`` (torch.compile from ``runtime.forward.COMPILE_MIN_IMAGES`` images
             on), ``on`` or ``off``.
         batch_size: images per batch; None: ``inference.default_batch_size`` of the device.
         workers: processes reading and preprocessing images ahead of the model; None:

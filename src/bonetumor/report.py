@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from bonetumor.errors import BonetumorError
-from bonetumor.rundir import RunDir
+from bonetumor.files import RunDir
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}

@@ -7,7 +7,13 @@ import pytest
 from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 
-from bonetumor.data.audit import audit, leakage_summary, memorisation_baseline, run_audit, scan_file
+from bonetumor.data.audit import (
+    audit,
+    leakage_summary,
+    memorisation_baseline,
+    run_audit,
+    scan_file,
+)
 from bonetumor.data.layouts import discover
 from bonetumor.data.synth import create_synthetic_dataset
 

@@ -8,10 +8,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from bonetumor.data.writers import write_dicom
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import image_kind, read_image
 from bonetumor.data.studies import expand_inputs
+from bonetumor.data.writers import write_dicom
 from bonetumor.errors import BadImageError
 
 

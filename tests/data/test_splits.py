@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from bonetumor.data.samples import Sample
 from bonetumor.data.splits import assign_splits
+from bonetumor.data.studies import Sample
 from bonetumor.errors import BonetumorError
 
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from bonetumor.data.layouts import discover
-from bonetumor.data.writers import write_nifti
+from bonetumor.data.nifti import nonempty_slices
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import read_image
 from bonetumor.data.splits import assign_splits
-from bonetumor.data.synth import create_synthetic_dataset
-from bonetumor.data.nifti import nonempty_slices
 from bonetumor.data.studies import expand_inputs
+from bonetumor.data.synth import create_synthetic_dataset
+from bonetumor.data.writers import write_nifti
 from bonetumor.errors import BadImageError
 
 
@@ -88,8 +88,9 @@ def test_volume_data_set_splits_by_patient_and_keeps_slices_together(tmp_path):
 def test_manifest_of_volumes_without_splits_is_split_by_patient(tmp_path):
     import csv
 
-    from bonetumor.train.setup import prepare_data
     from conftest import tiny_config
+
+    from bonetumor.train.setup import prepare_data
 
     r = create_synthetic_dataset(tmp_path / "d", n_patients=20, size=32, slices_per_patient=3, fmt="nifti")
     rows = list(csv.DictReader(open(r.manifest)))

@@ -7,10 +7,15 @@ from conftest import tiny_config
 from sklearn import metrics as skm
 
 from bonetumor import fit, load_checkpoint
-from bonetumor.evaluate.calibration import choose_threshold, fit_temperature, parse_rule, probabilities
 from bonetumor.errors import BonetumorError
-from bonetumor.evaluate.run import evaluate
+from bonetumor.evaluate.calibration import (
+    choose_threshold,
+    fit_temperature,
+    parse_rule,
+    probabilities,
+)
 from bonetumor.evaluate.metrics import expected_calibration_error
+from bonetumor.evaluate.run import evaluate
 
 
 def _scores(n=400, seed=0):

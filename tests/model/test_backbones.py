@@ -120,8 +120,8 @@ def test_unknown_backbone():
 
 
 def test_weights_from_a_bonetumor_checkpoint_reuse_its_backbone(tmp_path):
-    from bonetumor.model.checkpoint import save_checkpoint
     from bonetumor.config import TrainConfig
+    from bonetumor.model.checkpoint import save_checkpoint
 
     trained = create_model("resnet50", "none", n_outputs=3)
     save_checkpoint(tmp_path / "c.pt", trained, TrainConfig(data="x"), ["a", "b", "c"])

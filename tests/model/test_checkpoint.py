@@ -3,10 +3,15 @@ import pickle
 import pytest
 import torch
 
-from bonetumor.model.checkpoint import checkpoint_config, load_checkpoint, read_torch_file, save_checkpoint
 from bonetumor.config import TrainConfig, config_from_dict
 from bonetumor.errors import BonetumorError
 from bonetumor.model.backbones import create_model
+from bonetumor.model.checkpoint import (
+    checkpoint_config,
+    load_checkpoint,
+    read_torch_file,
+    save_checkpoint,
+)
 
 
 class Evil:

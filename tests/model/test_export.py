@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
-from bonetumor.model.checkpoint import load_checkpoint, update_checkpoint  # noqa: E402
 from bonetumor.cli import app  # noqa: E402
 from bonetumor.errors import BonetumorError  # noqa: E402
 from bonetumor.model import export  # noqa: E402
+from bonetumor.model.checkpoint import load_checkpoint, update_checkpoint  # noqa: E402
 from bonetumor.model.export import cached_export, export_onnx, load_onnx, load_openvino  # noqa: E402
 from bonetumor.predict import predict  # noqa: E402
 from bonetumor.runtime import engines  # noqa: E402

@@ -10,14 +10,19 @@ from conftest import tiny_config
 from torch import nn
 
 from bonetumor import fit
-from bonetumor.train import loop as train_loop
-from bonetumor.runtime import batchnorm
-from bonetumor.runtime.batchnorm import (conv_bn_pairs, fold_batchnorm, folded_batchnorm, inference_folded,
-                                 resolve_bn_statistics)
 from bonetumor.data.layouts import discover
 from bonetumor.errors import BonetumorError
 from bonetumor.model.backbones import create_model
 from bonetumor.model.serialization import read_torch_file
+from bonetumor.runtime import batchnorm
+from bonetumor.runtime.batchnorm import (
+    conv_bn_pairs,
+    fold_batchnorm,
+    folded_batchnorm,
+    inference_folded,
+    resolve_bn_statistics,
+)
+from bonetumor.train import loop as train_loop
 
 
 def _pretrained_like(name="resnet50", seed=0):

@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from bonetumor.model.checkpoint import load_checkpoint
 from bonetumor.data.readers import load_tensor
 from bonetumor.data.transforms import create_transforms
 from bonetumor.data.writers import write_dicom, write_nifti
 from bonetumor.explain.cam import compute_cams
-from bonetumor.predict import predict, predict_studies
 from bonetumor.explain.panels import heatmap_rgba as _heatmap_rgba
+from bonetumor.model.checkpoint import load_checkpoint
+from bonetumor.predict import predict, predict_studies
 from bonetumor.serve.app import create_app
 
 TOKEN = "a-long-enough-test-token-123"

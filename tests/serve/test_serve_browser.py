@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
+from conftest import chromium_executable
 
 from bonetumor.data.writers import write_nifti
 from bonetumor.serve.app import create_app
-from conftest import chromium_executable
 
 ARTIFACTS = Path(os.environ.get("BONETUMOR_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 

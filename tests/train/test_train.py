@@ -15,7 +15,7 @@ from conftest import make_class_tree, tiny_config
 
 from bonetumor import fit, load_checkpoint
 from bonetumor.errors import BadImageError, BonetumorError
-from bonetumor.rundir import RunDir
+from bonetumor.files import RunDir
 
 
 def _history(run):

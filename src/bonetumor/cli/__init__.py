@@ -191,8 +191,8 @@ def predict(
 ):
     """Probability of cancer (the positive class) and the label for each image or slice, and one
     aggregated score per volume or DICOM series."""
+    from bonetumor.files import RunDir
     from bonetumor.predict import predict_studies, write_predictions
-    from bonetumor.rundir import RunDir
 
     run = RunDir.create(out_dir, overwrite=overwrite) if out_dir is not None else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,

@@ -30,11 +30,12 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from bonetumor.data.layouts import DatasetIndex
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import read_image
-from bonetumor.data.samples import DatasetIndex, Sample
+from bonetumor.data.studies import Sample
 from bonetumor.errors import BadImageError
-from bonetumor.rundir import RunDir
+from bonetumor.files import RunDir
 
 THUMB = 32
 NEAR_THRESHOLD = 6  # of 64 pHash bits; re-encoded or slightly resized copies differ by 0-4

@@ -1,4 +1,4 @@
-"""Find the samples of a data set in any of the layouts users have (torch's ``Dataset`` is in datasets.py).
+"""Find the samples of a data set in any of the layouts users have: a ``DatasetIndex``.
 
 Layouts (first match wins):
     manifest   ``--manifest file.csv`` (or ``DATA/manifest.csv``): path,label[,patient_id][,split][,mask_path]
@@ -18,15 +18,45 @@ from __future__ import annotations
 import csv
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import is_image_file, read_image
-from bonetumor.data.samples import DatasetIndex, Sample
-from bonetumor.data.studies import expand_inputs, expand_volumes
+from bonetumor.data.studies import Sample, expand_inputs, expand_volumes
 from bonetumor.errors import BadImageError, BonetumorError
+
+
+@dataclass
+class DatasetIndex:
+    """All samples found, the class list (binary: [negative, positive]), how they were found and
+    how their pixels are read."""
+
+    samples: list[Sample]
+    classes: list[str]
+    layout: str
+    root: str | None = None
+    patient_level: bool = False
+    ignored_files: list[str] = field(default_factory=list)
+    options: ReadOptions = field(default_factory=ReadOptions)
+
+    def split(self, name: str) -> list[Sample]:
+        """Samples of one split ('train', 'valid' or 'test')."""
+        return [s for s in self.samples if s.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: n}} for the record and the report."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self.samples:
+            out.setdefault(str(s.split), {c: 0 for c in self.classes})[s.label] += 1
+        return out
+
+    @property
+    def split_level(self) -> str:
+        """'patient' when every sample has a patient id (splits keep patients apart), else 'image'."""
+        return "patient" if self.patient_level else "image"
+
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
                  "validation": "valid", "test": "test", "testing": "test"}

@@ -70,17 +70,3 @@ def apply_window(values: np.ndarray, window: str | None, ref: np.ndarray | None 
         return None
     kind, a, b = w
     return linear_window(values, a, b) if kind == "cw" else percentile_window(values, a, b, ref)
-
-
-def shrink_array(arr: np.ndarray, max_side: int) -> np.ndarray:
-    """Area-average an (H, W, C) float array so that its longer side is at most ``max_side``."""
-    h, w = arr.shape[:2]
-    if max(h, w) <= max_side:
-        return arr
-    import torch
-    import torch.nn.functional as F
-
-    scale = max_side / max(h, w)
-    size = (max(2, round(h * scale)), max(2, round(w * scale)))
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
-    return F.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).numpy()

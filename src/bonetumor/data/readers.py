@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bonetumor.data import dicom, nifti
-from bonetumor.data.pixels import ReadOptions, apply_window, shrink_array
+from bonetumor.data.pixels import ReadOptions, apply_window
 from bonetumor.errors import BadImageError, first_line
 
 # Pillow already warns for these; its own warning is replaced by the one-line error below.
@@ -133,6 +133,19 @@ def image_kind(path: str | Path) -> str | None:
 def is_image_file(path: str | Path) -> bool:
     """True when a reader takes the file (by name; extension-less DICOM by content)."""
     return reader_for(path) is not None
+
+
+def shrink_array(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """Area-average an (H, W, C) float array so that its longer side is at most ``max_side``."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= max_side:
+        return arr
+    import torch.nn.functional as F
+
+    scale = max_side / max(h, w)
+    size = (max(2, round(h * scale)), max(2, round(w * scale)))
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+    return F.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).numpy()
 
 
 def read_image(path: str | Path, frame: int | None = None, options: ReadOptions | None = None) -> np.ndarray:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bonetumor.data.samples import Sample, with_splits
+from bonetumor.data.studies import Sample
 from bonetumor.errors import BonetumorError
+
+
+def with_splits(samples: Sequence[Sample], splits: Sequence[str]) -> list[Sample]:
+    """Copy of samples with their split set."""
+    return [replace(s, split=sp) for s, sp in zip(samples, splits)]
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:

@@ -1,13 +1,16 @@
-"""Studies: NIfTI volumes, multi-frame DICOM files and DICOM series folders, each turned into
-the 2-D slices the model reads, with the study they belong to.
+"""What one 2-D image is (``Sample``), and how studies become them: NIfTI volumes, multi-frame
+DICOM files and DICOM series folders, each turned into the 2-D slices the model reads, with the
+study they belong to.
 
-A study is the unit a clinician reads (one volume, one series); its slices stay together in
-splits and ``predict`` gives it one aggregated score.
+A sample is a file, or one slice of a volume or series file, with what is known about it: its
+class (None for a file to predict), patient, split, lesion mask and study. A study is the unit a
+clinician reads (one volume, one series); its slices stay together in splits and ``predict``
+gives it one aggregated score.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -15,8 +18,25 @@ from bonetumor.data.dicom import dicom_info, order_series
 from bonetumor.data.nifti import nonempty_slices
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import image_kind
-from bonetumor.data.samples import Sample
 from bonetumor.errors import BadImageError, BonetumorError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One 2-D image: where it is, its class, and what is known about it."""
+
+    path: str
+    label: str | None = None
+    patient_id: str | None = None
+    split: str | None = None
+    mask_path: str | None = None
+    frame: int | None = None  # the slice of a volume (NIfTI, multi-frame DICOM); None for 2-D files
+    study: str | None = None  # the volume or series the slice belongs to
+
+    @property
+    def ref(self) -> str:
+        """A unique name for tables: the path, with ``#slice`` for a slice of a volume."""
+        return self.path if self.frame is None else f"{self.path}#{self.frame}"
 
 
 def expand_file(path: str | Path, options: ReadOptions | None = None) -> list[Sample]:

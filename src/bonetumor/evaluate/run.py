@@ -22,9 +22,9 @@ from bonetumor.evaluate.figures import (
     plot_score_hist,
 )
 from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
+from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, open_model, predict_samples
 from bonetumor.model.checkpoint import LoadedCheckpoint
-from bonetumor.rundir import RunDir
 
 
 def parse_class_map(text: str | None) -> dict[str, str] | None:

@@ -39,6 +39,7 @@ class CamResult:
     raw: torch.Tensor  # (N, h, w) at the target layer's resolution, before normalisation
     probs: torch.Tensor  # (N,) P(positive) for binary, else (N, C)
     target_index: torch.Tensor  # (N,) class index explained
+    predicted: torch.Tensor  # (N,) class index predicted (binary: P >= threshold)
 
 
 def layer_names(model: nn.Module, depth: int = 3) -> list[str]:
@@ -92,10 +93,10 @@ def _capture(layer: nn.Module, as_leaf: bool) -> Iterator[dict]:
         handle.remove()
 
 
-def _select_scores(logits: torch.Tensor, target: str | int, task: Task, threshold: float):
+def _select_scores(logits: torch.Tensor, target: str | int, task: Task, predicted: torch.Tensor):
     """Per-image score to explain, and the class index it stands for."""
     if target == "predicted":
-        idx = task.indices(task.probabilities(logits.detach().float()), threshold)
+        idx = predicted
     else:
         i = target if isinstance(target, int) else _class_index(target, list(task.classes))
         idx = torch.full((len(logits),), i, dtype=torch.long, device=logits.device)
@@ -177,7 +178,9 @@ def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "g
             with autocast(precision, x.device):
                 logits = model(x)
             task = Task.of(classes or _default_classes(logits.shape[1]))
-            score, idx = _select_scores(logits.float(), target, task, threshold)
+            probs = task.probabilities(logits.detach().float())
+            predicted = task.indices(probs, threshold)
+            score, idx = _select_scores(logits.float(), target, task, predicted)
             act = store["act"]
             if method == "eigencam":
                 raw = _eigencam(act)
@@ -186,5 +189,5 @@ def compute_cams(model: nn.Module, x: torch.Tensor, layer: str, method: str = "g
                 act, grad = act.detach().float(), grad.float()
                 weights = grad.mean(dim=(2, 3)) if method == "gradcam" else _weights_gradcam_pp(act, grad)
                 raw = torch.relu((weights[:, :, None, None] * act).sum(1))
-    probs = task.probabilities(logits.detach().float())
-    return CamResult(_normalise(raw.detach(), tuple(x.shape[-2:])), raw.detach().float(), probs, idx.detach())
+    return CamResult(_normalise(raw.detach(), tuple(x.shape[-2:])), raw.detach().float(), probs, idx.detach(),
+                     predicted)

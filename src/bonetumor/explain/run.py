@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 from bonetumor.data.layouts import read_manifest
 from bonetumor.data.readers import read_image
-from bonetumor.data.samples import Sample
-from bonetumor.data.studies import expand_inputs
-from bonetumor.data.transforms import create_transforms
+from bonetumor.data.studies import Sample, expand_inputs
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
 from bonetumor.explain.panels import cam_panel
@@ -31,11 +29,11 @@ from bonetumor.explain.scores import (
     gaussian_baseline,
     localization_scores,
 )
-from bonetumor.explain.slices import explained_images
-from bonetumor.inference import open_model
+from bonetumor.files import RunDir
+from bonetumor.inference import explained_batches
 from bonetumor.model.backbones import BACKBONES
-from bonetumor.rundir import RunDir
-from bonetumor.runtime.device import to_device
+from bonetumor.model.checkpoint import load_checkpoint
+from bonetumor.runtime.device import select_device
 
 SCORES = ("pointing", "energy", "iou_top15")
 
@@ -111,17 +109,16 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
     Volumes and series: the ``top_slices`` slices with the highest positive-class score.
     """
-    ck, dev = open_model(checkpoint, device)
+    dev = select_device(device)
+    ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
-    tf = create_transforms(False, ck.image_size, mean=ck.mean, std=ck.std)
-    images = explained_images(ck, expand_inputs(paths, ck.read_options), top_slices, dev, batch_size)
+    batches = explained_batches(ck, expand_inputs(paths, ck.read_options), top_slices, dev, batch_size)
     lookup = mask_lookup(masks, boxes, manifest)
     run = RunDir.create(out, overwrite=overwrite)
     run.folder(RunDir.MAPS)
     run.folder(RunDir.PANELS)
     rows, faith = [], {"deletion": [], "insertion": []}
-    for start, chunk in _batched(images, batch_size):
-        x = to_device(torch.stack([tf(image) for _, image in chunk]), dev)
+    for start, chunk, x in batches:
         res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold)
         if len(faith["deletion"]) < faithfulness_samples:
             k = faithfulness_samples - len(faith["deletion"])
@@ -136,18 +133,6 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     return result
 
 
-def _batched(items, n: int):
-    """(index of the first, list of up to ``n`` items) over an iterator, without reading it all."""
-    chunk, start = [], 0
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield start, chunk
-            start, chunk = start + n, []
-    if chunk:
-        yield start, chunk
-
-
 def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, lookup, run: RunDir, max_panels) -> dict:
     h, w = original.shape[-2:]
     cam = F.interpolate(res.maps[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
@@ -158,7 +143,7 @@ def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, looku
     stem = f"{n:05d}_{base}" + ("" if f.frame is None else f"_slice{f.frame:04d}")
     run.save(f"{RunDir.MAPS}/{stem}.npy", lambda tmp: _save_npy(tmp, cam))
     p = res.probs[j]
-    prob, label = float(p.max()), ck.label_for(p.cpu())
+    prob, label = float(p.max()), ck.classes[int(res.predicted[j])]
     row = {"path": f.path, "slice": f.frame, "study": f.study, "probability": round(prob, 6), "prediction": label,
            "explained_class": ck.classes[int(res.target_index[j])], "map": f"{RunDir.MAPS}/{stem}.npy", "panel": ""}
     mask = lookup(p_file, (h, w)) if f.frame is None else None  # lesion masks are given per 2-D image

@@ -23,12 +23,11 @@ from rich.progress import track
 
 from bonetumor.config import TrainConfig
 from bonetumor.data.readers import load_tensor
-from bonetumor.data.samples import Sample
+from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_transforms
 from bonetumor.files import atomic_path
-from bonetumor.runtime.compile import maybe_compiled
 from bonetumor.runtime.device import to_device
-from bonetumor.runtime.forward import Forward
+from bonetumor.runtime.forward import Forward, maybe_compiled
 from bonetumor.runtime.precision import autocast_dtype
 
 

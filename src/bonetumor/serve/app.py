@@ -33,15 +33,13 @@ from bonetumor import __version__
 from bonetumor.data.nifti import forget_volumes
 from bonetumor.data.readers import load_tensor
 from bonetumor.data.studies import expand_inputs
-from bonetumor.data.transforms import create_transforms
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
 from bonetumor.explain.panels import heatmap_rgba, to_rgb8
-from bonetumor.explain.slices import top_slices
-from bonetumor.inference import open_model, prediction_rows
+from bonetumor.inference import model_batch, open_model, prediction_rows, top_slices
 from bonetumor.model.backbones import BACKBONES
 from bonetumor.predict import DEFAULT_AGGREGATE, slice_score, study_scores
-from bonetumor.runtime.device import release_free_memory, to_device
+from bonetumor.runtime.device import release_free_memory
 from bonetumor.serve.sniff import ACCEPTED, SUFFIXES, sniff
 
 log = logging.getLogger("bonetumor.serve")
@@ -75,7 +73,6 @@ class Service:
         self.ck, self.device = open_model(checkpoint, device)
         self.ck.model.eval()
         self.path = Path(checkpoint)
-        self.tf = create_transforms(False, self.ck.image_size, mean=self.ck.mean, std=self.ck.std)
         self.layer = BACKBONES[self.ck.config.backbone]["cam_layer"]
         self.lock = threading.Lock()
         self.info = self._model_info()
@@ -107,11 +104,13 @@ class Service:
         is_study = len(refs) > 1 or refs[0].frame is not None  # one single-frame DICOM file is an image
         # Few slices: Grad-CAM's own forward pass scores them all. Many: score every slice in
         # batches (not all held in memory), keeping the highest-scoring ones to explain.
+        rows = None
         if len(refs) > MAX_HEATMAPS:
-            chosen, rows = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16)
+            chosen, probs = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16)
+            rows = prediction_rows(ck, refs, probs)
         else:
-            chosen, rows = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs], None
-        x = to_device(torch.stack([self.tf(image) for _, image in chosen]), self.device)
+            chosen = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs]
+        x = model_batch(ck, [image for _, image in chosen], self.device)
         cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold)
         cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu())
         rows = rows or cam_rows

@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 
 from bonetumor.config import TrainConfig
+from bonetumor.files import RunDir
 from bonetumor.model.checkpoint import checkpoint_payload, sealed, snapshot_bytes
 from bonetumor.model.serialization import read_torch_file
-from bonetumor.rundir import RunDir
 
 HOLD_BEST_BYTES = 32 * 2**20  # a best-epoch snapshot up to this size waits in memory for its write
 

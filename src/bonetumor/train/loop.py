@@ -16,13 +16,13 @@ from pathlib import Path
 from rich.progress import track
 
 from bonetumor.config import TrainConfig
-from bonetumor.data.samples import DatasetIndex
+from bonetumor.data.layouts import DatasetIndex
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.calibration import operating_point
 from bonetumor.evaluate.figures import plot_curves
 from bonetumor.evaluate.metrics import binary_auc
+from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, score_loader
-from bonetumor.rundir import RunDir
 from bonetumor.runtime.batchnorm import folded_batchnorm
 from bonetumor.runtime.device import release_free_memory, to_device
 from bonetumor.runtime.forward import Forward

@@ -18,14 +18,12 @@ from torch import nn
 
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
 from bonetumor.data.audit import audit, leakage_summary, scan
-from bonetumor.data.layouts import check_files, discover, fingerprint
-from bonetumor.data.samples import DatasetIndex
+from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, LeakageWarning
-from bonetumor.files import check_free_space
+from bonetumor.files import RunDir, check_free_space
 from bonetumor.model.backbones import count_parameters, create_model
 from bonetumor.model.serialization import read_torch_file
-from bonetumor.rundir import RunDir
 from bonetumor.runtime.batchnorm import resolve_bn_statistics
 from bonetumor.runtime.device import (
     environment_info,

@@ -5,10 +5,14 @@ import warnings
 import pytest
 import torch
 
-from bonetumor.runtime import compile as compiled
-from bonetumor.runtime.compile import COMPILE_MIN_IMAGES, CompiledInference, should_compile
 from bonetumor.errors import BonetumorError
 from bonetumor.predict import predict
+from bonetumor.runtime import forward as compiled
+from bonetumor.runtime.forward import (
+    COMPILE_MIN_IMAGES,
+    CompiledInference,
+    should_compile,
+)
 
 
 def test_auto_compiles_only_large_jobs():

@@ -1,13 +1,13 @@
-"""The torch Dataset over found samples: tensors, the image cache, seeded training."""
+"""Training's image Dataset: tensors, the image cache, seeded training."""
 
 import os
 
 import torch
 from conftest import make_class_tree
 
-from bonetumor.data.datasets import ImageDataset
 from bonetumor.data.layouts import discover
 from bonetumor.data.transforms import create_resize, create_transforms
+from bonetumor.train.batches import ImageDataset
 
 
 def test_dataset_gives_3_channel_normalised_tensors(tmp_path):
