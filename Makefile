@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/bonetumor demo --out demo_output --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
