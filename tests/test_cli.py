@@ -50,6 +50,7 @@ def test_audit_command_and_strict_exit_code(tmp_path, tiny_data):
     assert code == 2 and "no data given" in out
 
 
+@pytest.mark.slow
 def test_cv_command(tmp_path, tiny_data):
     code, out = _run("cv", tiny_data, "--out", tmp_path / "cv", "--folds", 2, "--epochs", 1, "--image-size", 32,
                      "--weights", "none", "--freeze", "none", "--device", "cpu", "--seed", 3)

@@ -10,6 +10,7 @@ from bonetumor.cv import cross_validate
 from bonetumor.errors import BonetumorError
 
 
+@pytest.mark.slow
 def test_every_image_gets_one_out_of_fold_prediction(tmp_path, tiny_data):
     r = cross_validate(tiny_config(tiny_data, epochs=1), tmp_path / "cv", folds=3, verbose=False, n_boot=50)
     rows = list(csv.DictReader(open(tmp_path / "cv" / "oof_predictions.csv")))

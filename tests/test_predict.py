@@ -98,6 +98,7 @@ def test_explain_maps_the_top_slices_of_each_study(volume_run, tmp_path):
     assert all((tmp_path / "x" / r["map"]).is_file() and (tmp_path / "x" / r["panel"]).is_file() for r in res.rows)
 
 
+@pytest.mark.slow
 def test_evaluate_and_audit_read_volumes_unchanged(volume_run, tmp_path):
     fmt, root = volume_run
     manifest = root / "d" / "manifest.csv"

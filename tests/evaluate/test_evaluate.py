@@ -38,6 +38,7 @@ def test_metrics_match_scikit_learn_on_random_predictions():
     assert all(m[k]["ci_low"] <= m[k]["value"] <= m[k]["ci_high"] for k in v)
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_agrees_with_scipy():
     from scipy import stats
 
@@ -52,6 +53,7 @@ def test_bootstrap_interval_agrees_with_scipy():
     assert m["interval"] == {"level": 0.95, "resamples": 2000, "unit": "image", "method": "percentile bootstrap"}
 
 
+@pytest.mark.slow
 def test_patients_are_resampled_whole_and_scored_per_patient():
     rng = np.random.default_rng(2)
     yp = rng.integers(0, 2, 60)
@@ -118,6 +120,7 @@ def test_evaluate_writes_files_and_uses_every_test_image(tiny_run, tiny_data, tm
     assert b["n"] == 8 and 0 <= b["accuracy"] <= 1 and 0 <= b["roc_auc"] <= 1
 
 
+@pytest.mark.slow
 def test_evaluate_other_split(tiny_run, tiny_data, tmp_path):
     m = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "v", "val")
     assert m["split"] == "valid" and m["n"] == 8

@@ -180,6 +180,7 @@ def test_openvino_auto_precision_and_refusals(exported, tiny_run, tiny_data, tmp
     assert len([json.loads(line) for line in r.output.splitlines() if line.startswith("{")]) == 8
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_exported_once_into_the_cache_and_old_exports_are_dropped(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("BONETUMOR_CACHE_DIR", str(tmp_path / "cache"))
     first = cached_export(tiny_run / "best.pt")

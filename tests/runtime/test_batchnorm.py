@@ -142,6 +142,7 @@ def test_auto_is_frozen_from_pretrained_weights_and_batch_from_random_ones():
     assert resolve_bn_statistics("batch", "imagenet") == "batch"
 
 
+@pytest.mark.slow
 def test_fit_with_frozen_statistics(tiny_data, tmp_path, monkeypatch):
     # Pretrained weights of our own: a run's checkpoint, with statistics that are not 0 and 1.
     pre = fit(tiny_config(tiny_data, epochs=1, audit=False), tmp_path / "pre", verbose=False)

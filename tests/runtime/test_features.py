@@ -54,6 +54,7 @@ def test_backbone_passes_do_not_grow_with_epochs(tmp_path, tiny_data):
     assert counts[2] == counts[6] == 3 * n_train + n_valid
 
 
+@pytest.mark.slow
 def test_views_are_fixed_by_the_seed_not_the_batching(tiny_data):
     cfg = tiny_config(tiny_data)
     samples = discover(str(tiny_data)).split("train")[:10]

@@ -24,6 +24,7 @@ def test_auto_compiles_only_large_jobs():
         should_compile("yes", 1, cpu)
 
 
+@pytest.mark.slow
 def test_compiled_predictions_equal_eager_with_a_padded_last_batch(tiny_run, tiny_data):
     files = sorted(str(p) for p in tiny_data.rglob("*.png"))[:7]
     eager = predict(tiny_run / "best.pt", files, device="cpu", batch_size=4, compile_mode="off")

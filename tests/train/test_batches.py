@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from conftest import make_class_tree
 
@@ -40,6 +41,7 @@ def test_image_cache_decodes_once_and_matches_the_uncached_path(tmp_path):
     assert all(small[i][0].shape == (3, 32, 32) for i in range(len(small))) and len(small._cache) == 3  # budget kept
 
 
+@pytest.mark.slow
 def test_training_with_the_image_cache_is_seeded(tmp_path):
     from conftest import tiny_config
 

@@ -65,6 +65,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss(tiny_run):
     assert load_checkpoint(tiny_run / "best.pt").epoch == int(best["epoch"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path, tiny_data):
     a = fit(tiny_config(tiny_data), tmp_path / "a", verbose=False)
     b = fit(tiny_config(tiny_data), tmp_path / "b", verbose=False)
@@ -76,6 +77,7 @@ def test_same_seed_same_numbers(tmp_path, tiny_data):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
     full = fit(tiny_config(tiny_data, epochs=3), tmp_path / "full", verbose=False)
     fit(tiny_config(tiny_data, epochs=1), tmp_path / "part", verbose=False)
@@ -87,6 +89,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
     assert all(torch.allclose(wf[k].float(), wr[k].float()) for k in wf)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_is_recorded_and_resumes_exactly(tmp_path, tiny_data):
     from bonetumor.train.setup import lr_at_epoch
 
@@ -203,6 +206,7 @@ def _train_cmd(data, out, *extra):
             "--seed", "5", "--workers", "0", "--no-audit", "--checkpoint-seconds", "0", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same float sums
     subprocess.run(_train_cmd(tiny_data, tmp_path / "full"), env=env, check=True, capture_output=True, timeout=600)
@@ -242,6 +246,7 @@ def test_full_disk_is_refused_before_training(tmp_path, tiny_data, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(tmp_path, tiny_data, monkeypatch):
     import errno
 
