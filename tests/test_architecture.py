@@ -2,6 +2,8 @@
 and top-level files), no file over ~400 lines, no function over ~60 but the ones named here."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import bonetumor
@@ -108,3 +110,12 @@ def test_no_function_is_over_60_lines_but_the_named_ones():
                 if n > MAX_FUNCTION_LINES:
                     long[f"{name}:{node.name}"] = n
     assert set(long) == set(LONG_FUNCTIONS), long
+
+
+def test_importing_the_package_leaves_plotting_and_the_audit_to_the_commands_that_use_them():
+    """Every command imports the package and the CLI; matplotlib (about 30 MB) and scikit-learn's
+    neighbours load only in the functions that draw or audit."""
+    code = ("import sys, bonetumor, bonetumor.cli, bonetumor.predict; "
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('matplotlib', 'sklearn.neighbors'))}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -14,13 +14,6 @@ import numpy as np
 from bonetumor.data.layouts import check_files, discover
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError
-from bonetumor.evaluate.figures import (
-    plot_confusion,
-    plot_pr,
-    plot_reliability,
-    plot_roc,
-    plot_score_hist,
-)
 from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
 from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, open_model, predict_samples
@@ -124,6 +117,16 @@ def _write_predictions(run: RunDir, samples, preds: Predictions, ck: LoadedCheck
 
 
 def _write_figures(run: RunDir, preds: Predictions, m: dict, ck: LoadedCheckpoint, name: str, groups, n_boot: int) -> None:
+    # Imported here: matplotlib adds about 30 MB and a second to every command that imports the
+    # package (predict, serve), though only evaluate and fit draw.
+    from bonetumor.evaluate.figures import (
+        plot_confusion,
+        plot_pr,
+        plot_reliability,
+        plot_roc,
+        plot_score_hist,
+    )
+
     if ck.task.binary:
         t, p = preds.targets, preds.probs
         auc = m["roc_auc"]

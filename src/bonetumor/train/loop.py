@@ -19,7 +19,6 @@ from bonetumor.config import TrainConfig
 from bonetumor.data.layouts import DatasetIndex
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.calibration import operating_point
-from bonetumor.evaluate.figures import plot_curves
 from bonetumor.evaluate.metrics import binary_auc
 from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, score_loader
@@ -88,6 +87,8 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
             _print_epoch(row, improved)
     if verbose and progress.stopped:
         console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {progress.best_epoch}")
+    from bonetumor.evaluate.figures import plot_curves  # matplotlib: see evaluate.run
+
     run.save_figure(RunDir.CURVES, plot_curves(progress.history))
     if checkpointer.has_best:
         _set_operating_point(r, source, checkpointer, best_val, verbose)

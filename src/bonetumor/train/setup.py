@@ -17,7 +17,6 @@ from rich.console import Console
 from torch import nn
 
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
-from bonetumor.data.audit import audit, leakage_summary, scan
 from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, LeakageWarning
@@ -165,6 +164,9 @@ def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: n
     run.check_writable()
     # best.pt and last.pt, each briefly twice while replaced atomically, plus plots and records.
     check_free_space(run.path, 3 * checkpoint_bytes(model) + 50 * 2**20, "a training run")
+    # Imported here: scikit-learn's neighbours are for training runs, not every command.
+    from bonetumor.data.audit import scan
+
     facts = None
     if cfg.audit and not run.has(RunDir.AUDIT):
         facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=index.options)))
@@ -175,6 +177,8 @@ def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: n
 def audit_data(index: DatasetIndex, run: RunDir, verbose: bool = True, facts: list | None = None) -> dict:
     """Run the leakage audit on the splits about to be used (``facts``: their scan, if made);
     write ``audit.json`` and warn, never silently, when a split shares images or patients."""
+    from bonetumor.data.audit import audit, leakage_summary
+
     report = audit(index, facts=facts)
     run.write_json(RunDir.AUDIT, report)
     summary = leakage_summary(report)
