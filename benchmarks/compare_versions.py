@@ -94,16 +94,17 @@ def main() -> None:
         earlier = json.loads((out / "summary.json").read_text())
         if (earlier["before"], earlier["after"]) == (args.before, args.after):
             summary["benchmarks"] = earlier["benchmarks"]
+    # Resolved once, so that a later call with the same --after name (HEAD) is told apart by its commit.
     commits = {side: subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], check=True, capture_output=True,
                                     text=True).stdout.strip() for side, rev in (("before", args.before), ("after", args.after))}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {side: _worktree(rev, Path(tmp) / side) for side, rev in (("before", args.before), ("after", args.after))}
+        trees = {side: _worktree(commit, Path(tmp) / side) for side, commit in commits.items()}
         try:
             for name in names + (["keras_original"] if args.keras_python else []):
                 extra = ["--keras-python", args.keras_python] if name == "keras_original" else []
                 runs = {}
+                (out / name).mkdir(parents=True, exist_ok=True)
                 for side in ("before", "after"):
-                    (out / name).mkdir(parents=True, exist_ok=True)
                     runs[side] = _run(trees[side], name, (out / name / f"{side}.json").resolve(), extra)
                     print(name, side, runs[side].get("error") or f"{runs[side]['seconds']} s", flush=True)
                 entry = {side: {"commit": commits[side], "seconds": r["seconds"], **({"error": r["error"]} if "error" in r else {})}

@@ -164,11 +164,11 @@ def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: n
     run.check_writable()
     # best.pt and last.pt, each briefly twice while replaced atomically, plus plots and records.
     check_free_space(run.path, 3 * checkpoint_bytes(model) + 50 * 2**20, "a training run")
-    # Imported here: scikit-learn's neighbours are for training runs, not every command.
-    from bonetumor.data.audit import scan
-
     facts = None
     if cfg.audit and not run.has(RunDir.AUDIT):
+        # Imported here: scikit-learn's neighbours are for audited runs, not every command.
+        from bonetumor.data.audit import scan
+
         facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=index.options)))
     skipped = check_data(index, cfg, [facts[s.ref].error for s in index.samples] if facts else None)
     return skipped, [facts[s.ref] for s in index.samples] if facts is not None else None
