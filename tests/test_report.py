@@ -50,6 +50,26 @@ def test_report_is_self_contained_and_complete(report):
     assert text.count("data:image/png;base64,") >= 6  # curves, ROC, PR, confusion, scores, reliability
 
 
+def test_failure_gallery_with_both_kinds_of_error(report, tiny_run, tmp_path):
+    """A model that misses a cancer and also calls a normal image cancer gets both galleries."""
+    import csv
+    import shutil
+
+    ev = tmp_path / "eval"
+    shutil.copytree(report.parent / "eval", ev)
+    rows = list(csv.DictReader(open(ev / "predictions.csv")))
+    pos = json.loads((ev / "metrics.json").read_text())["positive_class"]
+    neg = next(r["label"] for r in rows if r["label"] != pos)
+    rows[0].update(label=pos, prediction=neg, probability="0.10")
+    rows[1].update(label=neg, prediction=pos, probability="0.90")
+    with open(ev / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    text = build_report(tiny_run, ev, None, tmp_path / "r.html").read_text()
+    assert "False negatives" in text and "False positives" in text
+
+
 def _render(html_text: str, tmp_path, width: int) -> dict:
     """Load the page in headless Chromium at ``width`` px and return what the check script saw."""
     exe = chromium_executable()

@@ -162,13 +162,15 @@ def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, group in (("False negatives (missed cancer), lowest P first", fn), ("False positives, highest P first", fp)):
+        # Each group gets its own fixed folder: explain refuses to write into one that exists.
+        for folder, title, group in (("false_negatives", f"False negatives (missed {pos}), lowest P first", fn),
+                                     ("false_positives", "False positives, highest P first", fp)):
             if not group:
                 continue
-            res = explain(run / RunDir.BEST, [r["path"] for r in group], Path(tmp) / name[:5], target="predicted",
+            res = explain(run / RunDir.BEST, [r["path"] for r in group], Path(tmp) / folder, target="predicted",
                           faithfulness_samples=0)
-            out.append(f"<h3>{html.escape(name)}</h3><div class='grid'>"
-                       + "".join(_figure(Path(tmp) / name[:5] / r["panel"], f"{Path(r['path']).name}: P = {r['probability']:.3f}")
+            out.append(f"<h3>{html.escape(title)}</h3><div class='grid'>"
+                       + "".join(_figure(Path(tmp) / folder / r["panel"], f"{Path(r['path']).name}: P = {r['probability']:.3f}")
                                  for r in res.rows if r.get("panel")) + "</div>")
     return "".join(out)
 

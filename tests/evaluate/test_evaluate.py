@@ -165,6 +165,18 @@ def test_external_data_with_other_class_names(tiny_run, tmp_path):
         parse_class_map("malignant")
 
 
+def test_class_map_on_two_folders_neither_named_cancer(tiny_run, tmp_path):
+    """The map is applied before the positive class is chosen: two folders, neither called cancer."""
+    from conftest import write_image
+
+    for name, n in (("malignant", 3), ("normal", 4)):
+        for k in range(n):
+            write_image(tmp_path / "ext" / name / f"{name}{k}.png", 32, seed=k + 10 * n)
+    m = evaluate(tiny_run / "best.pt", str(tmp_path / "ext"), tmp_path / "e", "all",
+                 class_map={"malignant": "cancer", "normal": "normal"}, external=True, n_boot=20)
+    assert m["n"] == 7 and m["n_positive"] == 3 and m["positive_class"] == "cancer"
+
+
 def test_metrics_without_copies_of_train(tiny_run, tiny_data, tmp_path):
     import shutil
 

@@ -40,6 +40,7 @@ class DatasetIndex:
     patient_level: bool = False
     ignored_files: list[str] = field(default_factory=list)
     options: ReadOptions = field(default_factory=ReadOptions)
+    dropped_classes: dict[str, int] = field(default_factory=dict)
 
     def split(self, name: str) -> list[Sample]:
         """Samples of one split ('train', 'valid' or 'test')."""
@@ -207,16 +208,25 @@ def order_classes(labels: Sequence[str], positive_class: str | None) -> list[str
 
 def discover(data=None, manifest=None, train_dir=None, val_dir=None, test_dir=None,
              positive_class=None, classes: Sequence[str] | None = None,
-             options: ReadOptions | None = None) -> DatasetIndex:
+             options: ReadOptions | None = None, class_map: dict[str, str] | None = None) -> DatasetIndex:
     """Find every sample under the given data arguments (see the module docstring for layouts).
 
     Args:
         classes: a fixed class list (from a checkpoint); samples of other classes are an error.
         options: how volumes are sliced (``slice_axis``).
+        class_map: the data's class names -> the names used from here on (``malignant=cancer``);
+            applied before the classes are ordered or checked. Unmapped classes are dropped and
+            counted in ``dropped_classes``.
     """
     ignored: list = []
     samples, layout, root = _find(data, manifest, train_dir, val_dir, test_dir, ignored)
     samples = expand_volumes(samples, options)
+    dropped: dict[str, int] = {}
+    if class_map:
+        for s in samples:
+            if s.label not in class_map:
+                dropped[s.label] = dropped.get(s.label, 0) + 1
+        samples = [replace(s, label=class_map[s.label]) for s in samples if s.label in class_map]
     if classes is None:
         classes = order_classes([s.label for s in samples], positive_class)
     else:
@@ -225,7 +235,7 @@ def discover(data=None, manifest=None, train_dir=None, val_dir=None, test_dir=No
             raise BonetumorError(f"classes {unknown} are not among the model's classes {list(classes)}")
     patient_level = bool(samples) and all(s.patient_id for s in samples)
     return DatasetIndex(samples, list(classes), layout, root, patient_level, [str(p) for p in ignored],
-                        options or ReadOptions())
+                        options or ReadOptions(), dropped)
 
 
 def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,

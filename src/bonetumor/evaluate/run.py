@@ -6,7 +6,6 @@ figure comes from those same predictions.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +35,13 @@ def parse_class_map(text: str | None) -> dict[str, str] | None:
 def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None):
     """(all samples with splits, the samples to evaluate, classes dropped by the map and their counts)."""
     cfg = ck.config
-    index = discover(data, manifest, None, None, None, classes=None if class_map else ck.classes, options=ck.read_options)
-    samples, dropped = index.samples, {}
     if class_map:
         bad = sorted(set(class_map.values()) - set(ck.classes))
         if bad:
             raise BonetumorError(f"--class-map maps to {bad}, which are not the model's classes {ck.classes}")
-        for s in samples:
-            if s.label not in class_map:
-                dropped[s.label] = dropped.get(s.label, 0) + 1
-        samples = [replace(s, label=class_map[s.label]) for s in samples if s.label in class_map]
+    index = discover(data, manifest, None, None, None, classes=ck.classes, options=ck.read_options,
+                     class_map=class_map)
+    samples, dropped = index.samples, index.dropped_classes
     if split == "all":
         return samples, list(samples), dropped
     all_samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
