@@ -14,7 +14,7 @@ from bonetumor.errors import BonetumorError
 def test_defaults_follow_the_original():
     c = TrainConfig()
     assert (c.image_size, c.backbone, c.weights, c.freeze, c.patience, c.hidden, c.dropout) == (
-        224, "resnet50", "imagenet", "backbone", 5, 256, 0.5)
+        224, "resnet50", "imagenet", "auto", 5, 256, 0.5)
     assert (c.rotate_degrees, c.zoom_min, c.zoom_max, c.hflip) == (15.0, 0.9, 1.1, True)
 
 

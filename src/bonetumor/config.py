@@ -89,8 +89,9 @@ class TrainConfig:
     backbone: str = option("resnet50", help="resnet50, densenet121 or efficientnet_b0 (torchvision).", group="model")
     weights: str = option("imagenet", help="imagenet (torchvision's weights API), none (random) or a weights or "
                           "checkpoint file.", group="model")
-    freeze: str = option("backbone", help="backbone (train the head only) or none (train everything).", group="model",
-                         choices=("backbone", "none"))
+    freeze: str = option("auto", help="backbone (train the head only), none (train everything) or auto (backbone "
+                         "with pretrained weights, none with --weights none).", group="model",
+                         choices=("auto", "backbone", "none"))
     unfreeze: list[str] = option(help="Backbone blocks to fine-tune even when frozen, e.g. layer4,layer3.", group="model",
                                  factory=list, default_text="none")
     dropout: float = option(0.5, help="Dropout before the head's last layer.", group="model",

@@ -334,3 +334,20 @@ def test_checkpointer_writes_when_due_and_holds_the_best_until_then(tmp_path):
     assert run.written[-1] == "best.pt"
     best = load_checkpoint(tmp_path / "best.pt")
     assert best.epoch == 3 and best.threshold == 0.3 and load_checkpoint(tmp_path / "last.pt").epoch == 3
+
+
+def test_freeze_auto_trains_a_random_backbone_and_warns_when_told_to_freeze_one(tiny_data, tmp_path):
+    from bonetumor.model.backbones import resolve_freeze
+
+    assert resolve_freeze("auto", "imagenet") == "backbone" and resolve_freeze("auto", "w.pt") == "backbone"
+    assert resolve_freeze("auto", "none") == "none" and resolve_freeze("backbone", "none") == "backbone"
+    fit(tiny_config(tiny_data, freeze="auto", epochs=1), tmp_path / "auto", verbose=False)
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["freeze"] == "none"
+    # Adam keeps a state for each parameter it trained: the whole backbone, not the head's four.
+    state = torch.load(tmp_path / "auto" / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert len(state) > 100
+    with pytest.warns(UserWarning, match="frozen backbone is random"):
+        fit(tiny_config(tiny_data, freeze="backbone", epochs=1, cache_features=False), tmp_path / "frozen",
+            verbose=False)
+    state = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert len(state) == 4

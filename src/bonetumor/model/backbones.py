@@ -149,7 +149,7 @@ def _load_backbone_weights(net: nn.Module, state: dict, backbone: str, source: s
 def create_model(
     backbone: str = "resnet50",
     weights: str = "imagenet",
-    freeze: str = "backbone",
+    freeze: str = "auto",
     unfreeze: Sequence[str] = (),
     n_outputs: int = 1,
     hidden: int = 256,
@@ -162,7 +162,8 @@ def create_model(
         backbone: resnet50, densenet121 or efficientnet_b0 (torchvision).
         weights: ``imagenet`` (torchvision weights API), ``none`` (random) or a file path
             (a torchvision state_dict, or a bonetumor checkpoint whose backbone is reused).
-        freeze: ``backbone`` (train the head only) or ``none``.
+        freeze: ``backbone`` (train the head only), ``none``, or ``auto`` (``backbone`` unless
+            the weights are random: see ``resolve_freeze``).
         unfreeze: backbone blocks to train even when frozen, e.g. ``["layer4", "layer3"]``.
         n_outputs: 1 for a binary task (one logit), else the number of classes.
         output_stride: input pixels per cell of the last feature map: 32 (the usual), or for
@@ -196,8 +197,16 @@ def create_model(
     if bonetumor_state is not None:
         back = {k[len("backbone."):]: v for k, v in bonetumor_state.items() if k.startswith("backbone.")}
         _load_backbone_weights(model.backbone, back, backbone, w)
-    set_trainable(model, freeze, unfreeze)
+    set_trainable(model, resolve_freeze(freeze, weights), unfreeze)
     return model
+
+
+def resolve_freeze(setting: str, weights: str) -> str:
+    """``backbone`` or ``none`` for ``--freeze setting``: ``auto`` freezes pretrained weights, whose
+    features mean something, and trains random ones, whose frozen features would mean nothing."""
+    if setting != "auto":
+        return setting
+    return "none" if str(weights).lower() == "none" else "backbone"
 
 
 def set_trainable(model: Classifier, freeze: str, unfreeze: Sequence[str] = ()) -> None:

@@ -21,7 +21,7 @@ from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerpr
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.files import RunDir, check_free_space
-from bonetumor.model.backbones import count_parameters, create_model
+from bonetumor.model.backbones import count_parameters, create_model, resolve_freeze
 from bonetumor.model.serialization import read_torch_file
 from bonetumor.runtime.batchnorm import resolve_bn_statistics
 from bonetumor.runtime.device import (
@@ -184,11 +184,16 @@ def audit_data(index: DatasetIndex, run: RunDir, verbose: bool = True, facts: li
     summary = leakage_summary(report)
     if summary:
         msg = f"leakage in the data: {summary}; validation and test scores will be optimistic (see {run / RunDir.AUDIT})"
-        if verbose:
-            console.print(f"[bold yellow]warning:[/] {msg}")
-        else:
-            warnings.warn(msg, LeakageWarning, stacklevel=3)
+        _warn(msg, verbose, LeakageWarning)
     return report
+
+
+def _warn(msg: str, verbose: bool, category: type[Warning] = UserWarning) -> None:
+    """One line on the console when the run talks, else a Python warning that a caller can catch."""
+    if verbose:
+        console.print(f"[bold yellow]warning:[/] {msg}")
+    else:
+        warnings.warn(msg, category, stacklevel=4)
 
 
 def write_run_record(run: RunDir, cfg: TrainConfig, index: DatasetIndex, skipped, device: torch.device) -> None:
@@ -257,7 +262,11 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
         cfg, state = _resumed_config(cfg, run)
     cfg.validate()
     # Resolved before anything is saved, so the run records (and --resume keeps) what it trained with.
-    cfg = replace(cfg, bn_statistics=resolve_bn_statistics(cfg.bn_statistics, cfg.weights))
+    cfg = replace(cfg, bn_statistics=resolve_bn_statistics(cfg.bn_statistics, cfg.weights),
+                  freeze=resolve_freeze(cfg.freeze, cfg.weights))
+    if not state and cfg.freeze == "backbone" and str(cfg.weights).lower() == "none":
+        _warn("--freeze backbone with --weights none: the frozen backbone is random, so its features mean "
+              "nothing and only the head learns; use --freeze auto or none, or pretrained weights", verbose)
     device = select_device(cfg.device)
     run.refuse_existing(overwrite, resume)
     seed_everything(cfg.seed)
