@@ -167,16 +167,17 @@ def model_input(x: torch.Tensor, device: torch.device, mean, std,
 
 
 def score_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
-                  precision: str = "fp32", run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
+                  precision: str | None = None, run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
                   prefetch: bool = False, options: ReadOptions | None = None) -> Iterator[tuple[list[int], torch.Tensor | None, list[dict]]]:
     """The model's logits for ``samples``, a batch at a time: (indices scored, their logits
-    (N, outputs) on the CPU, or None, rows of unreadable files). ``run``: the model's compiled
-    form, if any; ``precision`` auto is resolved on the first batch (see ``Forward``);
-    ``options``: how to read the files (default: as the model's training read its own)."""
+    (N, outputs) on the CPU, or None, rows of unreadable files). ``precision``: None (the
+    model's own on this device, ``LoadedCheckpoint.precision_on``) or one to force; ``run``: the
+    model's compiled form, if any; ``options``: how to read the files (default: as the model's
+    training read its own)."""
     memory_format = getattr(ck.model, "input_memory_format", torch.channels_last)
     batches = read_batches(samples, batch_size, ck.image_size, options or ck.read_options, skip_bad, workers, prefetch,
                            pin_memory=device.type == "cuda")
-    with Forward(ck.model, device, precision, run, ck.task.probabilities) as forward:
+    with Forward(ck.model, device, precision or ck.precision_on(device), run, ck.task.probabilities) as forward:
         for done, x, bad in batches:
             logits = None if x is None else forward(model_input(x, device, ck.mean, ck.std, memory_format)).cpu()
             yield done, logits, bad
@@ -195,7 +196,7 @@ def prediction_rows(ck: LoadedCheckpoint, samples: Sequence[Sample], probs: torc
 
 
 def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
-                  precision: str = "fp32", run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
+                  precision: str | None = None, run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
                   prefetch: bool = False, options: ReadOptions | None = None) -> list[dict]:
     """``prediction_rows`` for ``samples`` in their order, with a row naming each unreadable
     file (``skip_bad``) where it stood (see ``score_batches`` for the arguments)."""
@@ -210,7 +211,8 @@ def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
 
 def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int,
                     workers: int = 0) -> Predictions:
-    """The model's probabilities (fp32) for labelled ``samples``, in their order, with their targets."""
+    """The model's probabilities (at its own precision) for labelled ``samples``, in their order,
+    with their targets."""
     index = {c: i for i, c in enumerate(ck.classes)}
     logits = [x for _, x, _ in score_batches(ck, samples, device, batch_size, workers=workers)]
     out = torch.cat(logits) if logits else torch.zeros(0, ck.task.n_outputs)
@@ -280,7 +282,7 @@ def top_slices(ck: LoadedCheckpoint, slices: Sequence[Sample], k: int, device: t
     images; the probabilities of every slice). Ties keep the earlier slice."""
     best: list[tuple[float, int, torch.Tensor]] = []  # a heap of (score, -position, image): the worst on top
     probs: list[torch.Tensor] = []
-    with Forward(ck.model, device, "fp32") as forward:
+    with Forward(ck.model, device, ck.precision_on(device)) as forward:
         for start in range(0, len(slices), batch_size):
             images = [load_tensor(s.path, s.frame, ck.read_options, rgb=False) for s in slices[start:start + batch_size]]
             probs.append(ck.task.probabilities(forward(model_batch(ck, images, device))).cpu())

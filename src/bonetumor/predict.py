@@ -63,7 +63,7 @@ def aggregate_scores(scores: np.ndarray, aggregate: str) -> np.ndarray:
 
 
 def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "auto", batch_size: int | None = None,
-            window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "fp32",
+            window: str | None = None, skip_bad: bool = False, engine: str = "torch", precision: str = "model",
             compile_mode: str = "auto", workers: int | None = None) -> list[dict]:
     """Probability of the positive class and the label at the checkpoint's threshold, per image
     (per slice for volumes and series).
@@ -75,9 +75,10 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
             or bf16) on the CPU: a ``.onnx`` file from ``export``, or a checkpoint exported first,
             once, into ``model.export.export_cache_dir()``), or ``auto`` (see
             ``runtime.engines.choose_engine``).
-        precision: ``fp32``, ``bf16``, ``fp16`` (CUDA) or ``auto``: with more than one batch
-            of images, the device's native reduced precision if the probabilities of the first
-            images stay within 0.01 of fp32's (see runtime/precision.py); a single batch stays fp32.
+        precision: ``model`` (the precision chosen and checked at training, where this device runs
+            it natively, else fp32: ``LoadedCheckpoint.precision_on``), or ``fp32``, ``bf16``,
+            ``fp16`` (CUDA) to force one. Never chosen by the job's size, so that a file's
+            probability does not depend on what else is in the job.
         compile_mode: ``auto`` (torch.compile from ``runtime.forward.COMPILE_MIN_IMAGES`` images
             on), ``on`` or ``off``.
         batch_size: images per batch; None: ``inference.default_batch_size`` of the device.
@@ -97,7 +98,7 @@ def predict(checkpoint: str | Path, paths: Sequence[str | Path], device: str = "
 
 def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggregate: str | None = DEFAULT_AGGREGATE,
                     device: str = "auto", batch_size: int | None = None, window: str | None = None,
-                    skip_bad: bool = False, engine: str = "torch", precision: str = "fp32",
+                    skip_bad: bool = False, engine: str = "torch", precision: str = "model",
                     compile_mode: str = "auto", workers: int | None = None) -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
     (see ``study_scores``; none when ``aggregate`` is None)."""
@@ -123,11 +124,15 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     workers = default_workers(dev) if workers is None else workers
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
     samples = expand_inputs(paths, options) if samples is None else samples
-    if engine is Engine.ONNX or (precision == "auto" and len(samples) <= batch_size):
-        precision = "fp32"  # ONNX Runtime runs fp32; one batch is not worth a second pass to check
-    if precision not in ("auto", "fp32", "bf16", "fp16") or (engine is Engine.OPENVINO and precision == "fp16"):
-        raise BonetumorError(f"--precision must be auto, fp32, bf16{'' if engine is Engine.OPENVINO else ' or fp16'} "
+    if precision == "auto":  # the old name of the model's own
+        precision = "model"
+    if precision not in ("model", "fp32", "bf16", "fp16") or (engine is Engine.OPENVINO and precision == "fp16"):
+        raise BonetumorError(f"--precision must be model, fp32, bf16{'' if engine is Engine.OPENVINO else ' or fp16'} "
                              f"with engine {engine.value}, not {precision!r}")
+    if engine is Engine.ONNX:
+        precision = "fp32"  # ONNX Runtime runs fp32
+    elif precision == "model":
+        precision = ck.precision_on(dev)
     run = ck.model if engine.exported else maybe_compiled(ck.model, compile_mode, len(samples), batch_size, dev)
     rows = score_samples(ck, samples, dev, batch_size, precision, run, skip_bad, workers, prefetch=engine.exported,
                          options=options)

@@ -44,13 +44,37 @@ def test_training_records_and_keeps_its_choice(tmp_path, tiny_data, monkeypatch)
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["precision"] == "bf16"
 
 
-def test_predict_auto_stays_within_tolerance_of_fp32(tiny_run, tiny_data, monkeypatch):
-    monkeypatch.setattr(prec, "cpu_has_fast_bf16", lambda: True)
-    files = [tiny_data / "train"]
-    exact = predict(tiny_run / "best.pt", files, device="cpu", batch_size=8)
-    auto = predict(tiny_run / "best.pt", files, device="cpu", batch_size=8, precision="auto")
-    bf16 = predict(tiny_run / "best.pt", files, device="cpu", batch_size=8, precision="bf16")
-    assert len(exact) > 8
-    d_auto = max(abs(a["probability"] - b["probability"]) for a, b in zip(exact, auto))
-    d_bf16 = max(abs(a["probability"] - b["probability"]) for a, b in zip(exact, bf16))
-    assert d_bf16 > 0 and (d_auto == 0 or d_auto == pytest.approx(d_bf16))  # auto is fp32 or bf16, nothing else
+def _job(folder, n=100):
+    """``n`` different 32 px images."""
+    from conftest import write_image
+
+    return [write_image(folder / f"im{k:03d}.png", 32, seed=k) for k in range(n)]
+
+
+def _cli_predict(checkpoint, path) -> list[dict]:
+    from typer.testing import CliRunner
+
+    from bonetumor.cli import app
+
+    r = CliRunner().invoke(app, ["predict", str(checkpoint), str(path), "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return [json.loads(line) for line in r.output.splitlines() if line.startswith('{"path"')]
+
+
+@pytest.mark.parametrize("trained", ["fp32", "bf16"])
+def test_a_files_probability_does_not_depend_on_the_job(trained, tiny_run, tmp_path, monkeypatch):
+    """One precision per model (chosen at training, kept in the checkpoint), whatever the job's size."""
+    monkeypatch.setattr(prec, "cpu_has_fast_bf16", lambda: True)  # so that bf16 is this CPU's native choice
+    ck = torch.load(tiny_run / "best.pt", weights_only=True)
+    ck["config"]["precision"] = trained
+    torch.save(ck, tmp_path / "m.pt")
+    files = _job(tmp_path / "job")
+    # as a user runs it: the command's defaults
+    alone = _cli_predict(tmp_path / "m.pt", files[37])[0]["probability"]
+    job = _cli_predict(tmp_path / "m.pt", tmp_path / "job")
+    assert len(job) == 100 and job[37]["path"] == str(files[37])
+    assert abs(job[37]["probability"] - alone) <= 1e-6
+    fp32 = predict(tmp_path / "m.pt", [files[37]], device="cpu", engine="torch", precision="fp32")[0]["probability"]
+    assert (alone == fp32) if trained == "fp32" else (alone != fp32)  # the model's precision, not fp32 always
+    monkeypatch.setattr(prec, "cpu_has_fast_bf16", lambda: False)  # a device without it runs fp32
+    assert predict(tmp_path / "m.pt", [files[37]], device="cpu", engine="torch")[0]["probability"] == fp32

@@ -180,8 +180,8 @@ def predict(
                                "a checkpoint already exported; else torch), torch, onnx (ONNX Runtime, fp32) or openvino (OpenVINO, fp32 or bf16; the fastest "
                                "on a CPU). The last two run a model.onnx from export, or export RUN/best.pt first (~7 s, "
                                "once: kept in ~/.cache/bonetumor/exports or $BONETUMOR_CACHE_DIR)."),
-    precision: str = typer.Option("auto", help="auto (the device's native bf16/fp16 when a batch agrees with fp32 within 0.01; "
-                                  "fp32 for a single batch), fp32, bf16 or fp16."),
+    precision: str = typer.Option("model", help="model (the precision chosen and checked on validation at training, "
+                                  "where this device runs it natively, else fp32), or fp32, bf16 or fp16 to force one."),
     compile_mode: str = typer.Option("auto", "--compile", help="torch.compile the model: auto (from 5,000 images on, "
                                      "where its compile time pays), on or off."),
     device: str = typer.Option("auto", help=DEVICE_HELP),

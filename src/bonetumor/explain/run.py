@@ -119,7 +119,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     run.folder(RunDir.PANELS)
     rows, faith = [], {"deletion": [], "insertion": []}
     for start, chunk, x in batches:
-        res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold)
+        res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold, ck.precision_on(dev))
         if len(faith["deletion"]) < faithfulness_samples:
             k = faithfulness_samples - len(faith["deletion"])
             d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k], task=ck.task)

@@ -20,6 +20,7 @@ from bonetumor.model.serialization import (
     is_bonetumor_checkpoint,
     read_torch_file,
 )
+from bonetumor.runtime.precision import model_precision
 from bonetumor.task import Task
 
 __all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint",
@@ -153,6 +154,10 @@ class LoadedCheckpoint:
     def task(self) -> Task:
         """What the model's outputs mean for its classes."""
         return Task.of(self.classes)
+
+    def precision_on(self, device: torch.device) -> str:
+        """The precision this model runs at on ``device`` (``runtime.precision.model_precision``)."""
+        return model_precision(self.config.precision, device)
 
     @property
     def positive_class(self) -> str:

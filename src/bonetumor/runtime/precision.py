@@ -68,6 +68,15 @@ def candidate_precision(device: torch.device) -> str:
     return "fp32"
 
 
+def model_precision(trained: str, device: torch.device) -> str:
+    """The precision a model trained (and validated) at ``trained`` runs at on ``device``: the same
+    where the device computes it natively, else fp32. One answer per model and device, so that a
+    file's probability never depends on what else is in the job."""
+    if trained in ("bf16", "fp16") and candidate_precision(device) == trained:
+        return trained
+    return "fp32"
+
+
 Probabilities = Callable[[torch.Tensor], torch.Tensor]  # logits -> probabilities (``Task.probabilities``)
 
 

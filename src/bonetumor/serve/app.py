@@ -111,7 +111,8 @@ class Service:
         else:
             chosen = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs]
         x = model_batch(ck, [image for _, image in chosen], self.device)
-        cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold)
+        cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold,
+                            ck.precision_on(self.device))
         cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu())
         rows = rows or cam_rows
         for k, row in enumerate(rows):  # a series' files are numbered in slice order (as expand_inputs sorts them)
