@@ -50,6 +50,18 @@ def test_report_is_self_contained_and_complete(report):
     assert text.count("data:image/png;base64,") >= 6  # curves, ROC, PR, confusion, scores, reliability
 
 
+def test_report_speaks_plainly(report):
+    text = report.read_text()
+    assert re.search(r"<h1>resnet50, 32 px, on data, trained \d{4}-\d{2}-\d{2}</h1>", text)
+    assert '<abbr title="The chance that a random cancer image scores above a random normal one' in text
+    for name in ("ROC-AUC", "Sensitivity", "Specificity", "PPV (precision)", "Calibration error (ECE)"):
+        assert f">{name}</abbr>" in text
+    for raw in ("roc_auc", "ppv<", "iou_top15", "balanced_accuracy"):
+        assert raw not in text
+    assert not re.findall(r"\b0\.0*[1-9]\d{3}", text), "four significant digits on the page"
+    assert "Heatmaps:</b> the heatmaps are a 1x1 grid" in text
+
+
 def test_failure_gallery_with_both_kinds_of_error(report, tiny_run, tmp_path):
     """A model that misses a cancer and also calls a normal image cancer gets both galleries."""
     import csv

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from bonetumor.errors import BonetumorError
+from bonetumor.evaluate.names import metric_meaning, metric_name, sig3
 from bonetumor.files import RunDir
 
 CSS = """
@@ -30,8 +31,12 @@ overflow-wrap:anywhere;vertical-align:top}th{background:#eef1f6}
 .grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0;flex:1 1 300px;max-width:480px}
 figure img,img{max-width:100%;height:auto;display:block}figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
 .warn{background:#fff4e0;border-left:4px solid #e69500;padding:8px 12px;margin:10px 0}
-.muted{color:#666;font-size:.9em}code{overflow-wrap:anywhere}
+.muted{color:#666;font-size:.9em}code{overflow-wrap:anywhere}abbr[title]{text-decoration:underline dotted;cursor:help}
 """
+
+
+class Html(str):
+    """A table cell that is already HTML (not escaped again)."""
 
 
 def _img(path: Path, alt: str) -> str:
@@ -44,8 +49,10 @@ def _figure(path: Path, caption: str) -> str:
 
 
 def _table(rows: list[list], head: list[str] | None = None) -> str:
-    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in head) if head else ""
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    def cell(c) -> str:
+        return c if isinstance(c, Html) else html.escape(str(c))
+    h = "".join(f"<th>{cell(c)}</th>" for c in head) if head else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table>{'<tr>' + h + '</tr>' if h else ''}{body}</table>"
 
 
@@ -54,11 +61,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return sig3(v)
 
 
 def _ci(d: dict) -> str:
-    return f"{d['value']:.4f} [{d['ci_low']:.4f}, {d['ci_high']:.4f}]"
+    return f"{sig3(d['value'])} [{sig3(d['ci_low'])}, {sig3(d['ci_high'])}]"
+
+
+def _name(key: str, classes: list[str]) -> Html:
+    """The metric's plain name, its meaning on hover."""
+    return Html(f'<abbr title="{html.escape(metric_meaning(key, classes))}">{html.escape(metric_name(key))}</abbr>')
 
 
 def _data_section(run: Path, cfg: dict) -> str:
@@ -88,8 +100,8 @@ def _data_section(run: Path, cfg: dict) -> str:
         out.append(f"<p>Possible shortcuts (a property that alone separates the classes): "
                    f"{html.escape(', '.join(flagged)) if flagged else 'none flagged'}.</p>")
         for split, b in audit.get("memorisation_baseline", {}).items():
-            out.append(f"<p>1-nearest-neighbour look-up on training thumbnails, {split}: accuracy {b['accuracy']:.3f}, "
-                       f"ROC-AUC {b['roc_auc']:.3f}.</p>")
+            out.append(f"<p>1-nearest-neighbour look-up on training thumbnails, {split}: accuracy {sig3(b['accuracy'])}, "
+                       f"ROC-AUC {sig3(b['roc_auc'])}.</p>")
     return "".join(out)
 
 
@@ -117,16 +129,18 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
     names = [k for k in ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv",
                          "f1", "brier", "ece") if k in m]
     half = m.get("at_threshold_0.5", {})
-    rows = [[k, _ci(m[k]), _fmt(half.get(k, ""))] for k in names]
+    classes = m.get("confusion_matrix", {}).get("labels") or ["normal", "cancer"]
+    rows = [[_name(k, classes), _ci(m[k]), _fmt(half.get(k, ""))] for k in names]
     iv = m.get("interval", {})
     kind = "External data set" if m.get("external") else f"Internal {m.get('split')} split"
     out = [f"<p><b>{kind}</b>, n = {m['n']} ({m.get('n_positive', '?')} positive). 95% CIs: {iv.get('method', '')} "
            f"over {iv.get('unit', '')}s, {iv.get('resamples', '')} resamples. Operating threshold "
-           f"<b>{m.get('threshold', 0.5):.4f}</b>, chosen on validation (rule in the training table).</p>",
+           f"<b>{sig3(m.get('threshold', 0.5))}</b>, chosen on validation (rule in the training table). "
+           "Hover over a metric's name for what it means.</p>",
            _table(rows, ["metric", "value [95% CI] at the operating threshold", "at threshold 0.5"])]
     b = m.get("memorisation_baseline")
     if b:
-        out.append(f"<p>Beside it, 1-NN look-up on training thumbnails: accuracy {b['accuracy']:.4f}, ROC-AUC {b['roc_auc']:.4f}. "
+        out.append(f"<p>Beside it, 1-NN look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, ROC-AUC {sig3(b['roc_auc'])}. "
                    "When look-up comes near the model, the split measures memory rather than learning.</p>")
     ex = m.get("excluding_copies")
     if ex and "roc_auc" in ex:
@@ -134,14 +148,14 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
                    f"ROC-AUC {_ci(ex['roc_auc'])}, accuracy {_ci(ex['accuracy'])}.</p>")
     for how, pm in m.get("per_patient", {}).items():
         out.append(f"<p>Per patient ({m.get('n_patients')} patients, score = {how} of the slices): ROC-AUC {_ci(pm['roc_auc'])}, "
-                   f"sensitivity {pm['sensitivity']['value']:.4f}, specificity {pm['specificity']['value']:.4f}.</p>")
+                   f"sensitivity {sig3(pm['sensitivity']['value'])}, specificity {sig3(pm['specificity']['value'])}.</p>")
     figs = [(RunDir.ROC, "ROC curve with 95% bootstrap band"), (RunDir.PR, "Precision-recall curve"),
             (RunDir.CONFUSION, "Confusion matrix at the operating threshold"),
             (RunDir.SCORES, "Score histogram per class")]
     out.append('<div class="grid">' + "".join(_figure(ev / f, c) for f, c in figs) + "</div>")
     op = _read_json(run / RunDir.OPERATING_POINT) or {}
-    cal = (f"<p>Temperature scaling on validation: T = {op['temperature']:.3f}, ECE {op['ece_before']:.4f} → "
-           f"{op['ece_after']:.4f}.</p>") if op.get("temperature") else "<p>No temperature scaling (train with --calibrate).</p>"
+    cal = (f"<p>Temperature scaling on validation: T = {sig3(op['temperature'])}, calibration error (ECE) "
+           f"{sig3(op['ece_before'])} → {sig3(op['ece_after'])}.</p>") if op.get("temperature") else "<p>No temperature scaling (train with --calibrate).</p>"
     out.append(f"<h3>Calibration</h3>{cal}" + _figure(ev / RunDir.RELIABILITY, "Reliability diagram"))
     return "".join(out)
 
@@ -180,7 +194,7 @@ def _localization_section(explain_dir: Path | None) -> str:
     if not loc or "cam" not in loc:
         return "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
     base = loc["baseline_centred_gaussian"]
-    rows = [[k, _ci(loc["cam"][k]), _ci(base[k])] for k in loc["cam"]]
+    rows = [[_name(k, []), _ci(loc["cam"][k]), _ci(base[k])] for k in loc["cam"]]
     beats = loc["cam"]["pointing"]["ci_low"] > base["pointing"]["value"]
     verdict = ("The heatmaps point at the lesion more often than a centred blob does." if beats else
                "<b>The heatmaps do not point at the lesion more reliably than a centred blob</b>: do not read them as "
@@ -213,6 +227,29 @@ preprocessing can change them; an external evaluation is labelled as such above 
 </ul>"""
 
 
+def _title(run: Path, cfg: dict) -> str:
+    """What the model is, on what data, when: "resnet50, 112 px, on bone-cancer-xray-v1, trained 2026-12-02"."""
+    data = cfg.get("data") or cfg.get("manifest") or cfg.get("train_dir") or ""
+    data_name = Path(str(data)).name if data else "unknown data"
+    if data_name.lower() in ("train", "training", "manifest.csv") and data:
+        data_name = Path(str(data)).parent.name or data_name
+    when = datetime.fromtimestamp((run / RunDir.BEST).stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
+    return f"{cfg.get('backbone', 'model')}, {cfg.get('image_size', '?')} px, on {data_name}, trained {when}"
+
+
+def _heatmap_warning(run: Path) -> str:
+    """A warning box when the model's Grad-CAM grid is too coarse to localise (explain/grid.py)."""
+    from bonetumor.explain.grid import cam_grid, coarse_grid_warning
+    from bonetumor.model.backbones import BACKBONES
+    from bonetumor.model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(run / RunDir.BEST, "cpu")
+    layer = BACKBONES[ck.config.backbone]["cam_layer"]
+    text = coarse_grid_warning(cam_grid(ck.model, layer, ck.image_size), layer, ck.image_size, ck.config.backbone,
+                               ck.config.output_stride)
+    return f'<p class="warn"><b>Heatmaps:</b> {html.escape(text)}.</p>' if text else ""
+
+
 def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_dir: str | Path | None = None,
                  out: str | Path | None = None, more_evals: list[str | Path] | None = None) -> Path:
     """Write the report (default ``RUN/report.html``) and return its path. ``eval_dir`` is the
@@ -224,18 +261,21 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
     if ev is not None and not (ev / RunDir.METRICS).is_file():
         raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
     cfg = yaml.safe_load((run / RunDir.CONFIG).read_text()) or {}
+    grid = _heatmap_warning(run)
     parts = [("1. Data", _data_section(run, cfg)), ("2. Methods", _method_section(run, cfg)),
              ("3. Results", _metrics_section(ev, run)
               + (_other_evaluations([Path(e) for e in more_evals]) if more_evals else "")),
-             ("4. Failure gallery", _failure_gallery(run, ev) if ev else "<p class='muted'>Needs --eval.</p>"),
-             ("5. Heatmap localization", _localization_section(Path(explain_dir) if explain_dir else None)),
+             ("4. Failure gallery", grid + (_failure_gallery(run, ev) if ev else "<p class='muted'>Needs --eval.</p>")),
+             ("5. Heatmap localization", grid + _localization_section(Path(explain_dir) if explain_dir else None)),
              ("6. Intended use and limitations", LIMITS)]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{c}</section>" for t, c in parts)
+    title = html.escape(_title(run, cfg))
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
-            f"content='width=device-width,initial-scale=1'><title>bonetumor report: {html.escape(run.name)}</title>"
-            f"<style>{CSS}</style></head><body><main><h1>Model report: {html.escape(run.name)}</h1>"
-            f"<p class='muted'>Written {when} by bonetumor from the run folder and its evaluation.</p>{body}</main></body></html>")
+            f"content='width=device-width,initial-scale=1'><title>{title}</title>"
+            f"<style>{CSS}</style></head><body><main><h1>{title}</h1>"
+            f"<p class='muted'>Run folder <code>{html.escape(run.name)}</code>. Written {when} by bonetumor from the run "
+            f"folder and its evaluation.</p>{body}</main></body></html>")
     path = Path(out) if out else run / RunDir.REPORT
     RunDir(path.parent).write_text(path.name, page)
     return path

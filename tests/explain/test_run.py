@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 
 import numpy as np
 from PIL import Image
@@ -19,7 +20,7 @@ def test_explain_writes_panels_maps_index_and_scores(tiny_run, tiny_data, tmp_pa
         with Image.open(tmp_path / "x" / row["panel"]) as im:
             assert im.width > 3 * 32
     html = (tmp_path / "x" / "index.html").read_text()
-    assert html.count("<img") == 8 and "not a diagnostic device" in html
+    assert html.count("<figure") == 8 and "not a diagnostic device" in html
     loc = json.loads((tmp_path / "x" / "localization.json").read_text())
     assert loc["n_with_lesion"] == 4 and loc["layer"] == "backbone.layer4"
     for k in ("pointing", "energy", "iou_top15"):
@@ -55,3 +56,30 @@ def test_cli_explain_and_its_errors(tiny_run, tiny_data, tmp_path):
     r = runner.invoke(app, ["explain", str(tiny_run / "best.pt"), str(tiny_data / "test"), "--out", str(tmp_path / "f"),
                             "--layer", "backbone.layer7"])
     assert r.exit_code == 2 and "backbone.layer4" in r.output and "Traceback" not in r.output
+
+
+def test_index_sorts_errors_first_says_truth_and_prediction_and_filters(tiny_run, tiny_data, tmp_path):
+    r = explain(tiny_run / "best.pt", [tiny_data / "test"], tmp_path / "x", device="cpu", faithfulness_samples=0)
+    assert all(row["truth"] in ("cancer", "normal") for row in r.rows)  # from the class folders
+    outcomes = [row["outcome"] for row in r.rows]
+    assert set(outcomes) <= {"true positive", "true negative", "false positive", "false negative"}
+    html = (tmp_path / "x" / "index.html").read_text()
+    shown = re.findall(r'<figure data-o="([a-z ]+)"', html)
+    order = ["false negative", "false positive", "true positive", "true negative"]
+    assert sorted(shown) == sorted(outcomes) and shown == sorted(shown, key=order.index)
+    assert html.count("truth <b>") == len(shown) and html.count("predicted <b>") == len(shown)
+    assert 'alt="colour bar' in html and '<button data-f="all"' in html
+    for o in set(outcomes):
+        assert f'<button data-f="{o}">' in html
+
+
+def test_a_coarse_heatmap_grid_is_flagged_with_the_way_out(tiny_run, tiny_data, tmp_path):
+    r = explain(tiny_run / "best.pt", [tiny_data / "test"], tmp_path / "x", device="cpu", faithfulness_samples=0)
+    assert r.grid == (1, 1) and "1x1 grid" in r.warning and "--image-size 224" in r.warning
+    assert "--output-stride 16 with --image-size 112" in r.warning
+    record = json.loads((tmp_path / "x" / "explain.json").read_text())
+    assert record["grid"] == [1, 1] and record["grid_warning"] == r.warning
+    assert "too coarse to localise" in (tmp_path / "x" / "index.html").read_text()
+    res = CliRunner().invoke(app, ["explain", str(tiny_run / "best.pt"), str(tiny_data / "test" / "cancer"),
+                                   "--out", str(tmp_path / "y"), "--device", "cpu"])
+    assert res.exit_code == 0 and "too coarse to localise" in res.output

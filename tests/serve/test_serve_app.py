@@ -128,6 +128,7 @@ def test_health_and_model(client, tiny_run):
     op = json.loads((tiny_run / "operating_point.json").read_text())
     assert m["classes"] == ["normal", "cancer"] and m["threshold"] == pytest.approx(op["threshold"])
     assert m["training_data"]["classes"] == ["normal", "cancer"]  # data.json of the run
+    assert m["heatmap_grid"] == [1, 1] and "too coarse to localise" in m["heatmap_warning"]  # 32 px, stride 32
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
     docs = client.get("/docs")
     assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)

@@ -66,10 +66,18 @@ def test_upload_an_image_and_see_probability_and_heatmap(server, browser, tiny_d
     assert float(page.inner_text("#threshold")) >= 0
     page.wait_for_function("document.getElementById('heatmap').complete")
     assert _loaded(page, "#image") and _loaded(page, "#heatmap")
+    assert _loaded(page, "#original")  # the anatomy beside the overlay, not only under it
+    assert page.eval_on_selector("#original", "el => el.src") == page.eval_on_selector("#image", "el => el.src")
+    assert page.eval_on_selector("#heatmap", "el => el.style.opacity") == "0.35"
     page.fill("#opacity", "25")
     assert page.eval_on_selector("#heatmap", "el => el.style.opacity") == "0.25"
+    width_before = page.eval_on_selector("#original", "el => el.getBoundingClientRect().width")
+    page.fill("#zoom", "200")
+    assert page.eval_on_selector("#original", "el => el.getBoundingClientRect().width") == pytest.approx(2 * width_before, rel=0.02)
+    assert page.eval_on_selector("#stack", "el => el.getBoundingClientRect().width") == pytest.approx(2 * width_before, rel=0.02)
+    assert "too coarse to localise" in page.inner_text("#heatmap-warning")
     assert "not a diagnostic device" in page.inner_text("header")
-    for control in ("#file", "#opacity"):  # every control has an accessible name
+    for control in ("#file", "#opacity", "#zoom"):  # every control has an accessible name
         assert page.eval_on_selector(control, "el => el.labels.length > 0 || !!el.getAttribute('aria-label')")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
     assert all(u.startswith(server) or u.startswith("data:") for u in requests), "the page fetched something elsewhere"

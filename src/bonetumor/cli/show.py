@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def show_metrics(m: dict) -> None:
@@ -63,6 +63,8 @@ def show_evaluation(m: dict, out_dir: Path) -> None:
 
 
 def show_explain(r, method: str) -> None:
+    if r.warning:
+        err.print(f"[bold yellow]warning:[/] {r.warning}")
     if r.localization:
         t = Table(title=f"localization ({r.localization['n_with_lesion']} images with a lesion), 95% bootstrap CI")
         for col in ("score", method, "centred Gaussian baseline"):

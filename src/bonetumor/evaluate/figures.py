@@ -16,13 +16,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 
-def plot_curves(history: Sequence[dict]) -> Figure:
-    """Accuracy and loss per epoch, train vs validation."""
+def plot_curves(history: Sequence[dict], best_epoch: int | None = None) -> Figure:
+    """Accuracy and loss per epoch, train vs validation; the best epoch (the kept model) marked."""
     ep = [int(h["epoch"]) for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, name in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
         ax.plot(ep, [float(h[f"train_{key}"]) for h in history], "o-", label="train")
         ax.plot(ep, [float(h[f"val_{key}"]) for h in history], "o-", label="validation")
+        if best_epoch:
+            ax.axvline(best_epoch, color="black", ls=":", lw=1.2, label=f"best epoch {best_epoch} (kept)")
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.grid(alpha=0.3)
@@ -67,20 +69,32 @@ def plot_pr(targets: np.ndarray, probs: np.ndarray, title: str = "Precision-reca
     return fig
 
 
+MIN_BIN_IMAGES = 10  # a reliability bin with fewer images says little: drawn grey, with its count
+
+
 def plot_reliability(targets: np.ndarray, probs: np.ndarray, ece: float, bins: int = 10,
                      title: str = "Reliability") -> Figure:
-    """Observed positive rate against mean predicted probability in equal-width bins, with counts."""
+    """Observed positive rate against mean predicted probability in equal-width bins, with counts;
+    bins of fewer than ``MIN_BIN_IMAGES`` images are grey, unjoined and labelled n = count."""
     from bonetumor.evaluate.metrics import calibration_bins
 
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     cells = calibration_bins(probs, targets == 1, bins)
+    full = [c for c in cells if c[3] >= MIN_BIN_IMAGES]
+    few = [c for c in cells if c[3] < MIN_BIN_IMAGES]
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    ax.plot([c[1] for c in cells], [c[2] for c in cells], "o-", lw=2, label=f"model (ECE {ece:.3f})")
+    ax.plot([c[1] for c in full], [c[2] for c in full], "o-", lw=2, label=f"model (ECE {ece:.3f})")
+    if few:
+        ax.plot([c[1] for c in few], [c[2] for c in few], "o", color="#bbbbbb", mfc="none",
+                label=f"bins of < {MIN_BIN_IMAGES} images")
+        for c in few:
+            ax.annotate(f"n={c[3]}", (c[1], c[2]), textcoords="offset points", xytext=(4, 4), fontsize=7, color="#888888")
     ax.set_ylabel("observed positive rate")
     ax.set_title(title)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    axh.bar([(c[0] + 0.5) / bins for c in cells], [c[3] for c in cells], width=1 / bins * 0.9, color="grey")
+    axh.bar([(c[0] + 0.5) / bins for c in cells], [c[3] for c in cells], width=1 / bins * 0.9,
+            color=["grey" if c[3] >= MIN_BIN_IMAGES else "#dddddd" for c in cells])
     axh.set_xlabel("predicted probability")
     axh.set_ylabel("images")
     return fig

@@ -8,8 +8,7 @@ only its ``top_slices`` highest-scoring slices are explained.
 from __future__ import annotations
 
 import csv
-import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +21,8 @@ from bonetumor.data.readers import read_image
 from bonetumor.data.studies import Sample, expand_inputs
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
+from bonetumor.explain.grid import cam_grid, coarse_grid_warning
+from bonetumor.explain.index import index_page
 from bonetumor.explain.panels import cam_panel
 from bonetumor.explain.scores import (
     bootstrap_ci,
@@ -46,6 +47,8 @@ class ExplainResult:
     rows: list[dict] = field(default_factory=list)
     localization: dict | None = None
     faithfulness: dict | None = None
+    grid: tuple[int, int] | None = None  # cells of the explained layer's map
+    warning: str | None = None  # when that grid is too coarse to localise (``explain.grid``)
 
 
 def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None,
@@ -89,6 +92,25 @@ def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None
     return lambda p, shape: None
 
 
+def truth_of(s: Sample, classes: list[str]) -> str | None:
+    """The image's true class when known: its manifest label, else the name of its folder when
+    that is one of the model's classes (the ``<class>/`` layouts)."""
+    for name in (s.label, Path(s.path).parent.name):
+        if name in classes:
+            return name
+    return None
+
+
+def outcome(truth: str | None, predicted: str, classes: list[str]) -> str:
+    """true/false positive/negative for a binary model, correct/wrong otherwise; unknown without truth."""
+    if truth is None:
+        return "unknown"
+    if len(classes) != 2:
+        return "correct" if truth == predicted else "wrong"
+    kind = "positive" if predicted == classes[-1] else "negative"
+    return f"{'true' if truth == predicted else 'false'} {kind}"
+
+
 def _load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     m = read_image(path)[..., 0] > 0.5
     if m.shape != tuple(shape):
@@ -112,7 +134,12 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     dev = select_device(device)
     ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
-    batches = explained_batches(ck, expand_inputs(paths, ck.read_options), top_slices, dev, batch_size)
+    grid = cam_grid(ck.model, layer, ck.image_size)
+    samples = expand_inputs(paths, ck.read_options)
+    if manifest:  # its labels are the truth of the images it lists
+        labels = {str(Path(s.path).resolve()): s.label for s in read_manifest(Path(manifest))}
+        samples = [replace(s, label=labels.get(str(Path(s.path).resolve()), s.label)) for s in samples]
+    batches = explained_batches(ck, samples, top_slices, dev, batch_size)
     lookup = mask_lookup(masks, boxes, manifest)
     run = RunDir.create(out, overwrite=overwrite)
     run.folder(RunDir.MAPS)
@@ -127,7 +154,8 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
             faith["insertion"] += i.tolist()
         for j, (f, image) in enumerate(chunk):
             rows.append(_one_image(j + start, f, image, res, j, ck, lookup, run, max_panels))
-    result = ExplainResult(run.path, rows)
+    result = ExplainResult(run.path, rows, grid=grid, warning=coarse_grid_warning(
+        grid, layer, ck.image_size, ck.config.backbone, ck.config.output_stride))
     result.faithfulness = {k: bootstrap_ci(v) for k, v in faith.items()}
     _write_tables(run, result, method, target, layer, ck.classes[-1])
     return result
@@ -144,7 +172,9 @@ def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, looku
     run.save(f"{RunDir.MAPS}/{stem}.npy", lambda tmp: _save_npy(tmp, cam))
     p = res.probs[j]
     prob, label = float(p.max()), ck.classes[int(res.predicted[j])]
+    truth = truth_of(f, ck.classes)
     row = {"path": f.path, "slice": f.frame, "study": f.study, "probability": round(prob, 6), "prediction": label,
+           "truth": truth, "outcome": outcome(truth, label, ck.classes),
            "explained_class": ck.classes[int(res.target_index[j])], "map": f"{RunDir.MAPS}/{stem}.npy", "panel": ""}
     mask = lookup(p_file, (h, w)) if f.frame is None else None  # lesion masks are given per 2-D image
     if mask is not None and mask.any():
@@ -152,7 +182,8 @@ def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, looku
         row.update({f"baseline_{k}": v for k, v in localization_scores(gaussian_baseline((h, w)), mask).items()})
     if max_panels is None or n < max_panels:
         row["panel"] = f"{RunDir.PANELS}/{stem}.png"
-        title = f"{name}  P({ck.classes[-1]})={prob:.3f} -> {label}"
+        said = f"truth {truth}, predicted {label}" if truth else f"predicted {label}"
+        title = f"{name}: {said} (P {ck.classes[-1] if ck.task.binary else label} {prob:.3f})"
         panel = cam_panel(original.permute(1, 2, 0).numpy(), cam, title, mask)
         run.save(row["panel"], lambda tmp: panel.save(tmp, format="PNG"))
     return row
@@ -170,7 +201,8 @@ def _write_tables(run: RunDir, result: ExplainResult, method: str, target: str, 
         # Images with a lesion that the model also called positive: where a map should point at it.
         correct_pos = [r for r in scored if r["prediction"] == positive]
         result.localization = {
-            "method": method, "target": target, "layer": layer, "n_images": len(rows), "n_with_lesion": len(scored),
+            "method": method, "target": target, "layer": layer, "grid": result.grid, "grid_warning": result.warning,
+            "n_images": len(rows), "n_with_lesion": len(scored),
             "cam": _summary(scored, ""), "baseline_centred_gaussian": _summary(scored, "baseline_"),
             "correctly_classified_positive": {"n": len(correct_pos), "cam": _summary(correct_pos, ""),
                                               "baseline_centred_gaussian": _summary(correct_pos, "baseline_")},
@@ -179,26 +211,6 @@ def _write_tables(run: RunDir, result: ExplainResult, method: str, target: str, 
         keys = ["path", "probability", "prediction", "explained_class", *SCORES, *[f"baseline_{k}" for k in SCORES]]
         run.write_csv(RunDir.LOCALIZATION_TABLE, keys, scored)
     run.write_json(RunDir.EXPLAIN, {"method": method, "target": target, "layer": layer, "n_images": len(rows),
+                                    "grid": result.grid, "grid_warning": result.warning,
                                     "faithfulness": result.faithfulness, "images": rows})
-    cards = []
-    for r in rows:
-        if not r["panel"]:
-            continue
-        extra = f" · pointing {'hit' if r['pointing'] else 'miss'}" if "pointing" in r else ""
-        name = Path(r["path"]).name + ("" if r.get("slice") is None else f" slice {r['slice']}")
-        cards.append(f'<figure><img src="{html.escape(r["panel"])}" alt="{html.escape(name)}" loading="lazy">'
-                     f'<figcaption>{html.escape(name)} · P={r["probability"]:.3f} · '
-                     f'{html.escape(r["prediction"])}{extra}</figcaption></figure>')
-    run.write_text(RunDir.INDEX, _INDEX.format(title=f"{method} ({target}, {layer})", n=len(rows), cards="\n".join(cards)))
-
-
-_INDEX = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>bonetumor explain: {title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{{font-family:system-ui,sans-serif;margin:1rem}}main{{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:1rem}}
-figure{{margin:0}}img{{width:100%;height:auto;border:1px solid #ccc}}figcaption{{font-size:.85rem;overflow-wrap:anywhere}}</style></head>
-<body><h1>{title}</h1><p>{n} images. Each panel: image | heatmap | overlay. Research tool, not a diagnostic device.</p>
-<main>
-{cards}
-</main></body></html>
-"""
+    run.write_text(RunDir.INDEX, index_page(rows, f"{method} ({target}, {layer})", result.warning))

@@ -89,7 +89,7 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
         console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {progress.best_epoch}")
     from bonetumor.evaluate.figures import plot_curves  # matplotlib: see evaluate.run
 
-    run.save_figure(RunDir.CURVES, plot_curves(progress.history))
+    run.save_figure(RunDir.CURVES, plot_curves(progress.history, progress.best_epoch))
     if checkpointer.has_best:
         _set_operating_point(r, source, checkpointer, best_val, verbose)
     return FitResult(run.path, progress.best_epoch, progress.best_loss, progress.history, progress.stopped)

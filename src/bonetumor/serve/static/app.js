@@ -24,12 +24,15 @@ async function loadModel() {
   const m = await r.json();
   $("token-box").hidden = true;
   $("model").textContent = `Model: ${m.name}, classes ${m.classes.join(" / ")}, operating point ${m.threshold.toFixed(3)}`;
+  $("heatmap-warning").hidden = !m.heatmap_warning;
+  $("heatmap-warning").textContent = m.heatmap_warning ? `Heatmaps: ${m.heatmap_warning}.` : "";
 }
 
 function fmt(p) { return p === undefined || p === null ? "" : Number(p).toFixed(3); }
 
 function showImage(item) {
   $("image").src = "data:image/png;base64," + item.image_png;
+  $("original").src = $("image").src;
   $("heatmap").src = "data:image/png;base64," + item.heatmap_png;
   const where = item.slice === null || item.slice === undefined ? "" : `slice ${item.slice}, `;
   $("caption").textContent = `${where}P = ${fmt(item.probability)} (${item.label}); heatmap: evidence for "${item.explained_class}"`;
@@ -115,7 +118,11 @@ $("opacity").addEventListener("input", (e) => {
   $("heatmap").style.opacity = e.target.value / 100;
   $("opacity-value").textContent = e.target.value + "%";
 });
-$("heatmap").style.opacity = 0.6;
+$("heatmap").style.opacity = 0.35;  // the anatomy stays readable under the map
+$("zoom").addEventListener("input", (e) => {
+  $("panes").style.setProperty("--zoom", e.target.value / 100);
+  $("zoom-value").textContent = e.target.value + "%";
+});
 $("token-save").addEventListener("click", () => {
   token = $("token").value.trim();
   sessionStorage.setItem("bonetumor-token", token);
