@@ -78,7 +78,7 @@ def _run_fold(cfg: TrainConfig, index: DatasetIndex, pool: list, fold: np.ndarra
                       f"valid {sum(s.split == 'valid' for s in rest)}, held out {len(held)}")
     res = fit(dataclasses.replace(cfg), root / f"fold_{k + 1}", overwrite=overwrite, verbose=verbose, index=fold_index)
     ck, device = open_model(res.run_dir / RunDir.BEST, cfg.device)
-    preds = predict_samples(ck, held, device, cfg.batch_size)
+    preds = predict_samples(ck, held, device, cfg.batch_size, what=f"fold {k + 1} held-out" if verbose else None)
     vals = (binary_values(preds.targets, preds.probs, ck.threshold) if ck.task.binary
             else multiclass_values(preds.targets, preds.probs))
     summary = {"fold": k + 1, "n": len(held), "threshold": ck.threshold, "best_epoch": res.best_epoch,

@@ -32,6 +32,7 @@ from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_resize
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from bonetumor.progress import tracked
 from bonetumor.runtime.device import select_device, to_device
 from bonetumor.runtime.engines import Engine
 from bonetumor.runtime.forward import Forward
@@ -168,15 +169,17 @@ def model_input(x: torch.Tensor, device: torch.device, mean, std,
 
 def score_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
                   precision: str | None = None, run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
-                  prefetch: bool = False, options: ReadOptions | None = None) -> Iterator[tuple[list[int], torch.Tensor | None, list[dict]]]:
+                  prefetch: bool = False, options: ReadOptions | None = None,
+                  what: str | None = None) -> Iterator[tuple[list[int], torch.Tensor | None, list[dict]]]:
     """The model's logits for ``samples``, a batch at a time: (indices scored, their logits
     (N, outputs) on the CPU, or None, rows of unreadable files). ``precision``: None (the
     model's own on this device, ``LoadedCheckpoint.precision_on``) or one to force; ``run``: the
     model's compiled form, if any; ``options``: how to read the files (default: as the model's
-    training read its own)."""
+    training read its own); ``what``: the label of a progress line (none without)."""
     memory_format = getattr(ck.model, "input_memory_format", torch.channels_last)
     batches = read_batches(samples, batch_size, ck.image_size, options or ck.read_options, skip_bad, workers, prefetch,
                            pin_memory=device.type == "cuda")
+    batches = tracked(batches, len(samples), what or "", size=lambda b: len(b[0]) + len(b[2]), enabled=bool(what))
     with Forward(ck.model, device, precision or ck.precision_on(device), run, ck.task.probabilities) as forward:
         for done, x, bad in batches:
             logits = None if x is None else forward(model_input(x, device, ck.mean, ck.std, memory_format)).cpu()
@@ -197,12 +200,13 @@ def prediction_rows(ck: LoadedCheckpoint, samples: Sequence[Sample], probs: torc
 
 def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
                   precision: str | None = None, run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
-                  prefetch: bool = False, options: ReadOptions | None = None) -> list[dict]:
+                  prefetch: bool = False, options: ReadOptions | None = None,
+                  what: str | None = None) -> list[dict]:
     """``prediction_rows`` for ``samples`` in their order, with a row naming each unreadable
     file (``skip_bad``) where it stood (see ``score_batches`` for the arguments)."""
     rows: list[dict] = []
     for done, logits, bad in score_batches(ck, samples, device, batch_size, precision, run, skip_bad, workers,
-                                           prefetch, options):
+                                           prefetch, options, what):
         rows += bad
         if logits is not None:
             rows += prediction_rows(ck, [samples[i] for i in done], ck.task.probabilities(logits))
@@ -210,11 +214,11 @@ def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
 
 
 def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int,
-                    workers: int = 0) -> Predictions:
+                    workers: int = 0, what: str | None = None) -> Predictions:
     """The model's probabilities (at its own precision) for labelled ``samples``, in their order,
     with their targets."""
     index = {c: i for i, c in enumerate(ck.classes)}
-    logits = [x for _, x, _ in score_batches(ck, samples, device, batch_size, workers=workers)]
+    logits = [x for _, x, _ in score_batches(ck, samples, device, batch_size, workers=workers, what=what)]
     out = torch.cat(logits) if logits else torch.zeros(0, ck.task.n_outputs)
     return Predictions(ck.task, ck.task.probabilities(out).numpy(), np.array([index[s.label] for s in samples], dtype=int),
                        np.arange(len(samples)), logits=ck.task.scores(out).numpy())

@@ -135,7 +135,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         precision = ck.precision_on(dev)
     run = ck.model if engine.exported else maybe_compiled(ck.model, compile_mode, len(samples), batch_size, dev)
     rows = score_samples(ck, samples, dev, batch_size, precision, run, skip_bad, workers, prefetch=engine.exported,
-                         options=options)
+                         options=options, what="predict")
     studies = study_scores(rows, aggregate, ck.label_for) if aggregate is not None else []
     return rows, studies
 

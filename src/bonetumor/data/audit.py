@@ -36,6 +36,7 @@ from bonetumor.data.readers import read_image
 from bonetumor.data.studies import Sample
 from bonetumor.errors import BadImageError
 from bonetumor.files import RunDir
+from bonetumor.progress import tracked
 
 THUMB = 32
 NEAR_THRESHOLD = 6  # of 64 pHash bits; re-encoded or slightly resized copies differ by 0-4
@@ -90,10 +91,12 @@ def scan_file(path: str | Path, frame: int | None = None, options: ReadOptions |
     return facts
 
 
-def scan(samples: Sequence[Sample], workers: int | None = None, options: ReadOptions | None = None) -> list[ImageFacts]:
+def scan(samples: Sequence[Sample], workers: int | None = None, options: ReadOptions | None = None,
+         verbose: bool = True) -> list[ImageFacts]:
     """``scan_file`` over all samples, in threads (decoding releases the GIL)."""
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as ex:
-        return list(ex.map(lambda s: scan_file(s.path, s.frame, options), samples))
+        facts = ex.map(lambda s: scan_file(s.path, s.frame, options), samples)
+        return list(tracked(facts, len(samples), "reading images (audit)", enabled=verbose))
 
 
 def _near_pairs(fa: list[ImageFacts], fb: list[ImageFacts], threshold: int, same: bool) -> list[tuple[int, int]]:

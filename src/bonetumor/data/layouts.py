@@ -26,6 +26,7 @@ from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import is_image_file, read_image
 from bonetumor.data.studies import Sample, expand_inputs, expand_volumes
 from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.progress import tracked
 
 
 @dataclass
@@ -259,7 +260,7 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
 
     if problems is None:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-            problems = list(ex.map(probe, samples))
+            problems = list(tracked(ex.map(probe, samples), len(samples), "checking images"))
     good, bad = [], []
     for s, prob in zip(samples, problems):
         if prob is None:

@@ -83,7 +83,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
                              f"{exclude_near_duplicates_of} split")
     run = RunDir.create(out, overwrite=overwrite)
     samples, skipped = check_files(samples, skip_bad_files, options=ck.read_options)
-    preds = predict_samples(ck, samples, dev, batch_size or ck.config.batch_size, workers)
+    preds = predict_samples(ck, samples, dev, batch_size or ck.config.batch_size, workers, what="evaluate")
     # Intervals resample patients (or, without ids, whole volumes/series): their images are not independent.
     groups = [s.patient_id or s.study for s in samples] if all(s.patient_id or s.study for s in samples) else None
     m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)

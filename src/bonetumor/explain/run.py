@@ -34,6 +34,7 @@ from bonetumor.files import RunDir
 from bonetumor.inference import explained_batches
 from bonetumor.model.backbones import BACKBONES
 from bonetumor.model.checkpoint import load_checkpoint
+from bonetumor.progress import tracked
 from bonetumor.runtime.device import select_device
 
 SCORES = ("pointing", "energy", "iou_top15")
@@ -139,7 +140,10 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     if manifest:  # its labels are the truth of the images it lists
         labels = {str(Path(s.path).resolve()): s.label for s in read_manifest(Path(manifest))}
         samples = [replace(s, label=labels.get(str(Path(s.path).resolve()), s.label)) for s in samples]
-    batches = explained_batches(ck, samples, top_slices, dev, batch_size)
+    # Volumes explain only their top slices, so their count is known only as they are read.
+    total = None if any(s.study for s in samples) else len(samples)
+    batches = tracked(explained_batches(ck, samples, top_slices, dev, batch_size), total, "explain",
+                      size=lambda b: len(b[1]))
     lookup = mask_lookup(masks, boxes, manifest)
     run = RunDir.create(out, overwrite=overwrite)
     run.folder(RunDir.MAPS)

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from rich.progress import track
 
 from bonetumor.config import TrainConfig
 from bonetumor.data.readers import load_tensor
 from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_transforms
 from bonetumor.files import atomic_path
+from bonetumor.progress import tracked
 from bonetumor.runtime.device import to_device
 from bonetumor.runtime.forward import Forward, maybe_compiled
 from bonetumor.runtime.precision import autocast_dtype
@@ -81,7 +81,7 @@ def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: 
     run = maybe_compiled(backbone.eval(), cfg.compile, len(loader.dataset), cfg.batch_size, device)
     out = []
     with Forward(backbone, device, cfg.precision, run) as forward:
-        for x in track(loader, description=desc, transient=True, disable=not verbose):
+        for x in tracked(loader, len(samples) * views, desc, "image views", size=len, enabled=verbose):
             out.append(forward(to_device(x, device)).cpu())
     feats = torch.cat(out) if out else torch.zeros(0, 0)
     return feats.reshape(len(samples), views, -1)

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.progress import track
-
 from bonetumor.config import TrainConfig
 from bonetumor.data.layouts import DatasetIndex
 from bonetumor.errors import BonetumorError
@@ -22,6 +20,7 @@ from bonetumor.evaluate.calibration import operating_point
 from bonetumor.evaluate.metrics import binary_auc
 from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, score_loader
+from bonetumor.progress import tracked
 from bonetumor.runtime.batchnorm import folded_batchnorm
 from bonetumor.runtime.device import release_free_memory, to_device
 from bonetumor.runtime.forward import Forward
@@ -101,8 +100,8 @@ def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train", ve
     net.train()
     total, n, correct = 0.0, 0, 0
     context = autocast(r.cfg.precision, device)
-    for x, y, _ in track(source.train, description=desc, transient=True, disable=not (verbose and console.is_terminal),
-                         console=console):
+    batches = tracked(source.train, len(source.train.dataset), desc, size=lambda b: len(b[1]), enabled=verbose)
+    for x, y, _ in batches:
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         with context:
             logits = net(x)

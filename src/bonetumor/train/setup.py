@@ -158,7 +158,8 @@ def _resumed_config(cfg: TrainConfig, run: RunDir) -> tuple[TrainConfig, dict]:
     return saved, state
 
 
-def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: nn.Module) -> tuple[list, list | None]:
+def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: nn.Module,
+                    verbose: bool = True) -> tuple[list, list | None]:
     """Refuse an unwritable folder or a full disk, then decode every file once: for the bad-file
     check and, when it runs, the audit. Returns (files skipped, the kept samples' audit facts)."""
     run.check_writable()
@@ -169,7 +170,7 @@ def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: n
         # Imported here: scikit-learn's neighbours are for audited runs, not every command.
         from bonetumor.data.audit import scan
 
-        facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=index.options)))
+        facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=index.options, verbose=verbose)))
     skipped = check_data(index, cfg, [facts[s.ref].error for s in index.samples] if facts else None)
     return skipped, [facts[s.ref] for s in index.samples] if facts is not None else None
 
@@ -275,7 +276,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
     # The model (and its weights) come before the file scan, so a weights problem shows at once.
     model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, task.n_outputs,
                          cfg.hidden, cfg.dropout, cfg.output_stride)
-    skipped, facts = _scan_and_check(run, cfg, index, model)
+    skipped, facts = _scan_and_check(run, cfg, index, model, verbose)
     RunDir.create(run, overwrite, resume)  # only now, with data and weights known to be usable
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / RunDir.SKIPPED}")
