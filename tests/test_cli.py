@@ -140,3 +140,39 @@ def test_flags_override_the_yaml_file_and_lists_split_on_commas(tmp_path):
     (tmp_path / "c.yaml").write_text("hflip: false\nunfreeze: [layer3]\nepochs: 3\n")
     cfg = load_config(tmp_path / "c.yaml", {"hflip": True, "unfreeze": "layer4, layer2", "epochs": None})
     assert cfg.hflip is True and cfg.unfreeze == ["layer4", "layer2"] and cfg.epochs == 3
+
+
+def test_every_flag_has_help_a_panel_and_its_default():
+    import typer.core
+    import typer.main
+
+    group = typer.main.get_command(app)
+    seen = 0
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if not isinstance(p, typer.core.TyperOption) or p.name == "help":
+                continue
+            seen += 1
+            assert p.help, (name, p.opts)
+            assert p.rich_help_panel in ("Data", "Reading and preprocessing", "Model", "Optimisation", "Runtime",
+                                         "Output"), (name, p.opts, p.rich_help_panel)
+            assert p.required or p.default is not None or isinstance(p.show_default, str), (name, p.opts)
+    assert seen > 100
+    r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    for flag, default in (("--epochs", "30"), ("--image-size", "224"), ("--batch-size", "32"), ("--lr", "0.001"),
+                          ("--seed", "42"), ("--weights", "imagenet"), ("--freeze", "auto")):
+        text = r.output[r.output.index(f"│ {flag} "):]
+        block = text[:text.index("│ --", 3)]  # the flag's lines, up to the next flag
+        assert f"[default: ({default})]" in block or f"[default: {default}]" in block, block
+
+
+def test_version_and_a_quick_help():
+    from bonetumor import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"bonetumor {__version__}"
+    import subprocess
+    import sys
+
+    code = "import sys, bonetumor.cli; print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'matplotlib') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

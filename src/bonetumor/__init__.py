@@ -14,17 +14,31 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-from bonetumor.config import TrainConfig, load_config
-from bonetumor.data.pixels import ReadOptions
-from bonetumor.data.readers import read_image
-from bonetumor.data.synth import create_synthetic_dataset
-from bonetumor.errors import BadImageError, BonetumorError
-from bonetumor.evaluate.metrics import compute_metrics
-from bonetumor.evaluate.run import evaluate
-from bonetumor.model.backbones import create_model
-from bonetumor.model.checkpoint import load_checkpoint
-from bonetumor.predict import predict, predict_studies
-from bonetumor.train import fit
+# The API's names load on first use (PEP 562), so that ``import bonetumor`` and the command
+# line's --help do not pay for torch, torchvision and scikit-learn up front.
+_EXPORTS = {
+    "TrainConfig": "bonetumor.config", "load_config": "bonetumor.config", "ReadOptions": "bonetumor.data.pixels",
+    "read_image": "bonetumor.data.readers", "create_synthetic_dataset": "bonetumor.data.synth",
+    "BadImageError": "bonetumor.errors", "BonetumorError": "bonetumor.errors",
+    "compute_metrics": "bonetumor.evaluate.metrics", "evaluate": "bonetumor.evaluate.run",
+    "create_model": "bonetumor.model.backbones", "load_checkpoint": "bonetumor.model.checkpoint",
+    "predict": "bonetumor.predict", "predict_studies": "bonetumor.predict", "fit": "bonetumor.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
+    raise AttributeError(f"module 'bonetumor' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "BadImageError", "BonetumorError", "ReadOptions", "TrainConfig", "compute_metrics", "create_model",

@@ -131,6 +131,7 @@ class RunDir:
     BEST, LAST = "best.pt", "last.pt"
     CONFIG, ENVIRONMENT, DATA = "config.yaml", "environment.json", "data.json"
     SPLITS, SKIPPED, AUDIT = "splits.csv", "skipped_files.csv", "audit.json"
+    DUPLICATES, CLUSTERS = "duplicates.csv", "clusters.csv"
     HISTORY, CURVES = "history.csv", "curves.png"
     PRECISION, OPERATING_POINT = "precision.json", "operating_point.json"
     REPORT = "report.html"

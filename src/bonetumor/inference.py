@@ -58,10 +58,11 @@ class Predictions:
         return float((pred == self.targets).mean()) if len(pred) else float("nan")
 
 
-def open_model(path: str | Path, device: str = "auto", engine: str | Engine = Engine.TORCH) -> tuple[LoadedCheckpoint, torch.device]:
+def open_model(path: str | Path, device: str = "auto", engine: str | Engine = Engine.TORCH,
+               check: str = "now") -> tuple[LoadedCheckpoint, torch.device]:
     """(the model with its checkpoint's facts, the device it runs on) for ``engine``: torch (a
     .pt checkpoint), or onnx / openvino (an exported .onnx, or a checkpoint exported first, once,
-    into the export cache), which run on the CPU."""
+    into the export cache), which run on the CPU. ``check``: as for ``load_checkpoint``."""
     engine = Engine.parse(engine)
     if engine.exported:
         from bonetumor.model.export import cached_export, load_onnx, load_openvino
@@ -73,7 +74,7 @@ def open_model(path: str | Path, device: str = "auto", engine: str | Engine = En
     if str(path).lower().endswith(".onnx"):
         raise BonetumorError(f"{path}: an ONNX file; pass --engine onnx or --engine openvino")
     dev = select_device(device)
-    return load_checkpoint(path, dev), dev
+    return load_checkpoint(path, dev, check), dev
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from bonetumor.data.readers import image_kind
 from bonetumor.data.studies import expand_inputs
 from bonetumor.errors import BonetumorError
 from bonetumor.files import RunDir
@@ -26,7 +27,7 @@ from bonetumor.inference import (
     score_samples,
 )
 from bonetumor.model.checkpoint import checkpoint_config
-from bonetumor.model.export import cached_export_path
+from bonetumor.model.export import has_cached_export
 from bonetumor.runtime import engines
 from bonetumor.runtime.device import select_device
 from bonetumor.runtime.engines import Engine
@@ -111,7 +112,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     if auto:
         engine, samples = _resolve_auto(checkpoint, paths, device, window)
     try:
-        ck, dev = open_model(checkpoint, device, engine)
+        ck, dev = open_model(checkpoint, device, engine, check="deferred")
     except BonetumorError as e:
         if not (auto and engine is Engine.OPENVINO and samples is not None):  # only auto's export of a checkpoint falls back
             raise
@@ -119,7 +120,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         warnings.warn(f"--engine auto: running in PyTorch, as OpenVINO could not take the model ({e})",
                       RuntimeWarning, stacklevel=2)
         engine = Engine.TORCH
-        ck, dev = open_model(checkpoint, device, engine)
+        ck, dev = open_model(checkpoint, device, engine, check="deferred")
     batch_size = batch_size or default_batch_size(dev)
     workers = default_workers(dev) if workers is None else workers
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
@@ -136,6 +137,7 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     run = ck.model if engine.exported else maybe_compiled(ck.model, compile_mode, len(samples), batch_size, dev)
     rows = score_samples(ck, samples, dev, batch_size, precision, run, skip_bad, workers, prefetch=engine.exported,
                          options=options, what="predict")
+    ck.verified()  # nothing is returned from weights whose checksum fails
     studies = study_scores(rows, aggregate, ck.label_for) if aggregate is not None else []
     return rows, studies
 
@@ -148,9 +150,12 @@ def _resolve_auto(checkpoint: str | Path, paths: Sequence[str | Path], device: s
         return (Engine.OPENVINO if find_spec("openvino") is not None else Engine.ONNX), None
     if engines.choose_engine(select_device(device), engines.AUTO_OPENVINO_MIN_IMAGES) is Engine.TORCH:
         return Engine.TORCH, None  # whatever the job's size: a GPU, or no OpenVINO
+    few = len(paths) < engines.AUTO_OPENVINO_MIN_IMAGES
+    if few and all(Path(p).is_file() and image_kind(p) == "image" for p in paths) and not has_cached_export(checkpoint):
+        return Engine.TORCH, None  # a few 2-D files: counted without reading the checkpoint
     options = checkpoint_config(checkpoint).read_options
     samples = expand_inputs(paths, options if window is None else replace(options, window=window))
-    return engines.choose_engine(torch.device("cpu"), len(samples), cached_export_path(checkpoint).exists()), samples
+    return engines.choose_engine(torch.device("cpu"), len(samples), has_cached_export(checkpoint)), samples
 
 
 def write_predictions(run: RunDir, rows: Sequence[dict], studies: Sequence[dict]) -> None:

@@ -65,7 +65,20 @@ def test_planted_leaks_are_counted_exactly(clean):
     flip = "normal" if src["label"] == "cancer" else "cancer"
     rows.append({**src, "label": flip, "path": f"test/{src['label']}/copy.png", "patient_id": "X3", "split": "test"})
     _write_manifest(clean.manifest, rows)
-    r = run_audit(manifest=str(clean.manifest))
+    r = run_audit(manifest=str(clean.manifest), out=clean.root / "audit")
+    pairs = _rows(clean.root / "audit" / "duplicates.csv")
+    exact = [p for p in pairs if p["kind"] == "exact"]
+    assert len(exact) == 2 and all(p["file_a"].endswith(src["path"]) and p["split_a"] == "train" and
+                                   p["file_b"].endswith("copy.png") and p["split_b"] == "test" and p["distance"] == "0"
+                                   for p in exact)
+    near = [p for p in pairs if p["kind"] == "near"]
+    assert any(p["file_a"].endswith(src2["path"]) and p["file_b"].endswith("near.jpg") and int(p["distance"]) <= 6
+               for p in near)
+    assert pairs.index(exact[0]) < len([p for p in pairs if p["split_a"] != p["split_b"]])  # cross-split pairs first
+    clusters = {c["file"]: c for c in _rows(clean.root / "audit" / "clusters.csv")}
+    assert len(clusters) == 50 and clusters[str(root / src["path"])]["cluster"] == clusters[str(root / "test" / src["label"] / "copy.png")]["cluster"]
+    assert clusters[str(root / src["path"])]["cluster_size"] == "3"  # the file, its copy listed under two labels and clusters[str(root / src["path"])]["splits_in_cluster"] == "test+train"
+    assert r["copies"]["exact"] == 2 and r["copies"]["cross_split_pairs"] >= 3
     d = r["duplicates"]
     assert d["test"]["exact_copies_of_train"] == 2  # the copy, listed twice (once per label)
     assert d["test"]["near_copies_of_train"] == 2
@@ -124,6 +137,10 @@ def test_audit_json_written_atomically(clean, tmp_path):
     run_audit(manifest=str(clean.manifest), out=tmp_path / "a")
     j = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert j["leakage"] is False and j["near_threshold_bits"] == 6
+    assert _rows(tmp_path / "a" / "duplicates.csv") == [] and j["copies"]["pairs"] == 0
+    clusters = _rows(tmp_path / "a" / "clusters.csv")
+    assert len(clusters) == 48 and {c["cluster_size"] for c in clusters} == {"1"}
+    assert sorted(int(c["cluster"]) for c in clusters) == list(range(1, 49))
 
 
 def test_export_source_names_shared_with_train_are_leakage(tmp_path):

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from bonetumor.cli.options import with_config_options
+from bonetumor.cli.options import tidy_panels, with_config_options
 from bonetumor.cli.show import err, out
 from bonetumor.config import WINDOW_DEFAULT, WINDOW_HELP
 from bonetumor.data.synth import FORMATS, MODALITIES
@@ -24,6 +24,20 @@ from bonetumor.errors import BonetumorError
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and explain CNN classifiers of bone-tumour images.")
 DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from bonetumor import __version__
+
+        out.print(f"bonetumor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Train, evaluate and explain CNN classifiers of bone-tumour images."""
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -323,6 +337,9 @@ def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, dense
     from bonetumor.model.backbones import fetch_imagenet_weights
 
     out.print(f"ImageNet weights for {backbone}: {fetch_imagenet_weights(backbone)}")
+
+tidy_panels(app)
+
 
 def main() -> None:
     """Console-script entry point."""

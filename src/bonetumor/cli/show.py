@@ -116,6 +116,12 @@ def show_audit(r: dict, out_dir: Path | None) -> None:
         out.print(f"[yellow]{len(r['unreadable'])} unreadable files[/], e.g. {r['unreadable'][0]['path']}: {r['unreadable'][0]['error']}")
     summary = leakage_summary(r)
     out.print(f"[bold yellow]leakage:[/] {summary}" if summary else "no leakage found")
+    c = r.get("copies")
+    if c and c["pairs"]:
+        where = f" (listed in {out_dir / 'duplicates.csv'}, clusters in {out_dir / 'clusters.csv'})" if out_dir else \
+            " (pass --out DIR to list them in duplicates.csv and clusters.csv)"
+        out.print(f"copies: {c['pairs']} pairs ({c['exact']} exact, {c['near']} near, {c['same-source']} same source), "
+                  f"{c['cross_split_pairs']} across splits, in {c['clusters_with_copies']} clusters{where}")
     if out_dir is not None:
         out.print(f"audit written to {out_dir / 'audit.json'}")
 

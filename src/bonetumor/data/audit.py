@@ -30,6 +30,13 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from bonetumor.data.copies import (
+    CLUSTER_FIELDS,
+    PAIR_FIELDS,
+    cluster_rows,
+    copy_pairs,
+    pair_rows,
+)
 from bonetumor.data.layouts import DatasetIndex
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import read_image
@@ -264,10 +271,13 @@ def memorisation_baseline(train_thumbs: np.ndarray, train_labels: Sequence[str],
 
 
 def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: bool = True,
-          workers: int | None = None, facts: list[ImageFacts] | None = None, options: ReadOptions | None = None) -> dict:
+          workers: int | None = None, facts: list[ImageFacts] | None = None, options: ReadOptions | None = None,
+          run: RunDir | None = None) -> dict:
     """Audit the samples of ``index`` (with splits assigned). Returns a JSON-able dict whose
     ``leakage`` entry is true when any split shares images or patients with another, or an
-    image carries two labels. ``facts``: the samples' ``scan``, when already made."""
+    image carries two labels. ``facts``: the samples' ``scan``, when already made. ``run``: a
+    folder to write ``audit.json``, ``duplicates.csv`` (which file copies which) and
+    ``clusters.csv`` (each image's duplicate cluster) into."""
     samples, classes = index.samples, index.classes
     facts = facts if facts is not None else scan(samples, workers, options)
     splits = [s for s in ("train", "valid", "test") if any(x.split == s for x in samples)]
@@ -276,7 +286,7 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
     conflicts = _label_conflicts(samples, facts, pairs)
     patients = _patients_in_two_splits(samples)
     report = {
-        "n_images": len(samples), "classes": classes, "layout": index.layout,
+        "data": str(index.root), "n_images": len(samples), "classes": classes, "layout": index.layout,
         "split_level": index.split_level, "near_threshold_bits": near_threshold,
         "unreadable": [{"path": s.ref, "error": f.error} for s, f in zip(samples, facts) if f.error],
         "duplicates": dup, "label_conflicts": conflicts,
@@ -296,6 +306,17 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
     cross = [r.get("near_copies_of_train", 0) + r.get("same_source_name_as_train", 0) for r in dup.values()]
     report["leakage"] = bool(sum(cross) or patients or conflicts["exact_images_with_two_labels"])
     report["shortcuts_flagged"] = sorted(k for k, v in report["shortcuts"].items() if v["flag"])
+    copies = copy_pairs(samples, facts, pairs, source_name)
+    clusters = cluster_rows(samples, copies)
+    kinds = Counter(kind for _, _, kind, _ in copies)
+    report["copies"] = {"pairs": len(copies), **{k: kinds.get(k, 0) for k in ("exact", "near", "same-source")},
+                        "cross_split_pairs": sum(samples[i].split != samples[j].split for i, j, _, _ in copies),
+                        "clusters_with_copies": len({r["cluster"] for r in clusters if r["cluster_size"] > 1}),
+                        "tables": [RunDir.DUPLICATES, RunDir.CLUSTERS]}
+    if run is not None:
+        run.write_json(RunDir.AUDIT, report)
+        run.write_csv(RunDir.DUPLICATES, PAIR_FIELDS, pair_rows(samples, copies))
+        run.write_csv(RunDir.CLUSTERS, CLUSTER_FIELDS, clusters)
     return report
 
 
@@ -311,11 +332,8 @@ def run_audit(data: str | None = None, manifest: str | None = None, out: str | P
     index = discover(data, manifest, options=options)
     index.samples = assign_splits(index.samples, val_fraction, test_fraction, seed, refuse_shared_patients=False)
     run = RunDir.create(out, overwrite=overwrite) if out is not None else None
-    report = audit(index, near_threshold, baseline, options=options)
-    report["data"] = str(data or manifest)
-    if run is not None:
-        run.write_json(RunDir.AUDIT, report)
-    return report
+    index.root = index.root or str(data or manifest)
+    return audit(index, near_threshold, baseline, options=options, run=run)
 
 
 def leakage_summary(report: dict) -> str:

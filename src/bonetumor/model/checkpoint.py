@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bonetumor.model.serialization import (
     FORMAT,
     FORMAT_VERSION,
     is_bonetumor_checkpoint,
+    read_records,
     read_torch_file,
 )
 from bonetumor.runtime.precision import model_precision
@@ -116,7 +118,7 @@ def weights_digest(state: dict) -> str:
     for k, t in state.items():
         t = t.detach().cpu().contiguous()
         h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
 
 
@@ -144,6 +146,17 @@ class LoadedCheckpoint:
     threshold: float
     epoch: int
     raw: dict
+    integrity: Future | None = None  # the weights' checksum check, when deferred (``verified``)
+
+    def verified(self) -> "LoadedCheckpoint":
+        """This checkpoint once its weights' checksum has been checked (waits for a deferred check).
+
+        Raises:
+            BonetumorError: the weights do not match their checksum.
+        """
+        if self.integrity is not None:
+            self.integrity.result()
+        return self
 
     @property
     def read_options(self) -> ReadOptions:
@@ -169,9 +182,10 @@ class LoadedCheckpoint:
         return self.task.label(prob, self.threshold)
 
 
-def _read_checked(path: str | Path) -> dict:
-    """A checkpoint file's contents, refused unless bonetumor wrote it in a format it reads."""
-    obj = read_torch_file(path)
+def _read_checked(path: str | Path, records: bool = False) -> dict:
+    """A checkpoint file's contents, refused unless bonetumor wrote it in a format it reads;
+    tensors mapped from the file. ``records``: for its records alone (``read_records``)."""
+    obj = read_records(path) if records else read_torch_file(path, mmap=True)
     if not is_bonetumor_checkpoint(obj):
         raise BonetumorError(f"{path}: not a bonetumor checkpoint (no format marker)")
     if obj.get("format_version", 0) > FORMAT_VERSION:
@@ -185,32 +199,56 @@ def checkpoint_config(path: str | Path) -> TrainConfig:
     Raises:
         BonetumorError: missing, foreign, too new or incomplete file.
     """
-    obj = _read_checked(path)
+    obj = _read_checked(path, records=True)
     try:
         return config_from_dict(obj["config"])
     except (KeyError, TypeError) as e:
         raise BonetumorError(f"{path}: checkpoint is incomplete ({first_line(e, 160)})") from None
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", check: str = "now") -> LoadedCheckpoint:
     """Load a bonetumor checkpoint and rebuild its model (eval mode) on ``device``.
+
+    ``check``: ``now`` checks the weights against their checksum before returning; ``deferred``
+    checks them in a thread while the caller works, and the caller must call ``verified()``
+    before it shows or writes any result. A checksum of ResNet50's weights takes about half a
+    second here, which a one-image prediction would otherwise wait for.
 
     Raises:
         BonetumorError: missing, foreign, tampered or incompatible file.
     """
     obj = _read_checked(path)
-    if "model_sha256" in obj and isinstance(obj.get("model"), dict) and weights_digest(obj["model"]) != obj["model_sha256"]:
-        raise BonetumorError(f"{path}: the weights do not match their checksum; the file was altered or damaged")
+    state = obj.get("model")
+    integrity = None
+    if "model_sha256" in obj and isinstance(state, dict):
+        # hashing releases the GIL: it runs beside building the model
+        pool = ThreadPoolExecutor(1, thread_name_prefix="bonetumor-checksum")
+        integrity = pool.submit(_check_weights, path, state, obj["model_sha256"])
+        pool.shutdown(wait=False)
     try:
         cfg = config_from_dict(obj["config"])
         classes = list(obj["classes"])
-        model = create_model(cfg.backbone, "none", "backbone", (), Task.of(classes).n_outputs, cfg.hidden,
-                             cfg.dropout, cfg.output_stride)
-        model.load_state_dict(obj["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+        # Built on the meta device and given the saved tensors: no random initialisation of
+        # weights that are replaced at once.
+        with torch.device("meta"):
+            model = create_model(cfg.backbone, "none", "backbone", (), Task.of(classes).n_outputs, cfg.hidden,
+                                 cfg.dropout, cfg.output_stride)
+        model.load_state_dict(state, assign=True)
+    except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+        if integrity is not None:
+            integrity.result()  # a damaged file says so first
         raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({first_line(e, 160)})") from None
+    if check == "now" and integrity is not None:
+        integrity.result()
+        integrity = None
     model.temperature = float(obj.get("temperature", 1.0))
     model.to(device).to(memory_format=torch.channels_last).eval()  # as inputs are: no layout reorders per call
     norm = obj.get("normalization", {})
     return LoadedCheckpoint(model, cfg, classes, int(obj["image_size"]), tuple(norm.get("mean", ())),
-                            tuple(norm.get("std", ())), float(obj.get("threshold", 0.5)), int(obj.get("epoch", 0)), obj)
+                            tuple(norm.get("std", ())), float(obj.get("threshold", 0.5)), int(obj.get("epoch", 0)), obj,
+                            integrity)
+
+
+def _check_weights(path: str | Path, state: dict, expected: str) -> None:
+    if weights_digest(state) != expected:
+        raise BonetumorError(f"{path}: the weights do not match their checksum; the file was altered or damaged")

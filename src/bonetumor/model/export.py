@@ -24,6 +24,7 @@ from bonetumor.config import config_from_dict, config_to_dict
 from bonetumor.errors import BonetumorError
 from bonetumor.files import atomic_path
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from bonetumor.model.serialization import read_records
 from bonetumor.runtime.engines import (
     META_KEY,
     Engine,
@@ -86,6 +87,15 @@ def export_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bonetumor" / "exports"
 
 
+def has_cached_export(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` has an export in the cache; answered without reading it when the
+    cache holds no export at all."""
+    folder = export_cache_dir()
+    if not folder.is_dir() or not any(folder.glob("*.onnx")):
+        return False
+    return cached_export_path(checkpoint).exists()
+
+
 def cached_export_path(checkpoint: str | Path) -> Path:
     """Where ``cached_export`` keeps ``checkpoint``'s export (whether or not it is there yet)."""
     if not Path(checkpoint).is_file():
@@ -96,11 +106,17 @@ def cached_export_path(checkpoint: str | Path) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
-    """A hash of the checkpoint's bytes, once per file version."""
+    """A hash of what the export is made of, once per file version: the weights' own checksum
+    and every other entry (read without the weights' bytes), else the whole file's bytes."""
     digest = hashlib.sha256(f"bonetumor-onnx-{EXPORT_FORMAT}".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    obj = read_records(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model_sha256"), str):
+        rest = {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scaler")}
+        digest.update(json.dumps(rest, sort_keys=True, default=str).encode())
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
     return digest.hexdigest()[:32]
 
 

@@ -180,8 +180,7 @@ def audit_data(index: DatasetIndex, run: RunDir, verbose: bool = True, facts: li
     write ``audit.json`` and warn, never silently, when a split shares images or patients."""
     from bonetumor.data.audit import audit, leakage_summary
 
-    report = audit(index, facts=facts)
-    run.write_json(RunDir.AUDIT, report)
+    report = audit(index, facts=facts, run=run)
     summary = leakage_summary(report)
     if summary:
         msg = f"leakage in the data: {summary}; validation and test scores will be optimistic (see {run / RunDir.AUDIT})"

@@ -1,0 +1,71 @@
+"""Which file copies which: the audit's pairs as ``duplicates.csv`` and each image's duplicate
+cluster as ``clusters.csv``, so that a user can see the copies and clean the data.
+
+Three kinds of pair: ``exact`` (the same bytes, or for a slice the same pixels), ``near`` (64-bit
+perceptual hashes within the audit's threshold and correlated thumbnails; ``distance`` is the
+number of differing hash bits) and ``same-source`` (an export tool's renamed files that keep the
+same source name). A group of k identical files is listed as k - 1 pairs against its first file,
+not all k(k-1)/2. Clusters are the connected components of all pairs (scipy's csgraph).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+PAIR_FIELDS = ("file_a", "split_a", "file_b", "split_b", "kind", "distance")
+CLUSTER_FIELDS = ("file", "split", "label", "cluster", "cluster_size", "splits_in_cluster")
+
+
+def copy_pairs(samples: Sequence, facts: Sequence, near: Sequence[tuple[int, int]],
+               source_name) -> list[tuple[int, int, str, int | None]]:
+    """(i, j, kind, distance) for every exact, near and same-source pair (indices into ``samples``)."""
+    pairs: list[tuple[int, int, str, int | None]] = []
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, f in enumerate(facts):
+        if f.error is None:
+            by_sha[f.sha256].append(i)
+    for group in by_sha.values():
+        pairs += [(group[0], j, "exact", 0) for j in group[1:]]
+    for i, j in near:
+        if facts[i].sha256 != facts[j].sha256:
+            pairs.append((i, j, "near", int(np.bitwise_count(np.uint64(facts[i].phash) ^ np.uint64(facts[j].phash)))))
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        name = source_name(s.path)
+        if name:
+            by_source[name].append(i)
+    listed = {(min(i, j), max(i, j)) for i, j, _, _ in pairs}
+    for group in by_source.values():
+        pairs += [(group[0], j, "same-source", None) for j in group[1:] if (min(group[0], j), max(group[0], j)) not in listed]
+    return pairs
+
+
+def pair_rows(samples: Sequence, pairs: Sequence[tuple[int, int, str, int | None]]) -> list[dict]:
+    """``duplicates.csv``'s rows: cross-split pairs first (the ones that inflate held-out figures)."""
+    rows = [{"file_a": samples[i].ref, "split_a": samples[i].split or "", "file_b": samples[j].ref,
+             "split_b": samples[j].split or "", "kind": kind, "distance": "" if d is None else d}
+            for i, j, kind, d in pairs]
+    return sorted(rows, key=lambda r: (r["split_a"] == r["split_b"], r["kind"], r["file_a"], r["file_b"]))
+
+
+def cluster_rows(samples: Sequence, pairs: Sequence[tuple[int, int, str, int | None]]) -> list[dict]:
+    """``clusters.csv``'s rows: every image with its cluster (numbered largest first; an image with
+    no copy is a cluster of one) and the splits its cluster spans."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(samples)
+    i = np.array([p[0] for p in pairs], dtype=int)
+    j = np.array([p[1] for p in pairs], dtype=int)
+    _, comp = connected_components(coo_matrix((np.ones(len(pairs)), (i, j)), shape=(n, n)), directed=False)
+    sizes = np.bincount(comp)
+    order = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))
+    number = {c: k + 1 for k, c in enumerate(order)}
+    spans: dict[int, set] = defaultdict(set)
+    for s, c in zip(samples, comp):
+        spans[c].add(s.split or "")
+    return [{"file": s.ref, "split": s.split or "", "label": s.label, "cluster": number[c], "cluster_size": int(sizes[c]),
+             "splits_in_cluster": "+".join(sorted(spans[c]))} for s, c in zip(samples, comp)]
