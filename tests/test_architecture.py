@@ -119,3 +119,14 @@ def test_importing_the_package_leaves_plotting_and_the_audit_to_the_commands_tha
             "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('matplotlib', 'sklearn.neighbors'))}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_api_names_are_the_functions_whatever_was_imported_first():
+    import subprocess
+    import sys
+
+    code = ("import bonetumor.evaluate.metrics, bonetumor.predict, inspect\n"
+            "from bonetumor import evaluate, predict, fit, TrainConfig\n"
+            "print(all(inspect.isfunction(f) for f in (evaluate, predict, fit)), inspect.isclass(TrainConfig))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["True", "True"], r.stderr[-500:]

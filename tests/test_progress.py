@@ -3,6 +3,7 @@
 import io
 import re
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -33,6 +34,7 @@ def test_a_short_job_prints_nothing_and_a_quiet_one_nothing_at_all(monkeypatch):
     assert buf.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_every_long_command_reports_progress_when_redirected(tiny_run, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("BONETUMOR_PROGRESS_SECONDS", "0")
     run = CliRunner()

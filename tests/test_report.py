@@ -59,7 +59,7 @@ def test_report_speaks_plainly(report):
     for raw in ("roc_auc", "ppv<", "iou_top15", "balanced_accuracy"):
         assert raw not in text
     assert not re.findall(r"\b0\.0*[1-9]\d{3}", text), "four significant digits on the page"
-    assert "Heatmaps:</b> the heatmaps are a 1x1 grid" in text
+    assert "Warning:</b> the heatmaps are a 1x1 grid" in text
 
 
 def test_failure_gallery_with_both_kinds_of_error(report, tiny_run, tmp_path):

@@ -7,6 +7,8 @@ Python API (the CLI is a thin layer over these)::
     metrics = evaluate(result.run_dir / "best.pt", "data/", out="runs/r1/eval")
 """
 
+import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -24,6 +26,19 @@ _EXPORTS = {
     "create_model": "bonetumor.model.backbones", "load_checkpoint": "bonetumor.model.checkpoint",
     "predict": "bonetumor.predict", "predict_studies": "bonetumor.predict", "fit": "bonetumor.train",
 }
+
+
+class _Package(types.ModuleType):
+    """The import system sets each submodule as an attribute of its package; where an API
+    function has its submodule's name (``evaluate``, ``predict``), the function keeps the name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

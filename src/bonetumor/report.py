@@ -247,7 +247,7 @@ def _heatmap_warning(run: Path) -> str:
     layer = BACKBONES[ck.config.backbone]["cam_layer"]
     text = coarse_grid_warning(cam_grid(ck.model, layer, ck.image_size), layer, ck.image_size, ck.config.backbone,
                                ck.config.output_stride)
-    return f'<p class="warn"><b>Heatmaps:</b> {html.escape(text)}.</p>' if text else ""
+    return f'<p class="warn"><b>Warning:</b> {html.escape(text)}.</p>' if text else ""
 
 
 def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_dir: str | Path | None = None,

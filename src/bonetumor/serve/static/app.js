@@ -25,7 +25,7 @@ async function loadModel() {
   $("token-box").hidden = true;
   $("model").textContent = `Model: ${m.name}, classes ${m.classes.join(" / ")}, operating point ${m.threshold.toFixed(3)}`;
   $("heatmap-warning").hidden = !m.heatmap_warning;
-  $("heatmap-warning").textContent = m.heatmap_warning ? `Heatmaps: ${m.heatmap_warning}.` : "";
+  $("heatmap-warning").textContent = m.heatmap_warning ? `Warning: ${m.heatmap_warning}.` : "";
 }
 
 function fmt(p) { return p === undefined || p === null ? "" : Number(p).toFixed(3); }
