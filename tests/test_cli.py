@@ -24,7 +24,7 @@ def test_synth_train_evaluate_predict(tmp_path):
     assert code == 0, out
     assert (tmp_path / "r" / "best.pt").is_file()
     code, out = _run("evaluate", tmp_path / "r" / "best.pt", tmp_path / "d", "--out", tmp_path / "e")
-    assert code == 0 and "roc_auc" in out and (tmp_path / "e" / "metrics.json").is_file()
+    assert code == 0 and "ROC-AUC" in out and "roc_auc" not in out and (tmp_path / "e" / "metrics.json").is_file()
     code, out = _run("predict", tmp_path / "r" / "best.pt", tmp_path / "d" / "test", "--json")
     lines = [json.loads(x) for x in out.strip().splitlines()]
     assert code == 0 and len(lines) == 8 and {"path", "probability", "label", "threshold"} <= set(lines[0])

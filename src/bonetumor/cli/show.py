@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bonetumor.evaluate.names import metric_name, sig3
+
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -26,8 +28,8 @@ def show_metrics(m: dict) -> None:
               "brier", "ece"):
         if k in m:
             v = m[k]
-            row = [k, f"{v['value']:.4f}", f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"]
-            t.add_row(*row, *([f"{half[k]:.4f}" if k in half else ""] if half else []))
+            row = [metric_name(k), sig3(v["value"]), f"[{sig3(v['ci_low'])}, {sig3(v['ci_high'])}]"]
+            t.add_row(*row, *([sig3(half[k]) if k in half else ""] if half else []))
     if "threshold" in m:
         t.add_row("threshold", f"{m['threshold']:.4f}", "", *(["0.5000"] if half else []))
     out.print(t)
@@ -71,8 +73,8 @@ def show_explain(r, method: str) -> None:
             t.add_column(col)
         for k in ("pointing", "energy", "iou_top15"):
             a, b = r.localization["cam"][k], r.localization["baseline_centred_gaussian"][k]
-            t.add_row(k, f"{a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
-                      f"{b['value']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]")
+            t.add_row(metric_name(k), f"{sig3(a['value'])} [{sig3(a['ci_low'])}, {sig3(a['ci_high'])}]",
+                      f"{sig3(b['value'])} [{sig3(b['ci_low'])}, {sig3(b['ci_high'])}]")
         out.print(t)
         c = r.localization["correctly_classified_positive"]
         if c["n"]:
