@@ -239,14 +239,12 @@ def _title(run: Path, cfg: dict) -> str:
 
 def _heatmap_warning(run: Path) -> str:
     """A warning box when the model's Grad-CAM grid is too coarse to localise (explain/grid.py)."""
-    from bonetumor.explain.grid import cam_grid, coarse_grid_warning
+    from bonetumor.explain.grid import model_grid
     from bonetumor.model.backbones import BACKBONES
     from bonetumor.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(run / RunDir.BEST, "cpu")
-    layer = BACKBONES[ck.config.backbone]["cam_layer"]
-    text = coarse_grid_warning(cam_grid(ck.model, layer, ck.image_size), layer, ck.image_size, ck.config.backbone,
-                               ck.config.output_stride)
+    _, text = model_grid(ck, BACKBONES[ck.config.backbone]["cam_layer"])
     return f'<p class="warn"><b>Warning:</b> {html.escape(text)}.</p>' if text else ""
 
 

@@ -48,3 +48,9 @@ def coarse_grid_warning(grid: tuple[int, int], layer: str, image_size: int, back
         options += [f"--output-stride {s} with --image-size {MIN_GRID * s} or more" for s in (16, 8) if s < output_stride]
     return (f"the heatmaps are a {grid[0]}x{grid[1]} grid ({layer} at {image_size} px), too coarse to localise "
             f"anything ({MIN_GRID}x{MIN_GRID} or finer is needed); train with " + ", or ".join(options))
+
+
+def model_grid(ck, layer: str) -> tuple[tuple[int, int], str | None]:
+    """A loaded checkpoint's grid at ``layer`` for its own input size, and the warning for it."""
+    grid = cam_grid(ck.model, layer, ck.image_size)
+    return grid, coarse_grid_warning(grid, layer, ck.image_size, ck.config.backbone, ck.config.output_stride)

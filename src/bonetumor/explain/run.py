@@ -21,7 +21,7 @@ from bonetumor.data.readers import read_image
 from bonetumor.data.studies import Sample, expand_inputs
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
-from bonetumor.explain.grid import cam_grid, coarse_grid_warning
+from bonetumor.explain.grid import model_grid
 from bonetumor.explain.index import index_page
 from bonetumor.explain.panels import cam_panel
 from bonetumor.explain.scores import (
@@ -135,7 +135,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     dev = select_device(device)
     ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
-    grid = cam_grid(ck.model, layer, ck.image_size)
+    grid, warning = model_grid(ck, layer)
     samples = expand_inputs(paths, ck.read_options)
     if manifest:  # its labels are the truth of the images it lists
         labels = {str(Path(s.path).resolve()): s.label for s in read_manifest(Path(manifest))}
@@ -158,8 +158,7 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
             faith["insertion"] += i.tolist()
         for j, (f, image) in enumerate(chunk):
             rows.append(_one_image(j + start, f, image, res, j, ck, lookup, run, max_panels))
-    result = ExplainResult(run.path, rows, grid=grid, warning=coarse_grid_warning(
-        grid, layer, ck.image_size, ck.config.backbone, ck.config.output_stride))
+    result = ExplainResult(run.path, rows, grid=grid, warning=warning)
     result.faithfulness = {k: bootstrap_ci(v) for k, v in faith.items()}
     _write_tables(run, result, method, target, layer, ck.classes[-1])
     return result

@@ -35,7 +35,7 @@ from bonetumor.data.readers import load_tensor
 from bonetumor.data.studies import expand_inputs
 from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
-from bonetumor.explain.grid import cam_grid, coarse_grid_warning
+from bonetumor.explain.grid import model_grid
 from bonetumor.explain.panels import heatmap_rgba, to_rgb8
 from bonetumor.inference import model_batch, open_model, prediction_rows, top_slices
 from bonetumor.model.backbones import BACKBONES
@@ -75,7 +75,7 @@ class Service:
         self.ck.model.eval()
         self.path = Path(checkpoint)
         self.layer = BACKBONES[self.ck.config.backbone]["cam_layer"]
-        self.grid = cam_grid(self.ck.model, self.layer, self.ck.image_size)
+        self.grid, self.grid_warning = model_grid(self.ck, self.layer)
         self.lock = threading.Lock()
         self.info = self._model_info()
 
@@ -85,8 +85,7 @@ class Service:
                 "checkpoint": self.path.name, "epoch": ck.epoch, "classes": ck.classes, "positive_class": ck.positive_class,
                 "threshold": ck.threshold, "image_size": ck.image_size, "backbone": ck.config.backbone,
                 "operating_point": ck.raw.get("operating_point"), "heatmap_grid": self.grid,
-                "heatmap_warning": coarse_grid_warning(self.grid, self.layer, ck.image_size, ck.config.backbone,
-                                                       ck.config.output_stride)}
+                "heatmap_warning": self.grid_warning}
         run = self.path.parent
         data = _read_json(run / "data.json")
         if data is not None:
