@@ -52,7 +52,7 @@ def test_cli_explain_and_its_errors(tiny_run, tiny_data, tmp_path):
     r = runner.invoke(app, ["explain", str(tiny_run / "best.pt"), str(tiny_data / "test" / "cancer"), "--out",
                             str(tmp_path / "e"), "--method", "gradcam++", "--target", "normal", "--masks", str(tiny_data / "masks")])
     assert r.exit_code == 0, r.output
-    assert "pointing" in r.output and "baseline" in r.output
+    assert "Pointing game" in r.output and "baseline" in r.output
     r = runner.invoke(app, ["explain", str(tiny_run / "best.pt"), str(tiny_data / "test"), "--out", str(tmp_path / "f"),
                             "--layer", "backbone.layer7"])
     assert r.exit_code == 2 and "backbone.layer4" in r.output and "Traceback" not in r.output
