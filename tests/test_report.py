@@ -78,8 +78,22 @@ def test_failure_gallery_with_both_kinds_of_error(report, tiny_run, tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    text = build_report(tiny_run, ev, None, tmp_path / "r.html").read_text()
+    import bonetumor.explain.run
+    import bonetumor.model.checkpoint
+
+    loads = []
+    real = bonetumor.model.checkpoint.load_checkpoint
+
+    def counted(*a, **k):
+        loads.append(a[0])
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bonetumor.model.checkpoint, "load_checkpoint", counted)
+        mp.setattr(bonetumor.explain.run, "load_checkpoint", counted)
+        text = build_report(tiny_run, ev, None, tmp_path / "r.html").read_text()
     assert "False negatives" in text and "False positives" in text
+    assert len(loads) == 1  # one model for the grid check and both galleries
 
 
 def _render(html_text: str, tmp_path, width: int) -> dict:

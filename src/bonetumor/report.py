@@ -160,8 +160,8 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
     return "".join(out)
 
 
-def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
-    """Top false negatives and false positives, with their Grad-CAM panels."""
+def _failure_gallery(ck, ev: Path, k: int = 4) -> str:
+    """Top false negatives and false positives of the loaded model ``ck``, with their Grad-CAM panels."""
     pred = ev / RunDir.PREDICTIONS
     m = _read_json(ev / RunDir.METRICS)
     if not pred.is_file() or m is None or "positive_class" not in m:
@@ -181,7 +181,7 @@ def _failure_gallery(run: Path, ev: Path, k: int = 4) -> str:
                                      ("false_positives", "False positives, highest P first", fp)):
             if not group:
                 continue
-            res = explain(run / RunDir.BEST, [r["path"] for r in group], Path(tmp) / folder, target="predicted",
+            res = explain(ck, [r["path"] for r in group], Path(tmp) / folder, target="predicted",
                           faithfulness_samples=0)
             out.append(f"<h3>{html.escape(title)}</h3><div class='grid'>"
                        + "".join(_figure(Path(tmp) / folder / r["panel"], f"{Path(r['path']).name}: P = {r['probability']:.3f}")
@@ -237,13 +237,11 @@ def _title(run: Path, cfg: dict) -> str:
     return f"{cfg.get('backbone', 'model')}, {cfg.get('image_size', '?')} px, on {data_name}, trained {when}"
 
 
-def _heatmap_warning(run: Path) -> str:
+def _heatmap_warning(ck) -> str:
     """A warning box when the model's Grad-CAM grid is too coarse to localise (explain/grid.py)."""
     from bonetumor.explain.grid import model_grid
     from bonetumor.model.backbones import BACKBONES
-    from bonetumor.model.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(run / RunDir.BEST, "cpu")
     _, text = model_grid(ck, BACKBONES[ck.config.backbone]["cam_layer"])
     return f'<p class="warn"><b>Warning:</b> {html.escape(text)}.</p>' if text else ""
 
@@ -259,11 +257,15 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
     if ev is not None and not (ev / RunDir.METRICS).is_file():
         raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
     cfg = yaml.safe_load((run / RunDir.CONFIG).read_text()) or {}
-    grid = _heatmap_warning(run)
+    from bonetumor.model.checkpoint import load_checkpoint
+    from bonetumor.runtime.device import select_device
+
+    ck = load_checkpoint(run / RunDir.BEST, select_device("auto"))  # once, for the grid and the gallery
+    grid = _heatmap_warning(ck)
     parts = [("1. Data", _data_section(run, cfg)), ("2. Methods", _method_section(run, cfg)),
              ("3. Results", _metrics_section(ev, run)
               + (_other_evaluations([Path(e) for e in more_evals]) if more_evals else "")),
-             ("4. Failure gallery", grid + (_failure_gallery(run, ev) if ev else "<p class='muted'>Needs --eval.</p>")),
+             ("4. Failure gallery", grid + (_failure_gallery(ck, ev) if ev else "<p class='muted'>Needs --eval.</p>")),
              ("5. Heatmap localization", grid + _localization_section(Path(explain_dir) if explain_dir else None)),
              ("6. Intended use and limitations", LIMITS)]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -10,9 +10,14 @@ from bonetumor.cli import app
 from bonetumor.explain.run import explain
 
 
-def test_explain_writes_panels_maps_index_and_scores(tiny_run, tiny_data, tmp_path):
+def test_explain_writes_panels_maps_index_and_scores(tiny_run, tiny_data, tmp_path, monkeypatch):
+    import bonetumor.explain.run
+
+    reads, real = [], bonetumor.explain.run.read_manifest
+    monkeypatch.setattr(bonetumor.explain.run, "read_manifest", lambda p: reads.append(p) or real(p))
     r = explain(tiny_run / "best.pt", [tiny_data / "test"], tmp_path / "x", manifest=tiny_data / "manifest.csv",
                 device="cpu", batch_size=3, faithfulness_samples=4)
+    assert len(reads) == 1  # labels and masks from one reading of the manifest
     assert len(r.rows) == 8
     for row in r.rows:
         cam = np.load(tmp_path / "x" / row["map"])

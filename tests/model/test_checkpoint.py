@@ -43,7 +43,7 @@ def test_roundtrip_holds_what_predict_needs(tmp_path):
 
 def test_config_is_read_without_the_model(tmp_path, monkeypatch):
     _save(tmp_path / "c.pt")
-    monkeypatch.setattr("bonetumor.model.checkpoint.create_model", lambda *a, **k: pytest.fail("model built"))
+    monkeypatch.setattr("bonetumor.model.checkpoint.create_empty_model", lambda *a, **k: pytest.fail("model built"))
     cfg = checkpoint_config(tmp_path / "c.pt")
     assert cfg == config_from_dict(torch.load(tmp_path / "c.pt", weights_only=True)["config"]) and cfg.image_size == 64
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
@@ -122,3 +122,16 @@ def test_altered_weights_give_no_prediction_even_with_the_check_deferred(tiny_ru
     ck = load_checkpoint(tmp_path / "altered.pt", check="deferred")  # returns at once, refuses when asked
     with pytest.raises(BonetumorError, match="do not match their checksum"):
         ck.verified()
+
+
+def test_an_empty_model_is_on_meta_and_real_tensors_still_initialise():
+    """The structure built for saved weights skips random init, and only for meta tensors."""
+    import torch
+
+    from bonetumor.model.backbones import _SkipMetaInit, create_empty_model
+
+    model = create_empty_model("resnet50", 3, 16, 0.1, 16)
+    assert all(p.is_meta for p in model.parameters()) and model.head[-1].out_features == 3
+    with _SkipMetaInit():
+        t = torch.nn.init.normal_(torch.zeros(1000))
+    assert t.std() > 0.5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from bonetumor.explain.scores import (
 from bonetumor.files import RunDir
 from bonetumor.inference import explained_batches
 from bonetumor.model.backbones import BACKBONES
-from bonetumor.model.checkpoint import load_checkpoint
+from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from bonetumor.progress import tracked
 from bonetumor.runtime.device import select_device
 
@@ -53,11 +53,13 @@ class ExplainResult:
 
 
 def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None,
-                manifest: str | Path | None = None) -> Callable[[Path, tuple[int, int]], np.ndarray | None]:
+                manifest: str | Path | None = None,
+                listed: Sequence[Sample] | None = None) -> Callable[[Path, tuple[int, int]], np.ndarray | None]:
     """A function (image path, (H, W)) -> boolean lesion mask or None, from one ground-truth source.
 
     masks: a folder of mask images named like the images; boxes: CSV ``path,x0,y0,x1,y1`` in
-    pixels (several rows per image are united); manifest: its ``mask_path`` column.
+    pixels (several rows per image are united); manifest: its ``mask_path`` column (``listed``:
+    its samples, when the caller has read it already).
     """
     given = [m for m in (masks, boxes, manifest) if m]
     if len(given) > 1:
@@ -88,7 +90,8 @@ def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None
             return m
         return from_boxes
     if manifest:
-        by_path = {str(Path(s.path).resolve()): s.mask_path for s in read_manifest(Path(manifest)) if s.mask_path}
+        listed = read_manifest(Path(manifest)) if listed is None else listed
+        by_path = {str(Path(s.path).resolve()): s.mask_path for s in listed if s.mask_path}
         return lambda p, shape: _load_mask(Path(by_path[str(p.resolve())]), shape) if str(p.resolve()) in by_path else None
     return lambda p, shape: None
 
@@ -124,7 +127,7 @@ def _summary(rows: list[dict], prefix: str) -> dict:
     return {k: bootstrap_ci([r[f"{prefix}{k}"] for r in rows]) for k in SCORES}
 
 
-def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradcam", target: str = "predicted",
+def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, method: str = "gradcam", target: str = "predicted",
             layer: str | None = None, masks=None, boxes=None, manifest=None, device: str = "auto",
             batch_size: int = 16, faithfulness_samples: int = 32, max_panels: int | None = None,
             overwrite: bool = False, top_slices: int = 3) -> ExplainResult:
@@ -132,19 +135,23 @@ def explain(checkpoint: str | Path, paths, out: str | Path, method: str = "gradc
     with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
     Volumes and series: the ``top_slices`` slices with the highest positive-class score.
     """
-    dev = select_device(device)
-    ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
+    if isinstance(checkpoint, LoadedCheckpoint):  # a caller explaining several groups loads it once
+        ck, dev = checkpoint, next(checkpoint.model.parameters()).device
+    else:
+        dev = select_device(device)
+        ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
     grid, warning = model_grid(ck, layer)
     samples = expand_inputs(paths, ck.read_options)
-    if manifest:  # its labels are the truth of the images it lists
-        labels = {str(Path(s.path).resolve()): s.label for s in read_manifest(Path(manifest))}
+    listed = read_manifest(Path(manifest)) if manifest else None
+    if listed is not None:  # its labels are the truth of the images it lists
+        labels = {str(Path(s.path).resolve()): s.label for s in listed}
         samples = [replace(s, label=labels.get(str(Path(s.path).resolve()), s.label)) for s in samples]
     # Volumes explain only their top slices, so their count is known only as they are read.
     total = None if any(s.study for s in samples) else len(samples)
     batches = tracked(explained_batches(ck, samples, top_slices, dev, batch_size), total, "explain",
                       size=lambda b: len(b[1]))
-    lookup = mask_lookup(masks, boxes, manifest)
+    lookup = mask_lookup(masks, boxes, manifest, listed)
     run = RunDir.create(out, overwrite=overwrite)
     run.folder(RunDir.MAPS)
     run.folder(RunDir.PANELS)

@@ -14,7 +14,7 @@ from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bonetumor.errors import BonetumorError, first_line
 from bonetumor.files import atomic_path
-from bonetumor.model.backbones import create_model
+from bonetumor.model.backbones import create_empty_model
 from bonetumor.model.serialization import (
     FORMAT,
     FORMAT_VERSION,
@@ -228,11 +228,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", check:
     try:
         cfg = config_from_dict(obj["config"])
         classes = list(obj["classes"])
-        # Built on the meta device and given the saved tensors: no random initialisation of
-        # weights that are replaced at once.
-        with torch.device("meta"):
-            model = create_model(cfg.backbone, "none", "backbone", (), Task.of(classes).n_outputs, cfg.hidden,
-                                 cfg.dropout, cfg.output_stride)
+        model = create_empty_model(cfg.backbone, Task.of(classes).n_outputs, cfg.hidden, cfg.dropout,
+                                   cfg.output_stride)
         model.load_state_dict(state, assign=True)
     except (KeyError, TypeError, RuntimeError, AttributeError) as e:
         if integrity is not None:
