@@ -113,10 +113,10 @@ def test_no_function_is_over_60_lines_but_the_named_ones():
 
 
 def test_importing_the_package_leaves_plotting_and_the_audit_to_the_commands_that_use_them():
-    """Every command imports the package and the CLI; matplotlib (about 30 MB) and scikit-learn's
-    neighbours load only in the functions that draw or audit."""
+    """Every command imports the package and the CLI; matplotlib (about 30 MB), scikit-learn's
+    neighbours and YAML load only in the functions that draw, audit or read and write YAML."""
     code = ("import sys, bonetumor, bonetumor.cli, bonetumor.predict; "
-            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('matplotlib', 'sklearn.neighbors'))}))")
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('matplotlib', 'sklearn.neighbors', 'yaml'))}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from bonetumor.data.pixels import ReadOptions, parse_window
 from bonetumor.errors import BonetumorError, first_line
 from bonetumor.files import atomic_write_text
@@ -232,6 +230,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     known = {f.name: f for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
     if path is not None:
+        import yaml  # here, not at the top: every command imports this module, few read YAML
+
         p = Path(path)
         try:
             raw = yaml.safe_load(p.read_text()) or {}
@@ -267,6 +267,8 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
+    import yaml
+
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

@@ -20,8 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import yaml
-
 from bonetumor.errors import BonetumorError
 
 _UMASK = os.umask(0)
@@ -215,6 +213,8 @@ class RunDir:
         return self.write_text(name, json.dumps(obj, indent=2, default=str) + "\n")
 
     def write_yaml(self, name: str, obj: Any) -> Path:
+        import yaml  # here: a one-image predict never writes YAML
+
         return self.write_text(name, yaml.safe_dump(obj, sort_keys=False))
 
     def write_csv(self, name: str, fieldnames: Sequence[str], rows: Iterable[dict]) -> Path:
