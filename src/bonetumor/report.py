@@ -18,7 +18,12 @@ from pathlib import Path
 import yaml
 
 from bonetumor.errors import BonetumorError
-from bonetumor.evaluate.names import metric_meaning, metric_name, sig3
+from bonetumor.evaluate.names import (
+    THRESHOLD_NOT_CHOSEN,
+    metric_meaning,
+    metric_name,
+    sig3,
+)
 from bonetumor.files import RunDir
 
 CSS = """
@@ -135,9 +140,13 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
     kind = "External data set" if m.get("external") else f"Internal {m.get('split')} split"
     out = [f"<p><b>{kind}</b>, n = {m['n']} ({m.get('n_positive', '?')} positive). 95% CIs: {iv.get('method', '')} "
            f"over {iv.get('unit', '')}s, {iv.get('resamples', '')} resamples. Operating threshold "
-           f"<b>{sig3(m.get('threshold', 0.5))}</b>, chosen on validation (rule in the training table). "
-           "Hover over a metric's name for what it means.</p>",
+           f"<b>{sig3(m.get('threshold', 0.5))}</b>, "
+           + ("the default (see the warning). " if m.get("threshold_source") == "default"
+              else "chosen on validation (rule in the training table). ")
+           + "Hover over a metric's name for what it means.</p>",
            _table(rows, ["metric", "value [95% CI] at the operating threshold", "at threshold 0.5"])]
+    if m.get("threshold_source") == "default":
+        out.insert(1, f'<p class="warn"><b>Warning:</b> {html.escape(THRESHOLD_NOT_CHOSEN)}.</p>')
     b = m.get("memorisation_baseline")
     if b:
         out.append(f"<p>Beside it, 1-NN look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, ROC-AUC {sig3(b['roc_auc'])}. "

@@ -126,6 +126,34 @@ def test_evaluate_other_split(tiny_run, tiny_data, tmp_path):
     assert m["split"] == "valid" and m["n"] == 8
 
 
+def test_a_checkpoint_saved_before_training_chose_its_threshold_says_so(tiny_run, tiny_data, tmp_path):
+    """A best.pt from a run that was stopped holds the default threshold: evaluate records it,
+    the command warns, the report says it; a finished run's is chosen on validation."""
+    import shutil
+
+    import torch
+    from typer.testing import CliRunner
+
+    from bonetumor.cli import app
+    from bonetumor.report import build_report
+
+    done = evaluate(tiny_run / "best.pt", str(tiny_data), tmp_path / "done", "val")
+    assert done["threshold_source"] == "validation"
+    run = tmp_path / "stopped"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("report.html", "eval*", "explain*"))
+    raw = torch.load(run / "best.pt", weights_only=True)
+    raw.pop("operating_point")
+    torch.save({**raw, "threshold": 0.5}, run / "best.pt")
+    r = CliRunner().invoke(app, ["evaluate", str(run / "best.pt"), str(tiny_data), "--out", str(tmp_path / "e"),
+                                 "--split", "val"])
+    assert r.exit_code == 0, r.output
+    assert "before training chose its operating point" in r.output
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["threshold_source"] == "default" and m["threshold"] == 0.5
+    page = build_report(run, tmp_path / "e", None, tmp_path / "r.html").read_text()
+    assert "before training chose its operating point" in page and "chosen on validation (rule" not in page
+
+
 def test_predict_names_a_bad_file(tiny_run, tmp_path):
     from bonetumor.errors import BadImageError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bonetumor.evaluate.names import metric_name, sig3
+from bonetumor.evaluate.names import THRESHOLD_NOT_CHOSEN, metric_name, sig3
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -31,19 +31,21 @@ def show_metrics(m: dict) -> None:
             row = [metric_name(k), sig3(v["value"]), f"[{sig3(v['ci_low'])}, {sig3(v['ci_high'])}]"]
             t.add_row(*row, *([sig3(half[k]) if k in half else ""] if half else []))
     if "threshold" in m:
-        t.add_row("threshold", f"{m['threshold']:.4f}", "", *(["0.5000"] if half else []))
+        t.add_row("threshold", sig3(float(m["threshold"])), "", *(["0.500"] if half else []))
     out.print(t)
+    if m.get("threshold_source") == "default" and "threshold" in m:
+        err.print(f"[bold yellow]warning:[/] {THRESHOLD_NOT_CHOSEN}")
     for note in m.get("notes", []):
         out.print(f"[yellow]note:[/] {note}")
     for how, pm in m.get("per_patient", {}).items():
         out.print(f"per patient ({m.get('n_patients')} patients, score = {how} over slices): ROC-AUC "
-                  f"{pm['roc_auc']['value']:.4f} [{pm['roc_auc']['ci_low']:.4f}, {pm['roc_auc']['ci_high']:.4f}], "
-                  f"accuracy {pm['accuracy']['value']:.4f}, sensitivity {pm['sensitivity']['value']:.4f}, "
-                  f"specificity {pm['specificity']['value']:.4f}")
+                  f"{sig3(pm['roc_auc']['value'])} [{sig3(pm['roc_auc']['ci_low'])}, {sig3(pm['roc_auc']['ci_high'])}], "
+                  f"accuracy {sig3(pm['accuracy']['value'])}, sensitivity {sig3(pm['sensitivity']['value'])}, "
+                  f"specificity {sig3(pm['specificity']['value'])}")
     b = m.get("memorisation_baseline")
     if b:
-        out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {b['accuracy']:.4f}, "
-                  f"ROC-AUC {b['roc_auc']:.4f} (when close to the model's, the split measures memory, not learning)")
+        out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, "
+                  f"ROC-AUC {sig3(b['roc_auc'])} (when close to the model's, the split measures memory, not learning)")
 
 
 def show_evaluation(m: dict, out_dir: Path) -> None:
@@ -57,8 +59,9 @@ def show_evaluation(m: dict, out_dir: Path) -> None:
         line = (f"without the {r['total']} images that copy a {ex['of']} image ({r['exact']} exact, {r['near']} near, "
                 f"{r['source_name_only']} by export source name): n={ex['n']}")
         if "roc_auc" in ex:
-            line += (f", ROC-AUC {ex['roc_auc']['value']:.4f} [{ex['roc_auc']['ci_low']:.4f}, {ex['roc_auc']['ci_high']:.4f}],"
-                     f" accuracy {ex['accuracy']['value']:.4f} (all images: {m['roc_auc']['value']:.4f}, {m['accuracy']['value']:.4f})")
+            line += (f", ROC-AUC {sig3(ex['roc_auc']['value'])} [{sig3(ex['roc_auc']['ci_low'])}, "
+                     f"{sig3(ex['roc_auc']['ci_high'])}], accuracy {sig3(ex['accuracy']['value'])} "
+                     f"(all images: {sig3(m['roc_auc']['value'])}, {sig3(m['accuracy']['value'])})")
         out.print(line)
     out.print(m["classification_report"])
     out.print(f"results in {out_dir}")
@@ -166,5 +169,5 @@ def show_cv(r: dict, folds: int, out_dir: Path) -> None:
     out.print(t)
     auc = r["pooled_out_of_fold"].get("roc_auc")
     if auc:
-        out.print(f"pooled out-of-fold ROC-AUC {auc['value']:.4f} [{auc['ci_low']:.4f}, {auc['ci_high']:.4f}]")
+        out.print(f"pooled out-of-fold ROC-AUC {sig3(auc['value'])} [{sig3(auc['ci_low'])}, {sig3(auc['ci_high'])}]")
     out.print(f"out-of-fold predictions: {out_dir / 'oof_predictions.csv'}; summary: {out_dir / 'cv.json'}")

@@ -30,6 +30,10 @@ LABELS = {
                   "and the lesion."),
 }
 
+# Said wherever a binary model's labels are shown, when its best.pt holds no chosen threshold.
+THRESHOLD_NOT_CHOSEN = ("this checkpoint was saved before training chose its operating point on validation (training "
+                        "was stopped or is still running): its labels use the default threshold 0.5")
+
 
 def metric_name(key: str) -> str:
     """The plain name of a metric (the key itself when unknown)."""

@@ -159,6 +159,12 @@ class LoadedCheckpoint:
         return self
 
     @property
+    def threshold_chosen(self) -> bool:
+        """Whether training chose the threshold on validation: a best.pt written before training
+        ended (stopped, killed or still running) holds the default 0.5."""
+        return "operating_point" in self.raw or self.threshold != 0.5
+
+    @property
     def read_options(self) -> ReadOptions:
         """How the model's training read its images (window, slice axis), to read new ones alike."""
         return self.config.read_options
