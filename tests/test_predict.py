@@ -129,7 +129,8 @@ def test_decoding_in_worker_processes_keeps_order_and_errors(volume_run, tmp_pat
     with pytest.raises(BonetumorError, match="broken.png"):
         predict(ck, [test_dir, bad], batch_size=2, workers=2)
     rows = predict(ck, [test_dir, bad], batch_size=2, workers=2, skip_bad=True)
-    assert [r["probability"] for r in rows[:-1]] == [r["probability"] for r in serial]
+    # batches of 2 against batches of 1: the same to rounding (oneDNN's kernels differ with the batch size)
+    assert [r["probability"] for r in rows[:-1]] == pytest.approx([r["probability"] for r in serial], abs=2e-6)
     assert rows[-1]["path"].endswith("broken.png") and rows[-1]["error"]
     with pytest.raises(BonetumorError, match="--workers"):
         predict(ck, [test_dir], workers=-1)
