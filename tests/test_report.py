@@ -4,6 +4,7 @@ no text overflows its box, at desktop and at phone width."""
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import chromium_executable
@@ -127,3 +128,35 @@ def test_the_browser_check_catches_a_broken_image_and_overflowing_text(tmp_path)
 def test_report_needs_a_run_folder(tmp_path):
     with pytest.raises(BonetumorError, match="not a run folder"):
         build_report(tmp_path)
+
+
+def test_failure_gallery_finds_relative_paths_from_another_folder_and_names_a_missing_image(report, tiny_run,
+                                                                                             tmp_path, monkeypatch):
+    """predictions.csv keeps the paths evaluate was given; a report run elsewhere still finds them,
+    and an image gone since gives a line in the gallery, not a failed report."""
+    import csv
+    import os
+    import shutil
+
+    ev = tmp_path / "eval"
+    shutil.copytree(report.parent / "eval", ev)
+    rows = list(csv.DictReader(open(ev / "predictions.csv")))
+    m = json.loads((ev / "metrics.json").read_text())
+    pos = m["positive_class"]
+    neg = next(r["label"] for r in rows if r["label"] != pos)
+    rows[0].update(label=pos, prediction=neg, probability="0.10")
+    base = Path(rows[0]["path"]).parent.parent
+    for r in rows:
+        r["path"] = os.path.relpath(r["path"], base)
+    with open(ev / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (ev / "metrics.json").write_text(json.dumps({**m, "paths_relative_to": str(base)}))
+    monkeypatch.chdir(tmp_path)  # not where the paths start
+    text = build_report(tiny_run, ev, None, tmp_path / "r.html").read_text()
+    gallery = text[text.index("4. Failure gallery"):text.index("5. Heatmap localization")]
+    assert "False negatives" in gallery and gallery.count("<figure") >= 1
+    (ev / "metrics.json").write_text(json.dumps(m | {"paths_relative_to": str(tmp_path / "elsewhere")}))
+    text = build_report(tiny_run, ev, None, tmp_path / "r2.html").read_text()
+    assert "is not found from here" in text and rows[0]["path"] in text

@@ -181,6 +181,14 @@ def _failure_gallery(ck, ev: Path, k: int = 4) -> str:
     fp = sorted((r for r in rows if r["label"] != pos and r["prediction"] == pos), key=lambda r: -float(r["probability"]))[:k]
     if not fn and not fp:
         return "<p>No misclassified images.</p>"
+    base = Path(m.get("paths_relative_to", "."))
+    for r in fn + fp:  # paths as evaluate was given them, relative to where it ran
+        if not Path(r["path"]).is_file() and (base / r["path"]).is_file():
+            r["path"] = str(base / r["path"])
+    missing = next((r["path"] for r in fn + fp if not Path(r["path"]).is_file()), None)
+    if missing:
+        return (f"<p class='warn'>The failure gallery needs the evaluated images, and {html.escape(missing)} is not "
+                "found from here: run the report where the images are, or evaluate again.</p>")
     from bonetumor.explain.run import explain
 
     out = []

@@ -89,7 +89,9 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     m = compute_metrics(preds.targets, preds.probs, ck.classes, ck.threshold, groups, n_boot)
     m.update({"split": split, "checkpoint": str(checkpoint), "data": str(data or manifest), "external": bool(external),
               "skipped_files": len(skipped), "precision": ck.precision_on(dev),
-              "threshold_source": "validation" if ck.threshold_chosen else "default"})
+              "threshold_source": "validation" if ck.threshold_chosen else "default",
+              # predictions.csv keeps the paths as given; a report run from elsewhere finds them from here
+              "paths_relative_to": str(Path.cwd())})
     missing = [c for i, c in enumerate(ck.classes) if not (preds.targets == i).any()]
     if missing:
         m["notes"] = [f"the {split} split holds no {', '.join(missing)} images: ROC-AUC and the metrics that "
