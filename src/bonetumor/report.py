@@ -138,15 +138,16 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
     rows = [[_name(k, classes), _ci(m[k]), _fmt(half.get(k, ""))] for k in names]
     iv = m.get("interval", {})
     kind = "External data set" if m.get("external") else f"Internal {m.get('split')} split"
+    default_threshold = m.get("threshold_source") == "default"
     out = [f"<p><b>{kind}</b>, n = {m['n']} ({m.get('n_positive', '?')} positive). 95% CIs: {iv.get('method', '')} "
            f"over {iv.get('unit', '')}s, {iv.get('resamples', '')} resamples. Operating threshold "
            f"<b>{sig3(m.get('threshold', 0.5))}</b>, "
-           + ("the default (see the warning). " if m.get("threshold_source") == "default"
+           + ("the default (see the warning). " if default_threshold
               else "chosen on validation (rule in the training table). ")
            + "Hover over a metric's name for what it means.</p>",
            _table(rows, ["metric", "value [95% CI] at the operating threshold", "at threshold 0.5"])]
-    if m.get("threshold_source") == "default":
-        out.insert(1, f'<p class="warn"><b>Warning:</b> {html.escape(THRESHOLD_NOT_CHOSEN)}.</p>')
+    if default_threshold:
+        out.insert(1, _warning(THRESHOLD_NOT_CHOSEN))
     b = m.get("memorisation_baseline")
     if b:
         out.append(f"<p>Beside it, 1-NN look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, ROC-AUC {sig3(b['roc_auc'])}. "
@@ -260,7 +261,12 @@ def _heatmap_warning(ck) -> str:
     from bonetumor.model.backbones import BACKBONES
 
     _, text = model_grid(ck, BACKBONES[ck.config.backbone]["cam_layer"])
-    return f'<p class="warn"><b>Warning:</b> {html.escape(text)}.</p>' if text else ""
+    return _warning(text) if text else ""
+
+
+def _warning(text: str) -> str:
+    """A warning box: one sentence, escaped."""
+    return f'<p class="warn"><b>Warning:</b> {html.escape(text)}.</p>'
 
 
 def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_dir: str | Path | None = None,
