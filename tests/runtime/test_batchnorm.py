@@ -163,9 +163,12 @@ def test_fit_with_frozen_statistics(tiny_data, tmp_path, monkeypatch):
     assert len(stats) == 106 and all(torch.equal(end[k], start[k]) for k in stats)
     assert not torch.equal(end["backbone.conv1.weight"], start["backbone.conv1.weight"])  # yet it trained
     assert not torch.equal(end["backbone.bn1.weight"], start["backbone.bn1.weight"])
+    # Folding changes fp32 rounding, and the parting grows with every Adam step: 1.1e-4 apart after two
+    # epochs on one CPU, nothing on another. The exact checks are the float64 ones above; this one says
+    # that fit wires the folding in without changing what it learns (a folded shift 10% off fails it).
     for a, b in zip(runs["folded"].history, runs["unfolded"].history):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
     assert runs["folded"].history[1]["train_loss"] != runs["folded"].history[0]["train_loss"]
     # batch statistics, from random weights by default: the statistics do move
     plain = read_torch_file(pre.run_dir / "last.pt")
