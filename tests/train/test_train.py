@@ -91,7 +91,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data):
 
 @pytest.mark.slow
 def test_cosine_schedule_is_recorded_and_resumes_exactly(tmp_path, tiny_data):
-    from bonetumor.train.setup import lr_at_epoch
+    from bonetumor.train import lr_at_epoch
 
     cfg = tiny_config(tiny_data, epochs=3, lr=1e-3, lr_schedule="cosine")
     assert [lr_at_epoch(cfg, e) for e in (1, 2, 3)] == pytest.approx([1e-3, 0.505e-3, 1e-5])

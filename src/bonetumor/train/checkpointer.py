@@ -1,4 +1,5 @@
-"""When a training run writes its checkpoints: the best/last/interval policy, in one place.
+"""What happens at an epoch's end: early stopping's count (``Progress``) and when the run writes
+its checkpoints (``Checkpointer``: the best/last/interval policy, in one place).
 
 - ``best.pt`` serves predicting and evaluating: the best epoch's weights, no optimizer state.
   At the end it gets the operating point chosen on validation.
@@ -14,7 +15,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -26,6 +29,44 @@ from bonetumor.model.checkpoint import checkpoint_payload, sealed, snapshot_byte
 from bonetumor.model.serialization import read_torch_file
 
 HOLD_BEST_BYTES = 32 * 2**20  # a best-epoch snapshot up to this size waits in memory for its write
+
+
+@dataclass
+class Progress:
+    """Where a run stands: its history, the best epoch so far, and early stopping's count."""
+
+    patience: int
+    epoch: int = 0  # the last epoch done
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    @classmethod
+    def restored(cls, patience: int, state: dict) -> "Progress":
+        """The progress saved in ``last.pt``."""
+        ex = state["extra"]
+        return cls(patience, state["epoch"], ex["history"], ex["best_val_loss"], ex["best_epoch"], ex["bad_epochs"])
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def record(self, row: dict, val_loss: float) -> bool:
+        """Add an epoch's row; True when its validation loss is the best yet."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        improved = val_loss < self.best_loss - 1e-7
+        if improved:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def saved(self) -> dict:
+        """What ``last.pt`` keeps of it (``restored`` reads it back)."""
+        return {"history": self.history, "best_val_loss": self.best_loss, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
 
 
 class Checkpointer:

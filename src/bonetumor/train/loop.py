@@ -27,7 +27,7 @@ from bonetumor.runtime.forward import Forward
 from bonetumor.runtime.precision import autocast
 from bonetumor.train.batches import BatchSource, create_batch_source
 from bonetumor.train.checkpointer import Checkpointer
-from bonetumor.train.setup import TrainingRun, console, lr_at_epoch, start_run
+from bonetumor.train.setup import TrainingRun, console, start_run
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
 
@@ -92,6 +92,18 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
     if checkpointer.has_best:
         _set_operating_point(r, source, checkpointer, best_val, verbose)
     return FitResult(run.path, progress.best_epoch, progress.best_loss, progress.history, progress.stopped)
+
+
+def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for ``epoch`` (1-based): constant, or a cosine decay to 1% over ``cfg.epochs``.
+
+    A pure function of the epoch, not a scheduler object, so that a resumed run needs no
+    scheduler state to follow the same curve.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = (epoch - 1) / max(cfg.epochs - 1, 1)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
 def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train", verbose: bool = True) -> tuple[float, float]:

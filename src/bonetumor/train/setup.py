@@ -7,10 +7,9 @@ precision, and writes the run record (config, environment, data fingerprint, spl
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -32,46 +31,9 @@ from bonetumor.runtime.device import (
 )
 from bonetumor.runtime.precision import autocast_dtype, resolve_precision
 from bonetumor.task import Task
+from bonetumor.train.checkpointer import Progress
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-@dataclass
-class Progress:
-    """Where a run stands: its history, the best epoch so far, and early stopping's count."""
-
-    patience: int
-    epoch: int = 0  # the last epoch done
-    history: list[dict] = field(default_factory=list)
-    best_loss: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-
-    @classmethod
-    def restored(cls, patience: int, state: dict) -> "Progress":
-        """The progress saved in ``last.pt``."""
-        ex = state["extra"]
-        return cls(patience, state["epoch"], ex["history"], ex["best_val_loss"], ex["best_epoch"], ex["bad_epochs"])
-
-    @property
-    def stopped(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-    def record(self, row: dict, val_loss: float) -> bool:
-        """Add an epoch's row; True when its validation loss is the best yet."""
-        self.epoch = row["epoch"]
-        self.history.append(row)
-        improved = val_loss < self.best_loss - 1e-7
-        if improved:
-            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
-        else:
-            self.bad_epochs += 1
-        return improved
-
-    def saved(self) -> dict:
-        """What ``last.pt`` keeps of it (``restored`` reads it back)."""
-        return {"history": self.history, "best_val_loss": self.best_loss, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs}
 
 
 @dataclass
@@ -132,18 +94,6 @@ def create_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.op
         except (RuntimeError, TypeError, ValueError):  # older torch: no fused Adam on this device
             pass
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate for ``epoch`` (1-based): constant, or a cosine decay to 1% over ``cfg.epochs``.
-
-    A pure function of the epoch, not a scheduler object, so that a resumed run needs no
-    scheduler state to follow the same curve.
-    """
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    frac = (epoch - 1) / max(cfg.epochs - 1, 1)
-    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
 def _resumed_config(cfg: TrainConfig, run: RunDir) -> tuple[TrainConfig, dict]:
