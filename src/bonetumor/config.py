@@ -144,6 +144,11 @@ class TrainConfig:
         """How this run reads pixels (window, slice axis, size limit); kept with the model."""
         return ReadOptions(window=self.window, slice_axis=self.slice_axis, allow_large=self.allow_large_images)
 
+    @property
+    def inputs(self) -> list[str | None]:
+        """The files and folders this run reads, which its output folder may neither be nor hold."""
+        return [self.data, self.manifest, self.train_dir, self.val_dir, self.test_dir, self.weights]
+
     def validate(self) -> None:
         """Raise BonetumorError on values that cannot work, naming the option."""
         if self.data is None and self.manifest is None and self.train_dir is None:

@@ -50,7 +50,7 @@ def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite:
     ``cv_folds.csv`` and ``cv.json`` (per-fold metrics, their mean and sd, pooled out-of-fold
     metrics with patient-level CIs)."""
     cfg.validate()
-    root = RunDir.create(out, overwrite=overwrite)
+    root = RunDir.create(out, overwrite=overwrite, inputs=cfg.inputs)
     index = prepare_data(cfg)
     pool, fold = fold_indices(index, folds, cfg.seed)
     root.write_yaml(RunDir.CONFIG, config_to_dict(cfg))

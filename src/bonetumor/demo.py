@@ -44,7 +44,9 @@ def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: s
     """Make the synthetic data set, train ResNet50 from scratch on it, evaluate on its test split and
     explain the test split with Grad-CAM (scored against the synthetic lesion masks)."""
     t0 = time.perf_counter()
-    root = RunDir.create(out, overwrite=overwrite).path
+    run = RunDir.create(out, overwrite=overwrite)
+    root = run.path
+    run.claim("data/")  # made here, by bonetumor: --overwrite removes it whole
     data = create_synthetic_dataset(root / "data", **DEMO_DATA)
     cfg = TrainConfig(data=str(data.root), device=device, **DEMO_TRAIN)
     if select_device(device).type == "cpu" and not cpu_has_fast_bf16():

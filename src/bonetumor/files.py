@@ -5,7 +5,8 @@ cross-validation, an audit) is a ``RunDir``: the one place that names the files 
 and writes them. It refuses to replace a folder without ``--overwrite``; every file goes in
 through ``save``, written to a temporary file and renamed into place (a kill or a full disk
 leaves the previous version, never half a file), and is noted in ``written``, in order, so that
-tests and callers can see what a run wrote.
+tests and callers can see what a run wrote, and in the folder's record (``.bonetumor``), so that
+``--overwrite`` removes what bonetumor wrote and nothing else: never a user's file, never the input.
 """
 
 from __future__ import annotations
@@ -113,6 +114,98 @@ def check_free_space(path: str | Path, need_bytes: int, what: str) -> None:
                              f"{need_bytes / 2**20:,.0f} MB; free some space or choose another folder")
 
 
+# The record that makes a folder bonetumor's: a header line, then each name written there, one JSON
+# string a line (JSON, so that any file name, even one that is not UTF-8, reads back the same).
+MARKER = ".bonetumor"
+_MARKER_HEADER = ("bonetumor output folder: the files below were written by bonetumor; --overwrite removes "
+                  "these and nothing else\n")
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    """``folder / name`` when it stays inside ``folder`` (a record could be edited by hand)."""
+    target = folder / name.rstrip("/")
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return None
+    return target
+
+
+def recorded_names(folder: str | Path) -> list[str]:
+    """The names a folder's record lists (an unreadable line, as a kill mid-write leaves, is skipped)."""
+    names = []
+    try:
+        lines = (Path(folder) / MARKER).read_text(encoding="utf-8", errors="replace").splitlines()[1:]
+    except OSError:
+        return names
+    for line in lines:
+        try:
+            name = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(name, str):
+            names.append(name)
+    return names
+
+
+def remove_written(folder: str | Path) -> None:
+    """Remove what bonetumor wrote in ``folder`` (its record lists it), its record, its interrupted
+    writes and, in turn, the bonetumor folders inside it; a user's own files and folders stay."""
+    p = Path(folder)
+    if not (p / MARKER).is_file():
+        return
+    made: set[Path] = set()  # the subfolders that bonetumor made for its files (maps/, panels/)
+    for name in dict.fromkeys(recorded_names(p)):
+        target = _inside(p, name)
+        if target is None:
+            continue
+        if name.endswith("/"):
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            continue
+        made.update(q for q in target.parents if p in q.parents)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+    nested = [Path(d) for d, _, files in os.walk(p) if MARKER in files and Path(d) != p]
+    for sub in sorted(nested, key=lambda q: len(q.parts), reverse=True):
+        remove_written(sub)  # a run inside this one: a fold, a step of the demo
+        made.add(sub)
+    for sub in sorted(made, key=lambda q: len(q.parts), reverse=True):
+        if sub.is_dir() and not sub.is_symlink():
+            remove_stale_temporaries(sub)
+            if not any(sub.iterdir()):
+                sub.rmdir()
+    remove_stale_temporaries(p)
+    (p / MARKER).unlink()
+
+
+def refuse_holding_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Raise when the output folder ``out`` is one of ``inputs`` or a folder above one."""
+    o = Path(out).resolve()
+    for i in inputs:
+        if not isinstance(i, (str, os.PathLike)) or str(i) == "" or not os.path.lexists(i):
+            continue  # None, a loaded model, "imagenet": not paths
+        r = Path(i).resolve()
+        if r == o or o in r.parents:
+            what = "is" if r == o else "holds"
+            raise BonetumorError(f"{out}: the output folder {what} the input {i}; choose another folder for the "
+                                 "output, so that the input is never written over or removed")
+
+
+def refuse_existing_file(path: str | Path | None, overwrite: bool = False,
+                         inputs: Iterable[str | Path | None] = ()) -> None:
+    """Raise, before any work, when an output file the user named exists (without ``overwrite``),
+    is a folder, or is one of the command's ``inputs``."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise BonetumorError(f"{p} is a folder; name the file to write")
+    for i in inputs:
+        if isinstance(i, (str, os.PathLike)) and os.path.lexists(i) and p.exists() and Path(i).resolve() == p.resolve():
+            raise BonetumorError(f"{p} is the input {i}; choose another file for the output")
+    if p.exists() and not overwrite:
+        raise BonetumorError(f"{p} already exists; pass --overwrite to replace it")
+
+
 def remove_stale_temporaries(folder: str | Path) -> int:
     """Delete the temporary files of writes that a kill interrupted (``.<name>.<random>.tmp``)."""
     n = 0
@@ -146,6 +239,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.written: list[str] = []
+        self._recorded: set[str] = set()
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -154,36 +248,50 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     @classmethod
-    def create(cls, path: "str | Path | RunDir", overwrite: bool = False, resume: bool = False) -> "RunDir":
-        """The folder, made ready: a non-empty one is refused unless ``overwrite`` (replaced) or
-        ``resume`` (kept, its interrupted writes' temporary files removed).
+    def create(cls, path: "str | Path | RunDir", overwrite: bool = False, resume: bool = False,
+               inputs: Iterable[str | Path | None] = ()) -> "RunDir":
+        """The folder, made ready and marked as bonetumor's: a non-empty one is refused unless
+        ``overwrite`` (what bonetumor wrote there is removed, nothing else) or ``resume`` (kept, its
+        interrupted writes' temporary files removed). ``inputs`` are the command's input files
+        and folders, which the folder may neither be nor hold.
 
         Raises:
-            BonetumorError: the folder exists with files and neither flag is given, or is unwritable.
+            BonetumorError: the folder exists with files and may not be replaced, holds an input,
+                or is unwritable.
         """
         run = path if isinstance(path, RunDir) else cls(path)
         p = run.path
-        run.refuse_existing(overwrite, resume)
-        if p.exists() and any(p.iterdir()) and not resume:
-            shutil.rmtree(p)
+        run.refuse_existing(overwrite, resume, inputs)
+        if p.is_dir() and any(p.iterdir()) and not resume:
+            remove_written(p)
         try:
             p.mkdir(parents=True, exist_ok=True)
             probe = p / ".write-test"
             probe.write_text("ok")
             probe.unlink()
+            if not (p / MARKER).is_file():
+                atomic_write_text(p / MARKER, _MARKER_HEADER)
         except OSError as e:
             raise BonetumorError(f"{p}: cannot write to output folder ({e.strerror})") from None
         if resume:
             remove_stale_temporaries(p)  # left by a write that a kill interrupted
         return run
 
-    def refuse_existing(self, overwrite: bool = False, resume: bool = False) -> None:
-        """Raise, before any work, when the folder holds files and may not be replaced."""
+    def refuse_existing(self, overwrite: bool = False, resume: bool = False,
+                        inputs: Iterable[str | Path | None] = ()) -> None:
+        """Raise, before any work, when the folder holds files and may not be replaced, or is (or
+        holds) one of the command's ``inputs``."""
         p = self.path
         if p.exists() and not p.is_dir():
             raise BonetumorError(f"{p} exists and is not a folder")
-        if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
+        refuse_holding_inputs(p, inputs)
+        if not (p.is_dir() and any(p.iterdir())) or resume:
+            return
+        if not overwrite:
             raise BonetumorError(f"{p} already exists; pass --overwrite to replace it or --resume to continue")
+        if not (p / MARKER).is_file():
+            raise BonetumorError(f"{p} holds files that bonetumor did not write (it has no {MARKER} record), so "
+                                 "--overwrite will not touch it; choose a new or empty folder for the output")
 
     def check_writable(self) -> None:
         """Raise, before any work, when the folder cannot be created or written."""
@@ -202,8 +310,19 @@ class RunDir:
         ``fsync=False`` skips forcing the bytes to disk, for many small files that can be remade."""
         with atomic_path(self.path / name, fsync=fsync) as tmp:
             write(tmp)
+        if name not in self._recorded:
+            self.claim(name)
         self.written.append(name)
         return self.path / name
+
+    def claim(self, name: str) -> None:
+        """Note in the folder's record that bonetumor wrote ``name`` (a file, or with a trailing
+        "/" a whole subfolder), so that ``--overwrite`` removes it. A folder without a record
+        (one that ``create`` did not make) keeps none."""
+        self._recorded.add(name)
+        if (self.path / MARKER).is_file():
+            with open(self.path / MARKER, "a", encoding="utf-8") as f:
+                f.write(json.dumps(name) + "\n")
 
     def write_text(self, name: str, text: str) -> Path:
         return self.save(name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -251,7 +370,8 @@ class RunDir:
                     for row in csv.DictReader(f)}
 
 
-def prepare_out_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+def prepare_out_dir(path: str | Path, overwrite: bool = False, resume: bool = False,
+                    inputs: Iterable[str | Path | None] = ()) -> Path:
     """Create an output folder (see ``RunDir.create``) and return its path."""
-    return RunDir.create(path, overwrite, resume).path
+    return RunDir.create(path, overwrite, resume, inputs).path
 

@@ -24,7 +24,7 @@ from bonetumor.evaluate.names import (
     metric_name,
     sig3,
 )
-from bonetumor.files import RunDir
+from bonetumor.files import RunDir, refuse_existing_file
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -270,10 +270,13 @@ def _warning(text: str) -> str:
 
 
 def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_dir: str | Path | None = None,
-                 out: str | Path | None = None, more_evals: list[str | Path] | None = None) -> Path:
-    """Write the report (default ``RUN/report.html``) and return its path. ``eval_dir`` is the
-    main evaluation; ``more_evals`` (another split, external data) are tabulated beside it."""
+                 out: str | Path | None = None, more_evals: list[str | Path] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the report (default ``RUN/report.html``, replaced each time) and return its path.
+    ``eval_dir`` is the main evaluation; ``more_evals`` (another split, external data) are
+    tabulated beside it. An ``out`` that exists is replaced only with ``overwrite``."""
     run = Path(run)
+    refuse_existing_file(out, overwrite)
     if not (run / RunDir.CONFIG).is_file() or not (run / RunDir.BEST).is_file():
         raise BonetumorError(f"{run}: not a run folder (config.yaml and best.pt expected)")
     ev = Path(eval_dir) if eval_dir else None

@@ -116,8 +116,9 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, tiny_data):
     with pytest.raises(BonetumorError, match="--overwrite"):
         fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", verbose=False)
     assert (tmp_path / "r" / "precious.txt").read_text() == "keep"
-    fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", overwrite=True, verbose=False)
-    assert not (tmp_path / "r" / "precious.txt").exists() and (tmp_path / "r" / "best.pt").exists()
+    with pytest.raises(BonetumorError, match="did not write"):  # not bonetumor's folder: not even then
+        fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", overwrite=True, verbose=False)
+    assert (tmp_path / "r" / "precious.txt").read_text() == "keep"
 
 
 def test_resume_without_a_run(tmp_path, tiny_data):

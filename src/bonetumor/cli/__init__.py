@@ -208,7 +208,7 @@ def predict(
     from bonetumor.files import RunDir
     from bonetumor.predict import predict_studies, write_predictions
 
-    run = RunDir.create(out_dir, overwrite=overwrite) if out_dir is not None else None
+    run = RunDir.create(out_dir, overwrite=overwrite, inputs=[checkpoint, *files]) if out_dir is not None else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
                                     precision, compile_mode, workers)
     if run is not None:
@@ -258,14 +258,16 @@ def report(
     eval_dir: Optional[List[Path]] = typer.Option(None, "--eval", help="Folder written by evaluate; repeat it to add "
                                                  "other evaluations (another split, external data) beside the first."),
     explain_dir: Optional[Path] = typer.Option(None, "--explain", help="Folder written by explain (for localization)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RUN/report.html, "
+                                            "replaced each time)."),
+    overwrite: bool = typer.Option(False),
 ):
     """One self-contained HTML report: data and audit, methods, metrics with CIs, plots, calibration,
     failure gallery with Grad-CAM, localization, intended use and limitations."""
     from bonetumor.report import build_report
 
     evals = list(eval_dir or [])
-    path = build_report(run, evals[0] if evals else None, explain_dir, out_file, evals[1:])
+    path = build_report(run, evals[0] if evals else None, explain_dir, out_file, evals[1:], overwrite)
     out.print(f"report written to {path}")
 
 

@@ -331,7 +331,7 @@ def run_audit(data: str | None = None, manifest: str | None = None, out: str | P
 
     index = discover(data, manifest, options=options)
     index.samples = assign_splits(index.samples, val_fraction, test_fraction, seed, refuse_shared_patients=False)
-    run = RunDir.create(out, overwrite=overwrite) if out is not None else None
+    run = RunDir.create(out, overwrite=overwrite, inputs=[data, manifest]) if out is not None else None
     index.root = index.root or str(data or manifest)
     return audit(index, near_threshold, baseline, options=options, run=run)
 

@@ -74,6 +74,8 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     split = {"val": "valid", "validation": "valid"}.get(split, split)
     if split not in ("train", "valid", "test", "all"):
         raise BonetumorError(f"--split must be train, valid, test or all, not {split!r}")
+    inputs = [checkpoint, data, manifest]
+    RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
     ck, dev = open_model(checkpoint, device)
     all_samples, samples, dropped = _select(data, manifest, ck, split, class_map)
     if not samples:
@@ -81,7 +83,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
         raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
                              f"{exclude_near_duplicates_of} split")
-    run = RunDir.create(out, overwrite=overwrite)
+    run = RunDir.create(out, overwrite=overwrite, inputs=inputs)
     samples, skipped = check_files(samples, skip_bad_files, options=ck.read_options)
     preds = predict_samples(ck, samples, dev, batch_size or ck.config.batch_size, workers, what="evaluate")
     # Intervals resample patients (or, without ids, whole volumes/series): their images are not independent.

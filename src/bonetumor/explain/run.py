@@ -135,6 +135,9 @@ def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, m
     with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
     Volumes and series: the ``top_slices`` slices with the highest positive-class score.
     """
+    paths = list(paths)  # read twice: checked against the output folder, then expanded
+    inputs = [checkpoint, *paths, manifest, masks, boxes]
+    RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
     if isinstance(checkpoint, LoadedCheckpoint):  # a caller explaining several groups loads it once
         ck, dev = checkpoint, next(checkpoint.model.parameters()).device
     else:
@@ -152,7 +155,7 @@ def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, m
     batches = tracked(explained_batches(ck, samples, top_slices, dev, batch_size), total, "explain",
                       size=lambda b: len(b[1]))
     lookup = mask_lookup(masks, boxes, manifest, listed)
-    run = RunDir.create(out, overwrite=overwrite)
+    run = RunDir.create(out, overwrite=overwrite, inputs=inputs)
     run.folder(RunDir.MAPS)
     run.folder(RunDir.PANELS)
     rows, faith = [], {"deletion": [], "insertion": []}

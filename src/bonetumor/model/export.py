@@ -22,7 +22,7 @@ from torch import nn
 
 from bonetumor.config import config_from_dict, config_to_dict
 from bonetumor.errors import BonetumorError
-from bonetumor.files import atomic_path
+from bonetumor.files import atomic_path, refuse_existing_file
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from bonetumor.model.serialization import read_records
 from bonetumor.runtime.engines import (
@@ -47,8 +47,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False
     """
     onnx, _ = require_onnx()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BonetumorError(f"{out} already exists; pass --overwrite to replace it")
+    refuse_existing_file(out, overwrite, inputs=[checkpoint])
     ck = load_checkpoint(checkpoint, "cpu")
     model = ck.model.eval()
     size = ck.image_size

@@ -19,7 +19,7 @@ from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
 from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, LeakageWarning
-from bonetumor.files import RunDir, check_free_space
+from bonetumor.files import MARKER, RunDir, check_free_space
 from bonetumor.model.backbones import count_parameters, create_model, resolve_freeze
 from bonetumor.model.serialization import read_torch_file
 from bonetumor.runtime.batchnorm import resolve_bn_statistics
@@ -208,6 +208,13 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
     """Everything checked and made for the first epoch (see the module docstring); ``index``:
     samples with their splits already set (cross-validation's folds) instead of finding them."""
     state = None
+    if resume and not run.has(RunDir.LAST) and run.has(MARKER):
+        # Killed before its first checkpoint: there is nothing to resume, and what it wrote is
+        # bonetumor's to remove, so the run starts again (a user's own files in the folder stay).
+        if verbose:
+            console.print(f"{run / RunDir.LAST} not written yet (the run stopped before its first checkpoint): "
+                          "starting from the first epoch")
+        resume, overwrite = False, True
     if resume:
         cfg, state = _resumed_config(cfg, run)
     cfg.validate()
@@ -218,7 +225,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
         _warn("--freeze backbone with --weights none: the frozen backbone is random, so its features mean "
               "nothing and only the head learns; use --freeze auto or none, or pretrained weights", verbose)
     device = select_device(cfg.device)
-    run.refuse_existing(overwrite, resume)
+    run.refuse_existing(overwrite, resume, cfg.inputs)
     seed_everything(cfg.seed)
     index = index if index is not None else prepare_data(cfg, state["classes"] if state else None)
     task = Task.of(index.classes)
@@ -226,7 +233,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
     model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, task.n_outputs,
                          cfg.hidden, cfg.dropout, cfg.output_stride)
     skipped, facts = _scan_and_check(run, cfg, index, model, verbose)
-    RunDir.create(run, overwrite, resume)  # only now, with data and weights known to be usable
+    RunDir.create(run, overwrite, resume, cfg.inputs)  # only now, with data and weights known to be usable
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / RunDir.SKIPPED}")
     if facts is not None:
