@@ -149,9 +149,10 @@ class TrainConfig:
         """The files and folders this run reads, which its output folder may neither be nor hold."""
         return [self.data, self.manifest, self.train_dir, self.val_dir, self.test_dir, self.weights]
 
-    def validate(self) -> None:
-        """Raise BonetumorError on values that cannot work, naming the option."""
-        if self.data is None and self.manifest is None and self.train_dir is None:
+    def validate(self, need_data: bool = True) -> None:
+        """Raise BonetumorError on values that cannot work, naming the option (``need_data``:
+        also when no data is named, which a saved model's config need not)."""
+        if need_data and self.data is None and self.manifest is None and self.train_dir is None:
             raise BonetumorError("no data given: pass DATA, --manifest or --train-dir")
         for f in fields(self):
             opt, value = f.metadata["option"], getattr(self, f.name)
@@ -265,9 +266,17 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Inverse of config_to_dict; ignores keys a newer version may have added."""
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+    """Inverse of config_to_dict; ignores keys a newer version may have added.
+
+    Raises:
+        BonetumorError: a value of the wrong type or outside its allowed values.
+    """
+    if not isinstance(d, dict):
+        raise BonetumorError(f"config: expected a mapping, not {type(d).__name__}")
+    known = {f.name: f for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: _coerce(k, v, known[k]) for k, v in d.items() if k in known})
+    cfg.validate(need_data=False)
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

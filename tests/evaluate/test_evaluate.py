@@ -7,6 +7,7 @@ from sklearn import metrics as skm
 
 from bonetumor import evaluate, predict
 from bonetumor.evaluate.metrics import compute_metrics
+from bonetumor.model.checkpoint import write_checkpoint
 
 
 def test_metrics_match_scikit_learn_on_random_predictions():
@@ -143,7 +144,7 @@ def test_a_checkpoint_saved_before_training_chose_its_threshold_says_so(tiny_run
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("report.html", "eval*", "explain*"))
     raw = torch.load(run / "best.pt", weights_only=True)
     raw.pop("operating_point")
-    torch.save({**raw, "threshold": 0.5}, run / "best.pt")
+    write_checkpoint(run / "best.pt", {**raw, "threshold": 0.5})
     r = CliRunner().invoke(app, ["evaluate", str(run / "best.pt"), str(tiny_data), "--out", str(tmp_path / "e"),
                                  "--split", "val"])
     assert r.exit_code == 0, r.output

@@ -13,6 +13,7 @@ from bonetumor import fit
 from bonetumor.data.layouts import discover
 from bonetumor.errors import BonetumorError
 from bonetumor.model.backbones import create_model
+from bonetumor.model.checkpoint import write_checkpoint
 from bonetumor.model.serialization import read_torch_file
 from bonetumor.runtime import batchnorm
 from bonetumor.runtime.batchnorm import (
@@ -181,8 +182,8 @@ def test_resuming_a_run_saved_before_the_option_keeps_batch_statistics(tiny_data
     state = read_torch_file(run / "last.pt")
     del state["config"]["bn_statistics"]
     state["config"]["weights"] = "imagenet"  # auto would now mean frozen
-    torch.save(state, run / "last.pt")
-    fit(tiny_config(tiny_data, epochs=2), run, resume=True, verbose=False)
+    write_checkpoint(run / "last.pt", state)
+    fit(tiny_config(tiny_data, epochs=2, weights="imagenet"), run, resume=True, verbose=False)  # as saved
     assert yaml.safe_load((run / "config.yaml").read_text())["bn_statistics"] == "batch"
 
 

@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 from bonetumor import fit
 from bonetumor.model.backbones import create_model
+from bonetumor.model.checkpoint import write_checkpoint
 from bonetumor.predict import predict
 from bonetumor.runtime import precision as prec
 from bonetumor.task import Task
@@ -40,7 +41,7 @@ def test_training_records_and_keeps_its_choice(tmp_path, tiny_data, monkeypatch)
     assert rec["requested"] == "auto" and rec["chosen"] == "bf16" and rec["n"] > 0
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["precision"] == "bf16"
     monkeypatch.setattr(prec, "TOLERANCE", 0.0)  # a resumed run does not choose again
-    fit(tiny_config(tiny_data, epochs=2), tmp_path / "r", resume=True, verbose=False)
+    fit(tiny_config(tiny_data, precision="auto", epochs=2), tmp_path / "r", resume=True, verbose=False)
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["precision"] == "bf16"
 
 
@@ -67,7 +68,7 @@ def test_a_files_probability_does_not_depend_on_the_job(trained, tiny_run, tmp_p
     monkeypatch.setattr(prec, "cpu_has_fast_bf16", lambda: True)  # so that bf16 is this CPU's native choice
     ck = torch.load(tiny_run / "best.pt", weights_only=True)
     ck["config"]["precision"] = trained
-    torch.save(ck, tmp_path / "m.pt")
+    write_checkpoint(tmp_path / "m.pt", ck)  # sealed anew, as a real file of that precision is
     files = _job(tmp_path / "job")
     # as a user runs it: the command's defaults
     alone = _cli_predict(tmp_path / "m.pt", files[37])[0]["probability"]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bonetumor.errors import BonetumorError
-from bonetumor.model.serialization import is_bonetumor_checkpoint, read_torch_file
+from bonetumor.model.serialization import is_bonetumor_checkpoint, read_checkpoint_file
 from bonetumor.runtime.batchnorm import keeps_statistics
 from bonetumor.runtime.recompute import recompute_forward
 
@@ -117,7 +117,7 @@ def _file_state_dict(path: str, backbone: str) -> tuple[dict, bool]:
 
     Returns (state_dict, is_bonetumor). Loaded with weights_only=True: never executes code.
     """
-    obj = read_torch_file(path)
+    obj = read_checkpoint_file(path)  # a bonetumor checkpoint is checked against its checksum
     if is_bonetumor_checkpoint(obj):
         if obj["backbone"] != backbone:
             raise BonetumorError(f"{path}: checkpoint has backbone {obj['backbone']}, not {backbone}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +18,19 @@ from bonetumor.model.backbones import create_empty_model
 from bonetumor.model.serialization import (
     FORMAT,
     FORMAT_VERSION,
+    check_integrity,
     is_bonetumor_checkpoint,
+    read_checkpoint_file,
     read_records,
     read_torch_file,
+    save_sealed,
+    weights_digest,
 )
 from bonetumor.runtime.precision import model_precision
 from bonetumor.task import Task
 
-__all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_torch_file", "save_checkpoint",
-           "checkpoint_payload", "update_checkpoint", "write_checkpoint"]
+__all__ = ["LoadedCheckpoint", "is_bonetumor_checkpoint", "load_checkpoint", "read_checkpoint_file", "read_torch_file",
+           "save_checkpoint", "checkpoint_payload", "update_checkpoint", "weights_digest", "write_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str], *,
@@ -99,38 +103,15 @@ def _cpu(obj, copy: bool):
 
 
 def write_checkpoint(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` (from ``checkpoint_payload``) atomically, with the digest of its weights."""
-    _write(path, sealed(payload))
-
-
-def sealed(payload: dict) -> dict:
-    """``payload`` with the digest of its weights, as checkpoints are written."""
-    return {**payload, "model_sha256": weights_digest(payload["model"])}
-
-
-def weights_digest(state: dict) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of a state dict, in order.
-
-    torch's archive reader does not check its members, so altered weight bytes would load
-    silently; this digest, saved beside them, makes such a file refused.
-    """
-    h = hashlib.sha256()
-    for k, t in state.items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
-    return h.hexdigest()
+    """Write ``payload`` (from ``checkpoint_payload``) atomically, sealed with its checksum."""
+    with atomic_path(path) as tmp:
+        save_sealed(payload, tmp)
 
 
 def update_checkpoint(path: str | Path, fields: dict, raw: dict | None = None) -> None:
     """Rewrite a checkpoint with some entries set (e.g. the threshold chosen after training),
-    atomically; ``raw`` is its already-read content, if at hand."""
-    _write(path, {**(raw if raw is not None else read_torch_file(path)), **fields})
-
-
-def _write(path: str | Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomically; ``raw`` is its already-read (and checked) content, if at hand."""
+    write_checkpoint(path, {**(raw if raw is not None else read_checkpoint_file(path)), **fields})
 
 
 @dataclass
@@ -225,33 +206,57 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", check:
     """
     obj = _read_checked(path)
     state = obj.get("model")
-    integrity = None
-    if "model_sha256" in obj and isinstance(state, dict):
-        # hashing releases the GIL: it runs beside building the model
-        pool = ThreadPoolExecutor(1, thread_name_prefix="bonetumor-checksum")
-        integrity = pool.submit(_check_weights, path, state, obj["model_sha256"])
-        pool.shutdown(wait=False)
+    # hashing releases the GIL: it runs beside building the model
+    pool = ThreadPoolExecutor(1, thread_name_prefix="bonetumor-checksum")
+    integrity = pool.submit(check_integrity, path, obj)
+    pool.shutdown(wait=False)
     try:
-        cfg = config_from_dict(obj["config"])
-        classes = list(obj["classes"])
+        rec = _checked_records(obj)
+        cfg, classes = rec["config"], rec["classes"]
         model = create_empty_model(cfg.backbone, Task.of(classes).n_outputs, cfg.hidden, cfg.dropout,
                                    cfg.output_stride)
         model.load_state_dict(state, assign=True)
-    except (KeyError, TypeError, RuntimeError, AttributeError) as e:
-        if integrity is not None:
-            integrity.result()  # a damaged file says so first
-        raise BonetumorError(f"{path}: checkpoint is incomplete or does not match its model ({first_line(e, 160)})") from None
-    if check == "now" and integrity is not None:
+    except (KeyError, TypeError, RuntimeError, AttributeError, ValueError, BonetumorError) as e:
+        integrity.result()  # a damaged file says so first
+        raise BonetumorError(f"{path}: checkpoint is incomplete, has invalid values or does not match its model "
+                             f"({first_line(e, 160)})") from None
+    if check == "now":
         integrity.result()
         integrity = None
-    model.temperature = float(obj.get("temperature", 1.0))
+    model.temperature = rec["temperature"]
     model.to(device).to(memory_format=torch.channels_last).eval()  # as inputs are: no layout reorders per call
-    norm = obj.get("normalization", {})
-    return LoadedCheckpoint(model, cfg, classes, int(obj["image_size"]), tuple(norm.get("mean", ())),
-                            tuple(norm.get("std", ())), float(obj.get("threshold", 0.5)), int(obj.get("epoch", 0)), obj,
-                            integrity)
+    return LoadedCheckpoint(model, cfg, classes, rec["image_size"], rec["mean"], rec["std"], rec["threshold"],
+                            rec["epoch"], obj, integrity)
 
 
-def _check_weights(path: str | Path, state: dict, expected: str) -> None:
-    if weights_digest(state) != expected:
-        raise BonetumorError(f"{path}: the weights do not match their checksum; the file was altered or damaged")
+def _checked_records(obj: dict) -> dict:
+    """The entries that steer a prediction, each checked: a checksum says a file is as written,
+    not that what was written makes sense (a file can be made by hand, checksum and all).
+
+    Raises:
+        ValueError, KeyError, TypeError, BonetumorError: naming the entry.
+    """
+    cfg = config_from_dict(obj["config"])
+    classes = obj["classes"]
+    if (not isinstance(classes, list) or len(classes) < 2 or len(set(classes)) != len(classes)
+            or not all(isinstance(c, str) and c for c in classes)):
+        raise ValueError(f"classes must be two or more distinct names, not {classes!r}")
+    norm = obj.get("normalization", {"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    rec = {"config": cfg, "classes": list(classes), "mean": mean, "std": std,
+           "image_size": _number(obj, "image_size", int, 8, 8192), "threshold": _number(obj, "threshold", float, 0, 1, 0.5),
+           "temperature": _number(obj, "temperature", float, 1e-3, 1e3, 1.0), "epoch": _number(obj, "epoch", int, 0, 10**9, 0)}
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"normalization must be 3 finite means and 3 positive deviations, not {norm!r}")
+    return rec
+
+
+def _number(obj: dict, key: str, kind: type, low: float, high: float, default: float | None = None):
+    """``obj[key]`` as ``kind``, finite and within [low, high] (``default`` when missing)."""
+    value = obj.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, not {value!r}")
+    if not (math.isfinite(value) and low <= value <= high) or (kind is int and value != int(value)):
+        raise ValueError(f"{key} must be {'a whole number' if kind is int else 'a number'} from {low:g} to "
+                         f"{high:g}, not {value!r}")
+    return kind(value)

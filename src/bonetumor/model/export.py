@@ -24,7 +24,7 @@ from bonetumor.config import config_from_dict, config_to_dict
 from bonetumor.errors import BonetumorError
 from bonetumor.files import atomic_path, refuse_existing_file
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
-from bonetumor.model.serialization import read_records
+from bonetumor.model.serialization import check_seal, file_seal
 from bonetumor.runtime.engines import (
     META_KEY,
     Engine,
@@ -105,13 +105,13 @@ def cached_export_path(checkpoint: str | Path) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
-    """A hash of what the export is made of, once per file version: the weights' own checksum
-    and every other entry (read without the weights' bytes), else the whole file's bytes."""
+    """A hash of what the export is made of, once per file version: the checksum a checkpoint
+    carries (of all its bytes), else the whole file's bytes."""
     digest = hashlib.sha256(f"bonetumor-onnx-{EXPORT_FORMAT}".encode())
-    obj = read_records(path)
-    if isinstance(obj, dict) and isinstance(obj.get("model_sha256"), str):
-        rest = {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scaler")}
-        digest.update(json.dumps(rest, sort_keys=True, default=str).encode())
+    seal = file_seal(path)
+    if seal is not None:
+        check_seal(path)  # an altered checkpoint must not reach a cached export of the original
+        digest.update(seal.encode())
     else:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):

@@ -25,8 +25,8 @@ import torch
 
 from bonetumor.config import TrainConfig
 from bonetumor.files import RunDir
-from bonetumor.model.checkpoint import checkpoint_payload, sealed, snapshot_bytes
-from bonetumor.model.serialization import read_torch_file
+from bonetumor.model.checkpoint import checkpoint_payload, snapshot_bytes
+from bonetumor.model.serialization import read_checkpoint_file, save_sealed
 
 HOLD_BEST_BYTES = 32 * 2**20  # a best-epoch snapshot up to this size waits in memory for its write
 
@@ -105,14 +105,14 @@ class Checkpointer:
 
     def best_weights(self) -> dict:
         """The best epoch's weights (to score validation again after a resume)."""
-        return (self.pending or read_torch_file(self.run / RunDir.BEST))["model"]
+        return (self.pending or read_checkpoint_file(self.run / RunDir.BEST))["model"]
 
     def finish(self, fields: dict) -> None:
         """Write best.pt with ``fields`` (the operating point) set: from the snapshot held, or
         the file written earlier."""
-        base = self.pending if self.pending is not None else read_torch_file(self.run / RunDir.BEST)
+        base = self.pending if self.pending is not None else read_checkpoint_file(self.run / RunDir.BEST)
         self._write(RunDir.BEST, {**base, **fields})
         self.pending = None
 
     def _write(self, name: str, payload: dict) -> None:
-        self.run.save(name, partial(torch.save, sealed(payload)))
+        self.run.save(name, partial(save_sealed, payload))

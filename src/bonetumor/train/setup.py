@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -21,7 +22,7 @@ from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, LeakageWarning
 from bonetumor.files import MARKER, RunDir, check_free_space
 from bonetumor.model.backbones import count_parameters, create_model, resolve_freeze
-from bonetumor.model.serialization import read_torch_file
+from bonetumor.model.serialization import read_checkpoint_file
 from bonetumor.runtime.batchnorm import resolve_bn_statistics
 from bonetumor.runtime.device import (
     environment_info,
@@ -100,12 +101,33 @@ def _resumed_config(cfg: TrainConfig, run: RunDir) -> tuple[TrainConfig, dict]:
     """The config a run was saved with (its epochs, device and workers from ``cfg``) and last.pt."""
     if not run.has(RunDir.LAST):
         raise BonetumorError(f"{run.path}/{RunDir.LAST} not found: nothing to resume")
-    state = read_torch_file(run / RunDir.LAST)
+    state = read_checkpoint_file(run / RunDir.LAST)  # a damaged last.pt is refused, not trained on
     saved = config_from_dict(state["config"])
     # A run saved before --bn-statistics existed trained with batch statistics.
     saved.bn_statistics = state["config"].get("bn_statistics", "batch")
+    ignored = _ignored_on_resume(cfg, saved)
+    if ignored:
+        raise BonetumorError(f"{run.path}: --resume continues the run as it was saved, so it would ignore "
+                             f"{'; '.join(ignored)}: leave those options out, or start a new run in another folder")
     saved.epochs, saved.device, saved.workers = cfg.epochs, cfg.device, cfg.workers
     return saved, state
+
+
+def _ignored_on_resume(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
+    """The options ``cfg`` asks for (set away from their defaults) that differ from the saved run's;
+    a resumed run takes only its epochs, device and workers from the command line."""
+    default = TrainConfig()
+    out = []
+    for f in fields(TrainConfig):
+        mine, theirs = getattr(cfg, f.name), getattr(saved, f.name)
+        if f.name in ("epochs", "device", "workers") or mine == getattr(default, f.name):
+            continue
+        if f.name in ("data", "manifest", "train_dir", "val_dir", "test_dir") and mine and theirs:
+            if Path(mine).resolve() == Path(theirs).resolve():  # the same place, written otherwise
+                continue
+        if mine != theirs:
+            out.append(f"{f.metadata['option'].flag(f.name)} {mine} (the run's: {theirs})")
+    return out
 
 
 def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: nn.Module,
