@@ -152,6 +152,10 @@ def _manifest(path, header, rows):
     ("manifest_missing_column", "manifest lacks column(s) label"),
     ("manifest_path_outside", "lies outside the manifest's folder"),
     ("manifest_missing_file", "missing.png: file not found"),
+    ("manifest_is_a_folder", "is a folder; --manifest names a CSV file"),
+    ("manifest_not_utf8", "manifest is not UTF-8 text (byte"),
+    ("manifest_symlink_loop", "line 2: loop cannot be resolved"),
+    ("manifest_mask_outside", "line 2, mask_path: ../../etc/passwd lies outside the manifest's folder"),
 ])
 def test_data_set_problems(tmp_path, case, needle):
     d = make_class_tree(tmp_path / "d", n=4, size=24)
@@ -171,6 +175,17 @@ def test_data_set_problems(tmp_path, case, needle):
     elif case == "manifest_missing_file":
         rows = [f"cancer/img_{i}.png,cancer" for i in range(4)] + [f"normal/img_{i}.png,normal" for i in range(4)]
         args = ["--manifest", _manifest(d / "m.csv", "path,label", [*rows, "cancer/missing.png,cancer"])]
+    elif case == "manifest_is_a_folder":
+        args = ["--manifest", d / "cancer"]
+    elif case == "manifest_not_utf8":
+        (d / "m.csv").write_bytes("path,label\ncancer/img_0.png,c\u00e1ncer\n".encode("latin-1"))
+        args = ["--manifest", d / "m.csv"]
+    elif case == "manifest_symlink_loop":
+        os.symlink("loop", d / "loop")
+        args = ["--manifest", _manifest(d / "m.csv", "path,label", ["loop,cancer", "normal/img_0.png,normal"])]
+    elif case == "manifest_mask_outside":
+        args = ["--manifest", _manifest(d / "m.csv", "path,label,mask_path",
+                                        ["cancer/img_0.png,cancer,../../etc/passwd", "normal/img_0.png,normal,"])]
     code, out, flat = run("train", *args, "--out", tmp_path / "r", *TRAIN)
     assert code == 2 and "Traceback" not in out and needle in flat, out
     assert not (tmp_path / "r").exists()  # nothing half-made
@@ -184,3 +199,38 @@ def test_test_split_without_positives_is_evaluated_with_a_note(tmp_path, corpus)
     assert "note: the all split holds no cancer images: ROC-AUC" in flat
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n_positive"] == 0 and m["specificity"]["value"] >= 0 and m["notes"]
+
+
+def test_a_manifest_listing_an_image_twice_or_under_two_labels(tmp_path):
+    d = make_class_tree(tmp_path / "d", n=4, size=24)
+    rows = [f"cancer/img_{i}.png,cancer" for i in range(4)] + [f"normal/img_{i}.png,normal" for i in range(4)]
+    twice = _manifest(d / "twice.csv", "path,label", [*rows, "cancer/img_1.png,cancer"])
+    clash = _manifest(d / "clash.csv", "path,label", [*rows, "cancer/img_2.png,normal"])
+    code, out, flat = run("train", "--manifest", twice, "--out", tmp_path / "r1", *TRAIN)
+    assert code == 2 and "img_1.png: listed 2 times (pass --skip-bad-files" in flat, out
+    code, out, flat = run("train", "--manifest", clash, "--out", tmp_path / "r2", *TRAIN)
+    assert code == 2 and "img_2.png: listed under 2 labels (cancer, normal)" in flat, out
+    code, out, flat = run("train", "--manifest", clash, "--out", tmp_path / "r3", *TRAIN, "--skip-bad-files")
+    assert code == 0, out
+    with open(tmp_path / "r3" / "skipped_files.csv") as f:
+        skipped = list(csv.DictReader(f))
+    assert len(skipped) == 2 and {r["problem"] for r in skipped} == {"listed under 2 labels (cancer, normal)"}
+    code, out, flat = run("audit", "--manifest", twice)
+    assert "1 listings repeat an image" in flat and "img_1.png: listed 2 times" in flat, out
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_goes_through_every_command(tmp_path):
+    d = make_class_tree(tmp_path / "d", n=4, size=24)
+    odd = os.path.join(os.fsencode(str(d / "cancer")), b"img_\xff.png")  # Latin-1 'ÿ': not UTF-8
+    os.rename(d / "cancer" / "img_0.png", odd)
+    code, out, _ = run("train", d, "--out", tmp_path / "r", *TRAIN)
+    assert code == 0, out
+    assert b"img_\xff.png" in (tmp_path / "r" / "splits.csv").read_bytes()  # the name as it is on disk
+    for args in (["evaluate", tmp_path / "r" / "best.pt", d, "--split", "all", "--out", tmp_path / "e"],
+                 ["predict", tmp_path / "r" / "best.pt", d, "--out", tmp_path / "p"],
+                 ["explain", tmp_path / "r" / "best.pt", d / "cancer", "--out", tmp_path / "x"],
+                 ["report", tmp_path / "r", "--eval", tmp_path / "e", "--explain", tmp_path / "x"]):
+        code, out, _ = run(*args)
+        assert code == 0, (args, out)
+    assert b"img_\xff.png" in (tmp_path / "p" / "predictions.csv").read_bytes()

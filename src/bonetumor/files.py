@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, first_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -47,10 +47,18 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         os.replace(tmp, p)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise BonetumorError(f"{p}: disk full while writing ({e.strerror}); the previous version, if any, "
                                  "is intact: free some space and run again (training: --resume)") from None
         raise
+    except RuntimeError as e:
+        Path(tmp).unlink(missing_ok=True)
+        # torch.save's C++ writer reports a failed write ("unexpected pos", "basic_ios::clear")
+        # as a RuntimeError without the errno: a full disk, a quota or a file size limit.
+        if not any(w in str(e) for w in ("unexpected pos", "basic_ios", "PytorchStreamWriter", "inline_container")):
+            raise
+        raise BonetumorError(f"{p}: disk full while writing (the write failed: {first_line(e, 80)}); the previous "
+                             "version, if any, is intact: free some space and run again (training: --resume)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -59,7 +67,7 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -69,7 +77,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_write_csv(path: str | Path, fieldnames: Sequence[str], rows: Iterable[dict]) -> None:
     """Write dict rows as CSV atomically (keys not in ``fieldnames`` are left out)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -325,7 +333,7 @@ class RunDir:
                 f.write(json.dumps(name) + "\n")
 
     def write_text(self, name: str, text: str) -> Path:
-        return self.save(name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return self.save(name, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
     def write_json(self, name: str, obj: Any) -> Path:
         """JSON, indented, keys in insertion order."""
@@ -339,7 +347,7 @@ class RunDir:
     def write_csv(self, name: str, fieldnames: Sequence[str], rows: Iterable[dict]) -> Path:
         """Dict rows as CSV (keys not in ``fieldnames`` are left out)."""
         def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                 w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
@@ -365,7 +373,7 @@ class RunDir:
         """{sample ref: split} as training recorded them, or None without a record."""
         if not self.has(self.SPLITS):
             return None
-        with open(self.path / self.SPLITS, newline="", encoding="utf-8") as f:
+        with open(self.path / self.SPLITS, newline="", encoding="utf-8", errors="surrogateescape") as f:
             return {row["path"] + (f"#{row['slice']}" if row.get("slice") else ""): row["split"]
                     for row in csv.DictReader(f)}
 

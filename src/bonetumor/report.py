@@ -177,7 +177,8 @@ def _failure_gallery(ck, ev: Path, k: int = 4) -> str:
     if not pred.is_file() or m is None or "positive_class" not in m:
         return "<p class='muted'>No binary predictions to show failures from.</p>"
     pos = m["positive_class"]
-    rows = list(csv.DictReader(open(pred)))
+    with open(pred, newline="", encoding="utf-8", errors="surrogateescape") as f:  # paths as written
+        rows = list(csv.DictReader(f))
     fn = sorted((r for r in rows if r["label"] == pos and r["prediction"] != pos), key=lambda r: float(r["probability"]))[:k]
     fp = sorted((r for r in rows if r["label"] != pos and r["prediction"] == pos), key=lambda r: -float(r["probability"]))[:k]
     if not fn and not fp:

@@ -353,3 +353,24 @@ def test_freeze_auto_trains_a_random_backbone_and_warns_when_told_to_freeze_one(
             verbose=False)
     state = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True)["optimizer"]["state"]
     assert len(state) == 4
+
+
+def test_a_real_failed_write_is_one_line_not_torchs_runtime_error(tmp_path, tiny_data):
+    """torch.save reports a failed write as RuntimeError("unexpected pos ..."), not OSError: here a
+    file size limit (RLIMIT_FSIZE) makes the write fail for real, as a full disk does."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))  # a ResNet50 checkpoint is 94 MB
+
+    r = subprocess.run([sys.executable, "-m", "bonetumor", "train", str(tiny_data), "--out", str(tmp_path / "r"),
+                        "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--freeze",
+                        "none", "--no-audit", "--device", "cpu"], capture_output=True, text=True, preexec_fn=limited)
+    said = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in said, said
+    assert "disk full while writing" in said and "--resume" in said and ".pt" in said, said
+    assert not list((tmp_path / "r").glob(".*.tmp"))  # no half-written file left

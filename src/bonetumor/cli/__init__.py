@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from functools import wraps
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -38,6 +39,9 @@ def _print_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Train, evaluate and explain CNN classifiers of bone-tumour images."""
+    # pydicom warns about oddities of a file (a frame count of 0, excess pixel bytes) with its own
+    # source paths; on the command line each file's real problem is one line of ours instead.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def _friendly(fn: Callable) -> Callable:

@@ -119,6 +119,10 @@ def show_audit(r: dict, out_dir: Path | None) -> None:
         out.print(f"1-NN memorisation baseline on {split}: accuracy {b['accuracy']:.3f}, ROC-AUC {b['roc_auc']:.3f} (n={b['n']})")
     if r["unreadable"]:
         out.print(f"[yellow]{len(r['unreadable'])} unreadable files[/], e.g. {r['unreadable'][0]['path']}: {r['unreadable'][0]['error']}")
+    if r.get("listed_twice"):
+        first = r["listed_twice"][0]
+        out.print(f"[yellow]{len(r['listed_twice'])} listings repeat an image[/] (train and evaluate refuse them; "
+                  f"--skip-bad-files drops them), e.g. {first['path']}: {first['problem']}")
     summary = leakage_summary(r)
     out.print(f"[bold yellow]leakage:[/] {summary}" if summary else "no leakage found")
     c = r.get("copies")

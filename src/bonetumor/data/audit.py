@@ -37,7 +37,7 @@ from bonetumor.data.copies import (
     copy_pairs,
     pair_rows,
 )
-from bonetumor.data.layouts import DatasetIndex
+from bonetumor.data.layouts import DatasetIndex, listing_problems
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import read_image
 from bonetumor.data.studies import Sample
@@ -289,6 +289,7 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
         "data": str(index.root), "n_images": len(samples), "classes": classes, "layout": index.layout,
         "split_level": index.split_level, "near_threshold_bits": near_threshold,
         "unreadable": [{"path": s.ref, "error": f.error} for s, f in zip(samples, facts) if f.error],
+        "listed_twice": [{"path": samples[i].ref, "problem": why} for i, why in sorted(listing_problems(samples).items())],
         "duplicates": dup, "label_conflicts": conflicts,
         "patients_in_two_splits": {"n": len(patients), "examples": patients[:10]},
         "shortcuts": _shortcuts(samples, facts, classes),

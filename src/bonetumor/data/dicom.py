@@ -37,7 +37,11 @@ def _read(p: Path, pixels: bool):
     # With pixels, large elements are deferred: the pixel data is read only when decoded.
     opts = {"stop_before_pixels": not pixels, "defer_size": "1 MB" if pixels else None}
     try:
-        return pydicom.dcmread(p, **opts)
+        with open(p, "rb") as f:
+            ds = pydicom.dcmread(f, **opts)
+            if not pixels:  # where the pixel data starts: what follows is all it can hold
+                ds.bonetumor_pixels_at = f.tell()
+        return ds
     except InvalidDicomError:
         # Files without the 128-byte preamble are still common; accept them only if they parse
         # as a dataset that looks like DICOM, so a text file named .dcm is not taken for one.
@@ -57,8 +61,48 @@ def _sop_name(ds) -> str:
     return getattr(uid, "name", None) or str(uid or "unknown")
 
 
+MAX_FRAMES = 100_000  # more than any multi-frame series; a reference is made per frame before decoding
+
+
+def _declared_frames(p: Path, ds) -> int:
+    """``NumberOfFrames``, refused when the file is too short to hold them (a 9 KB header can
+    declare a billion) or when it is above ``MAX_FRAMES``: checked before anything is made per frame."""
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise BadImageError(p, f"NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number") from None
+    if not 1 <= frames <= MAX_FRAMES:
+        raise BadImageError(p, f"declares {frames:,} frames; a DICOM file is read with 1 to {MAX_FRAMES:,}")
+    if frames == 1 or "Rows" not in ds:
+        return frames
+    ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if ts is not None and getattr(ts, "is_encapsulated", False):
+        least = 8  # a compressed frame is at least one item: a tag and a length
+    else:
+        bits = int(ds.get("BitsAllocated") or 8)
+        least = int(ds.Rows) * int(ds.get("Columns") or 0) * int(ds.get("SamplesPerPixel") or 1) * bits // 8
+    held = _pixel_bytes(p, ds)
+    if frames * least > held:
+        raise BadImageError(p, f"declares {frames:,} frames of at least {least:,} bytes each, but the file holds "
+                               f"{held:,} bytes of pixel data at most")
+    return frames
+
+
+def _pixel_bytes(p: Path, ds) -> int:
+    """The most bytes of pixel data the file can hold: all of it after the pixel data's start."""
+    start = getattr(ds, "bonetumor_pixels_at", None)
+    if start is None:
+        elem = ds.get_item("PixelData") if "PixelData" in ds else None
+        start = getattr(elem, "value_tell", None)  # a raw or deferred element: where its bytes begin
+        if start is None:
+            value = getattr(elem, "value", None)
+            return len(value) if isinstance(value, (bytes, bytearray)) else 0
+    return max(p.stat().st_size - int(start), 0)
+
+
 def dicom_info(path: str | Path) -> DicomInfo:
-    """Frame count, series UID, slice position and instance number, read without the pixels."""
+    """Frame count (checked against the file's size), series UID, slice position and instance
+    number, read without the pixels."""
     p = Path(path)
     ds = _read(p, pixels=False)
     position = None
@@ -67,7 +111,7 @@ def dicom_info(path: str | Path) -> DicomInfo:
         normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
         position = float(np.dot(normal, np.array(ipp, float)))
     inst = ds.get("InstanceNumber")
-    return DicomInfo(frames=int(ds.get("NumberOfFrames") or 1), series=str(ds.get("SeriesInstanceUID") or "") or None,
+    return DicomInfo(frames=_declared_frames(p, ds), series=str(ds.get("SeriesInstanceUID") or "") or None,
                      position=position, instance=int(inst) if inst not in (None, "") else None,
                      has_pixels=any(k in ds for k in ("Rows", "PixelData", "FloatPixelData", "DoubleFloatPixelData")))
 
@@ -89,7 +133,7 @@ def _decode(p: Path, frame: int | None):
     ds = _read(p, pixels=True)  # the header is parsed once, for the checks and the decoding
     if "Rows" not in ds:
         raise BadImageError(p, f"DICOM file holds no image ({_sop_name(ds)})")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _declared_frames(p, ds)
     if frame is not None and not 0 <= frame < frames:
         raise BadImageError(p, f"frame {frame} does not exist (the file has {frames})")
     index = (frame or 0) if frames > 1 else None  # a multi-frame file read as one image: frame 0

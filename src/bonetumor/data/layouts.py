@@ -25,7 +25,7 @@ from typing import Sequence
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import is_image_file, read_image
 from bonetumor.data.studies import Sample, expand_inputs, expand_volumes
-from bonetumor.errors import BadImageError, BonetumorError
+from bonetumor.errors import BadImageError, BonetumorError, first_line
 from bonetumor.progress import tracked
 
 
@@ -120,6 +120,8 @@ def _roboflow_split(folder: Path, split: str) -> list[Sample]:
 def read_manifest(path: Path) -> list[Sample]:
     """Samples listed in a manifest CSV (paths relative to its folder; none may lie outside it)."""
     base = path.parent.resolve()
+    if path.is_dir():
+        raise BonetumorError(f"{path}: is a folder; --manifest names a CSV file (path,label,...)")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -130,17 +132,17 @@ def read_manifest(path: Path) -> list[Sample]:
             rows = list(reader)
     except FileNotFoundError:
         raise BonetumorError(f"{path}: manifest not found") from None
+    except UnicodeDecodeError as e:
+        raise BonetumorError(f"{path}: manifest is not UTF-8 text (byte {e.start}); save it as a UTF-8 CSV") from None
+    except (OSError, csv.Error) as e:
+        raise BonetumorError(f"{path}: manifest cannot be read ({first_line(e)})") from None
     samples = []
     for i, r in enumerate(rows, start=2):
         r = {k.strip(): (v or "").strip() for k, v in r.items() if k}
         if not r.get("path") or not r.get("label"):
             raise BonetumorError(f"{path}, line {i}: empty path or label")
-        p = (base / r["path"]).resolve()
-        if not p.is_relative_to(base):
-            raise BonetumorError(f"{path}, line {i}: {r['path']} lies outside the manifest's folder")
-        mask = r.get("mask_path") or None
-        if mask:
-            mask = str((base / mask).resolve())
+        p = _listed(base, r["path"], f"{path}, line {i}")
+        mask = str(_listed(base, r["mask_path"], f"{path}, line {i}, mask_path")) if r.get("mask_path") else None
         split = _norm_split(r["split"], f"{path}, line {i}") if r.get("split") else None
         sample = Sample(str(p), r["label"], r.get("patient_id") or None, split, mask)
         if p.is_dir():  # a DICOM series (or any folder of slices): one study
@@ -154,6 +156,18 @@ def read_manifest(path: Path) -> list[Sample]:
     if not samples:
         raise BonetumorError(f"{path}: manifest lists no images")
     return samples
+
+
+def _listed(base: Path, name: str, where: str) -> Path:
+    """A path a manifest lists, resolved; refused when it lies outside the manifest's folder (a
+    manifest must not reach a system file) or loops through symbolic links."""
+    try:
+        p = (base / name).resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise BonetumorError(f"{where}: {name} cannot be resolved ({first_line(e)})") from None
+    if not p.is_relative_to(base):
+        raise BonetumorError(f"{where}: {name} lies outside the manifest's folder")
+    return p
 
 
 def _find(data, manifest, train_dir, val_dir, test_dir, ignored) -> tuple[list[Sample], str, str | None]:
@@ -243,7 +257,8 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
                 problems: Sequence[str | None] | None = None,
                 options: ReadOptions | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Decode every image once; stop at the first bad one, or with ``skip_bad`` drop and list them.
-    ``problems`` (one per sample, None when readable) reuses a decoding pass already made.
+    ``problems`` (one per sample, None when readable) reuses a decoding pass already made. An
+    image listed twice, or under two labels (``listing_problems``), is a bad one too.
 
     Returns:
         (good samples, [(path, problem), ...] of skipped ones).
@@ -261,8 +276,10 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
     if problems is None:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
             problems = list(tracked(ex.map(probe, samples), len(samples), "checking images"))
+    listed = listing_problems(samples)
     good, bad = [], []
-    for s, prob in zip(samples, problems):
+    for i, (s, prob) in enumerate(zip(samples, problems)):
+        prob = listed.get(i, prob)
         if prob is None:
             good.append(s)
         elif skip_bad:
@@ -270,6 +287,23 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
         else:
             raise BadImageError(s.ref, f"{prob} (pass --skip-bad-files to skip such files)")
     return good, bad
+
+
+def listing_problems(samples: Sequence[Sample]) -> dict[int, str]:
+    """{index: problem} for images listed more than once: a repeat under the same label (it would
+    count twice in training and in every metric), and every listing of one under two labels
+    (which label is right cannot be told)."""
+    seen: dict[tuple[str, int | None], list[int]] = {}
+    for i, s in enumerate(samples):
+        seen.setdefault((s.path, s.frame), []).append(i)
+    out: dict[int, str] = {}
+    for at in seen.values():
+        labels = sorted({samples[i].label or "" for i in at})
+        if len(labels) > 1:
+            out.update({i: f"listed under {len(labels)} labels ({', '.join(labels)})" for i in at})
+        else:
+            out.update({i: f"listed {len(at)} times" for i in at[1:]})
+    return out
 
 
 def fingerprint(samples: Sequence[Sample], root: str | None = None) -> str:
@@ -282,5 +316,5 @@ def fingerprint(samples: Sequence[Sample], root: str | None = None) -> str:
             with open(s.path, "rb") as f:
                 contents[s.path] = hashlib.sha256(f.read()).hexdigest()
         frame = "" if s.frame is None else f"#{s.frame}"
-        h.update(f"{rel}{frame}\t{s.label}\t{s.split}\t{contents[s.path]}\n".encode())
+        h.update(f"{rel}{frame}\t{s.label}\t{s.split}\t{contents[s.path]}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

@@ -1,7 +1,8 @@
 """NIfTI volumes (nibabel does the format): one 2-D slice at a time, windowed over the volume.
 
 A decoded volume is kept in a small per-process cache, since the slices of one volume are read
-in a row; ``forget_volumes`` empties it (a server does so after each request).
+in a row; ``forget_volumes`` empties it (a server does so after each request). Its percentiles
+are computed once per volume, not per slice: a slice read never passes over the whole volume.
 """
 
 from __future__ import annotations
@@ -12,17 +13,41 @@ from threading import Lock
 
 import numpy as np
 
-from bonetumor.data.pixels import ReadOptions, apply_window
+from bonetumor.data.pixels import (
+    ReadOptions,
+    linear_window,
+    parse_window,
+    scale_between,
+)
 from bonetumor.errors import BadImageError, BonetumorError, first_line
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2  # decoded volumes kept per process: slices of one volume are read in a row
 MAX_VOXELS = 2**28  # 1 GB as float32: a 512 x 512 x 1024 CT fits
+PERCENTILE_VOXELS = 2**24  # percentiles from at most this many voxels, evenly spaced through the volume
 _LOCK = Lock()
 
 
-def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """Volume (X, Y, Z) float32 in closest-canonical (RAS) orientation and its 0.5/99.5 percentiles."""
+class Volume:
+    """A decoded volume (X, Y, Z) float32 and its percentiles, each computed once."""
+
+    def __init__(self, vol: np.ndarray):
+        self.vol = vol
+        self._percentiles: dict[tuple[float, float], tuple[float, float]] = {}
+
+    def percentiles(self, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
+        """The volume's lo-th and hi-th percentiles. Above ``PERCENTILE_VOXELS`` voxels they come
+        from an evenly spaced sample: the exact ones of a 1 GB volume cost seconds and a copy."""
+        if (lo, hi) not in self._percentiles:
+            flat = self.vol.ravel(order="K")  # a view of a contiguous volume, in either order
+            step = max(1, -(-flat.size // PERCENTILE_VOXELS))
+            a, b = np.percentile(flat[::step], [lo, hi])
+            self._percentiles[lo, hi] = (float(a), float(b))
+        return self._percentiles[lo, hi]
+
+
+def _load_nifti(p: Path) -> Volume:
+    """The volume (X, Y, Z) float32 in closest-canonical (RAS) orientation."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError, ImageDataError
@@ -44,10 +69,12 @@ def _load_nifti(p: Path) -> tuple[np.ndarray, tuple[float, float]]:
         vol = vol[..., None]
     if vol.ndim != 3:
         raise BadImageError(p, f"NIfTI of shape {vol.shape}: expected a 2-D image or a 3-D volume")
-    bad = int((~np.isfinite(vol)).sum())
-    if bad:
-        raise BadImageError(p, f"NIfTI volume holds {bad} NaN or infinite voxels")
-    return vol, tuple(float(v) for v in np.percentile(vol, [0.5, 99.5]))
+    low, high = float(vol.min()), float(vol.max())  # one pass each, no copy; NaN spreads to both
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise BadImageError(p, f"NIfTI volume holds {int((~np.isfinite(vol)).sum())} NaN or infinite voxels")
+    if low == high:
+        raise BadImageError(p, f"NIfTI volume of shape {vol.shape} holds no image: every voxel is {low:g}")
+    return Volume(vol)
 
 
 def forget_volumes() -> None:
@@ -56,32 +83,43 @@ def forget_volumes() -> None:
         _CACHE.clear()
 
 
-def load_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float]]:
-    """``_load_nifti`` through a small per-process cache keyed by path, size and mtime."""
+def load_volume(path: str | Path) -> Volume:
+    """``_load_nifti`` through a small per-process cache keyed by path, size and mtime. A bad
+    volume's error is kept too: finding the data and reading it would otherwise decode it twice."""
     p = Path(path)
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
-            return _CACHE[key]
-    value = _load_nifti(p)
+            value = _CACHE[key]
+            if isinstance(value, BadImageError):
+                raise value
+            return value
+    try:
+        value = _load_nifti(p)
+    except BadImageError as e:
+        value = e
     with _LOCK:
         _CACHE[key] = value
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
+    if isinstance(value, BadImageError):
+        raise value
     return value
 
 
 def _take(vol: np.ndarray, axis: int, k: int) -> np.ndarray:
     # Rows run anterior->posterior or superior->inferior as radiologists view them.
-    return np.rot90(np.take(vol, k, axis=axis))
+    # Indexing gives a view; np.take would first copy the whole (Fortran-ordered) volume.
+    return np.rot90(vol[(slice(None),) * axis + (k,)])
 
 
 def read_nifti_slice(path: str | Path, frame: int | None, options: ReadOptions) -> np.ndarray:
     """One slice of a NIfTI volume as float32 (H, W, 1) in [0, 1]; windowed over the whole volume."""
     p = Path(path)
-    vol, (lo, hi) = load_volume(p)
+    volume = load_volume(p)
+    vol = volume.vol
     axis = options.slice_axis
     if not 0 <= axis < 3:
         raise BonetumorError(f"--slice-axis must be 0, 1 or 2, not {axis}")
@@ -90,14 +128,16 @@ def read_nifti_slice(path: str | Path, frame: int | None, options: ReadOptions) 
     if not 0 <= k < n:
         raise BadImageError(p, f"slice {k} does not exist along axis {axis} (the volume has {n})")
     sl = _take(vol, axis, k)
-    out = apply_window(sl, options.window, ref=vol)
-    if out is None:  # MRI intensities have no fixed unit: the volume's 0.5..99.5 percentiles
-        out = np.clip((sl - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    w = parse_window(options.window)
+    if w is not None and w[0] == "cw":
+        out = linear_window(sl, w[1], w[2])
+    else:  # percentiles of the volume: the user's, else 0.5..99.5 (MRI intensities have no fixed unit)
+        out = scale_between(sl, *volume.percentiles(*(w[1:] if w is not None else ())))
     return out.astype(np.float32)[..., None]
 
 
 def nonempty_slices(path: str | Path, axis: int) -> list[int]:
     """Slice indices along ``axis`` that are not constant (empty slices carry no image)."""
-    vol, _ = load_volume(path)
-    moved = np.moveaxis(vol, axis, 0).reshape(vol.shape[axis], -1)
-    return [int(k) for k in np.flatnonzero(moved.max(axis=1) > moved.min(axis=1))]
+    vol = load_volume(path).vol
+    others = tuple(i for i in range(3) if i != axis)  # reduced in place: no copy of the volume
+    return [int(k) for k in np.flatnonzero(vol.max(axis=others) > vol.min(axis=others))]

@@ -60,6 +60,11 @@ def percentile_window(values: np.ndarray, lo: float, hi: float, ref: np.ndarray 
     """Scale so that the lo-th..hi-th percentiles of ``ref`` (default: the values) span [0, 1]."""
     ref = values if ref is None else ref
     a, b = np.percentile(ref, [lo, hi])
+    return scale_between(values, a, b)
+
+
+def scale_between(values: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Values mapped linearly so that ``a``..``b`` spans [0, 1], clipped (float32)."""
     return np.clip((values.astype(np.float32) - a) / (b - a if b > a else 1.0), 0.0, 1.0).astype(np.float32)
 
 
