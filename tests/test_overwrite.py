@@ -101,12 +101,12 @@ def test_a_forged_record_cannot_reach_outside_the_folder(tmp_path):
 def test_a_second_training_run_with_overwrite_keeps_the_users_file(tiny_data, tmp_path):
     from bonetumor import fit
 
-    fit(tiny_config(tiny_data, epochs=1, audit=False), tmp_path / "r", verbose=False)
+    fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", verbose=False)
     (tmp_path / "r" / "my_notes.txt").write_text("lr 1e-3 looked better")
     first = set(_files(tmp_path / "r"))
-    assert {RunDir.BEST, RunDir.LAST, RunDir.CONFIG, RunDir.SPLITS, RunDir.CURVES} <= first
-    fit(tiny_config(tiny_data, epochs=1, audit=False), tmp_path / "r", overwrite=True, verbose=False)
-    assert set(_files(tmp_path / "r")) == first
+    assert {RunDir.BEST, RunDir.LAST, RunDir.CONFIG, RunDir.SPLITS, RunDir.CURVES, RunDir.AUDIT} <= first
+    fit(tiny_config(tiny_data, epochs=1), tmp_path / "r", overwrite=True, verbose=False)
+    assert set(_files(tmp_path / "r")) == first  # the audit too: it is run again, not lost
     assert (tmp_path / "r" / "my_notes.txt").read_text() == "lr 1e-3 looked better"
 
 

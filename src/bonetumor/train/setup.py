@@ -131,14 +131,15 @@ def _ignored_on_resume(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
 
 
 def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: nn.Module,
-                    verbose: bool = True) -> tuple[list, list | None]:
+                    verbose: bool = True, audited: bool = False) -> tuple[list, list | None]:
     """Refuse an unwritable folder or a full disk, then decode every file once: for the bad-file
-    check and, when it runs, the audit. Returns (files skipped, the kept samples' audit facts)."""
+    check and, unless ``audited`` (a resumed run's audit is kept), the audit. Returns (files
+    skipped, the kept samples' audit facts)."""
     run.check_writable()
     # best.pt and last.pt, each briefly twice while replaced atomically, plus plots and records.
     check_free_space(run.path, 3 * checkpoint_bytes(model) + 50 * 2**20, "a training run")
     facts = None
-    if cfg.audit and not run.has(RunDir.AUDIT):
+    if cfg.audit and not audited:
         # Imported here: scikit-learn's neighbours are for audited runs, not every command.
         from bonetumor.data.audit import scan
 
@@ -254,7 +255,8 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
     # The model (and its weights) come before the file scan, so a weights problem shows at once.
     model = create_model(cfg.backbone, "none" if state else cfg.weights, cfg.freeze, cfg.unfreeze, task.n_outputs,
                          cfg.hidden, cfg.dropout, cfg.output_stride)
-    skipped, facts = _scan_and_check(run, cfg, index, model, verbose)
+    # The old audit.json counts only for a resumed run: --overwrite removes it after this check.
+    skipped, facts = _scan_and_check(run, cfg, index, model, verbose, audited=resume and run.has(RunDir.AUDIT))
     RunDir.create(run, overwrite, resume, cfg.inputs)  # only now, with data and weights known to be usable
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / RunDir.SKIPPED}")
