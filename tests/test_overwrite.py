@@ -150,3 +150,13 @@ def test_export_and_report_never_write_over_their_input_or_an_unnamed_file(tiny_
     assert code != 0 and "already exists" in out
     code, out = _cli("report", tiny_run, "--out", tmp_path / "figure.png", "--overwrite")
     assert code == 0 and (tmp_path / "figure.png").read_text().startswith("<!doctype html>")
+
+
+def test_the_refusal_offers_resume_only_to_training(tmp_path, tiny_data):
+    from bonetumor import fit
+
+    RunDir.create(tmp_path / "e").write_text(RunDir.METRICS, "{}")
+    with pytest.raises(BonetumorError, match=r"already exists; pass --overwrite to replace it$"):
+        RunDir.create(tmp_path / "e")
+    with pytest.raises(BonetumorError, match="pass --overwrite to replace it or --resume to continue"):
+        fit(tiny_config(tiny_data), tmp_path / "e", verbose=False)

@@ -257,11 +257,12 @@ class RunDir:
 
     @classmethod
     def create(cls, path: "str | Path | RunDir", overwrite: bool = False, resume: bool = False,
-               inputs: Iterable[str | Path | None] = ()) -> "RunDir":
+               inputs: Iterable[str | Path | None] = (), resumable: bool = False) -> "RunDir":
         """The folder, made ready and marked as bonetumor's: a non-empty one is refused unless
         ``overwrite`` (what bonetumor wrote there is removed, nothing else) or ``resume`` (kept, its
         interrupted writes' temporary files removed). ``inputs`` are the command's input files
-        and folders, which the folder may neither be nor hold.
+        and folders, which the folder may neither be nor hold; ``resumable``: the command has
+        ``--resume`` (training), which the refusal then offers.
 
         Raises:
             BonetumorError: the folder exists with files and may not be replaced, holds an input,
@@ -269,7 +270,7 @@ class RunDir:
         """
         run = path if isinstance(path, RunDir) else cls(path)
         p = run.path
-        run.refuse_existing(overwrite, resume, inputs)
+        run.refuse_existing(overwrite, resume, inputs, resumable)
         if p.is_dir() and any(p.iterdir()) and not resume:
             remove_written(p)
         try:
@@ -286,7 +287,7 @@ class RunDir:
         return run
 
     def refuse_existing(self, overwrite: bool = False, resume: bool = False,
-                        inputs: Iterable[str | Path | None] = ()) -> None:
+                        inputs: Iterable[str | Path | None] = (), resumable: bool = False) -> None:
         """Raise, before any work, when the folder holds files and may not be replaced, or is (or
         holds) one of the command's ``inputs``."""
         p = self.path
@@ -296,7 +297,8 @@ class RunDir:
         if not (p.is_dir() and any(p.iterdir())) or resume:
             return
         if not overwrite:
-            raise BonetumorError(f"{p} already exists; pass --overwrite to replace it or --resume to continue")
+            raise BonetumorError(f"{p} already exists; pass --overwrite to replace it"
+                                 + (" or --resume to continue" if resumable else ""))
         if not (p / MARKER).is_file():
             raise BonetumorError(f"{p} holds files that bonetumor did not write (it has no {MARKER} record), so "
                                  "--overwrite will not touch it; choose a new or empty folder for the output")

@@ -248,7 +248,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
         _warn("--freeze backbone with --weights none: the frozen backbone is random, so its features mean "
               "nothing and only the head learns; use --freeze auto or none, or pretrained weights", verbose)
     device = select_device(cfg.device)
-    run.refuse_existing(overwrite, resume, cfg.inputs)
+    run.refuse_existing(overwrite, resume, cfg.inputs, resumable=True)
     seed_everything(cfg.seed)
     index = index if index is not None else prepare_data(cfg, state["classes"] if state else None)
     task = Task.of(index.classes)
@@ -257,7 +257,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
                          cfg.hidden, cfg.dropout, cfg.output_stride)
     # The old audit.json counts only for a resumed run: --overwrite removes it after this check.
     skipped, facts = _scan_and_check(run, cfg, index, model, verbose, audited=resume and run.has(RunDir.AUDIT))
-    RunDir.create(run, overwrite, resume, cfg.inputs)  # only now, with data and weights known to be usable
+    RunDir.create(run, overwrite, resume, cfg.inputs, resumable=True)  # only now, with data and weights known to be usable
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / RunDir.SKIPPED}")
     if facts is not None:
