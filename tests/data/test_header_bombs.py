@@ -102,3 +102,21 @@ def test_a_volume_without_an_image_is_a_bad_file_not_an_empty_result(tmp_path, t
         read_image(zero)
     r = CliRunner().invoke(app, ["predict", str(tiny_run / "best.pt"), str(zero)])
     assert r.exit_code == 2 and "zero.nii.gz" in r.output and "holds no image" in r.output, r.output
+
+
+@pytest.mark.parametrize("slope", [None, 2.5])
+def test_the_volume_is_nibabels_closest_canonical_one(tmp_path, slope):
+    """Checked and reoriented in its stored type, the volume equals nibabel's own reading."""
+    import nibabel as nib
+
+    from bonetumor.data.nifti import forget_volumes, load_volume
+
+    vol = np.random.default_rng(0).integers(0, 1000, (20, 30, 12)).astype(np.int16)
+    img = nib.Nifti1Image(vol, np.array([[0, -1, 0, 0], [0, 0, 1, 0], [-1, 0, 0, 0], [0, 0, 0, 1]], float))
+    if slope:
+        img.header.set_slope_inter(slope, 3.0)
+    nib.save(img, str(tmp_path / "o.nii.gz"))
+    forget_volumes()
+    ours = load_volume(tmp_path / "o.nii.gz").vol
+    theirs = nib.as_closest_canonical(nib.load(str(tmp_path / "o.nii.gz"))).get_fdata(dtype=np.float32)
+    assert ours.dtype == np.float32 and ours.shape == (30, 12, 20) and np.array_equal(ours, theirs)

@@ -59,8 +59,11 @@ def _load_nifti(p: Path) -> Volume:
         if n > MAX_VOXELS:
             raise BadImageError(p, f"NIfTI volume of shape {tuple(img.shape)} holds {n:,} voxels "
                                    f"({n * 4 / 2**30:.1f} GB as float32), above the limit of {MAX_VOXELS:,}")
-        img = nib.as_closest_canonical(img)
-        vol = np.asarray(img.get_fdata(dtype=np.float32))
+        proxy = img.dataobj
+        if getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0:
+            vol = np.asanyarray(proxy)  # the stored type: a uint8 volume is checked at a quarter of float32's size
+        else:
+            vol = img.get_fdata(dtype=np.float32)
     except (ImageFileError, HeaderDataError, ImageDataError, EOFError, OSError, ValueError, TypeError) as e:
         raise BadImageError(p, f"truncated or corrupt NIfTI file ({first_line(e)})") from None
     if vol.ndim == 4 and vol.shape[3] == 1:
@@ -74,7 +77,10 @@ def _load_nifti(p: Path) -> Volume:
         raise BadImageError(p, f"NIfTI volume holds {int((~np.isfinite(vol)).sum())} NaN or infinite voxels")
     if low == high:
         raise BadImageError(p, f"NIfTI volume of shape {vol.shape} holds no image: every voxel is {low:g}")
-    return Volume(vol)
+    # Closest-canonical (RAS) orientation, as nibabel's as_closest_canonical: flips and transposes
+    # (views), then the one float32 copy, made only for a volume that holds an image.
+    vol = nib.orientations.apply_orientation(vol, nib.orientations.io_orientation(img.affine))
+    return Volume(np.asarray(vol, dtype=np.float32))
 
 
 def forget_volumes() -> None:
