@@ -153,12 +153,12 @@ def main() -> None:
             export_onnx(run / "best.pt", tmp / f"m{rep}.onnx")
             with inference_folded(model):  # eager, as bonetumor runs it: BatchNorms folded
                 results["torch_eager_fp32"].append(rate(model))
-                if bf16:
+                if bf16:  # bf16 figures only where the CPU runs bf16 natively: emulated, they say nothing
                     results["torch_eager_bf16"].append(rate(model, torch.bfloat16))
-                if compiled is None:  # compiled once; its compile time is reported by resnet50_throughput.py
-                    compiled = CompiledInference(model, 8)
-                    rate(compiled, torch.bfloat16)
-                results["torch_compiled_bf16"].append(rate(compiled, torch.bfloat16))
+                    if compiled is None:  # compiled once; its compile time is reported by resnet50_throughput.py
+                        compiled = CompiledInference(model, 8)
+                        rate(compiled, torch.bfloat16)
+                    results["torch_compiled_bf16"].append(rate(compiled, torch.bfloat16))
             results["onnx_runtime_fp32"].append(rate(load_onnx(tmp / f"m{rep}.onnx").model))
             t0 = time.perf_counter()  # what `bonetumor predict RUN/best.pt FOLDER` does, file decoding included
             predict(run / "best.pt", files, device="cpu", precision="auto")
