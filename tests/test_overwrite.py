@@ -96,6 +96,14 @@ def test_a_forged_record_cannot_reach_outside_the_folder(tmp_path):
             f.write((json.dumps(name) if name != "not json" else name) + "\n")
     RunDir.create(run.path, overwrite=True)
     assert (tmp_path / "precious.txt").is_file() and _files(run.path) == [MARKER]
+    # a subfolder bonetumor wrote into, since replaced by a link to the user's own folder
+    run.save(f"{RunDir.MAPS}/x.npy", lambda tmp: tmp.write_bytes(b"map"))
+    shutil.rmtree(run / RunDir.MAPS)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x.npy").write_bytes(b"the user's")
+    (run / RunDir.MAPS).symlink_to(tmp_path / "mine")
+    RunDir.create(run.path, overwrite=True)
+    assert (tmp_path / "mine" / "x.npy").read_bytes() == b"the user's"
 
 
 def test_a_second_training_run_with_overwrite_keeps_the_users_file(tiny_data, tmp_path):

@@ -134,6 +134,8 @@ def _inside(folder: Path, name: str) -> Path | None:
     target = folder / name.rstrip("/")
     if not name or Path(name).is_absolute() or ".." in Path(name).parts:
         return None
+    if any(q.is_symlink() for q in target.parents if folder in q.parents):
+        return None  # a subfolder since replaced by a link leads elsewhere
     return target
 
 
