@@ -110,7 +110,7 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256(f"bonetumor-onnx-{EXPORT_FORMAT}".encode())
     seal = file_seal(path)
     if seal is not None:
-        check_seal(path)  # an altered checkpoint must not reach a cached export of the original
+        check_seal(path, seal)  # an altered checkpoint must not reach a cached export of the original
         digest.update(seal.encode())
     else:
         with open(path, "rb") as f:

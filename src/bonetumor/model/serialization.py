@@ -67,13 +67,14 @@ def file_seal(path: str | Path) -> str | None:
     return tail[-_HEX:].decode("ascii", "replace")
 
 
-def check_seal(path: str | Path) -> None:
-    """Raise unless every byte of ``path`` matches the checksum it carries.
+def check_seal(path: str | Path, expected: str | None = None) -> None:
+    """Raise unless every byte of ``path`` matches the checksum it carries (``expected``: that
+    checksum, when the caller has read it already with ``file_seal``).
 
     Raises:
         BonetumorError: no checksum, or bytes that do not match it.
     """
-    expected = file_seal(path)
+    expected = expected or file_seal(path)
     if expected is None:
         raise BonetumorError(f"{path}: its checksum is missing; the file was altered or damaged")
     h = hashlib.sha256()
@@ -109,8 +110,9 @@ def check_integrity(path: str | Path, obj: dict) -> None:
     Raises:
         BonetumorError: altered or damaged, or a checksum missing.
     """
-    if file_seal(path) is not None:
-        return check_seal(path)
+    seal = file_seal(path)
+    if seal is not None:
+        return check_seal(path, seal)
     if not is_bonetumor_checkpoint(obj):
         return  # a foreign file (torchvision's weights, a state dict) carries no checksum
     if obj.get("format_version", 0) >= 2:
