@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +80,27 @@ def make_class_tree(root: Path, classes=("cancer", "normal"), n: int = 6, size: 
         for i in range(n):
             write_image(root / c / f"img_{i}.png", size, mode=mode, seed=hash((c, i)) % 1000)
     return root
+
+
+@contextlib.contextmanager
+def serving(app, limits=None):
+    """``app`` served by the server ``bonetumor serve`` runs (its protocol and limits) on a free
+    loopback port, in a thread; yields the port."""
+    from bonetumor.serve.guard import ServeLimits
+    from bonetumor.serve.run import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = create_server(app, "127.0.0.1", port, limits or ServeLimits(), log_level="critical")
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        t.join(10)

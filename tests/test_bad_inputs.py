@@ -18,6 +18,8 @@ from bonetumor.config import TrainConfig
 from bonetumor.model.backbones import create_model
 from bonetumor.model.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.bad_input  # the bad-input corpus: counted in the README
+
 runner = CliRunner()
 TRAIN = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--weights", "none", "--freeze", "none",
          "--device", "cpu", "--val-fraction", "0.25", "--test-fraction", "0.0", "--no-audit"]

@@ -11,6 +11,8 @@ from bonetumor.cli import app
 from bonetumor.errors import BonetumorError
 from bonetumor.files import MARKER, RunDir, recorded_names
 
+pytestmark = pytest.mark.bad_input  # the bad-input corpus: counted in the README
+
 runner = CliRunner()
 
 

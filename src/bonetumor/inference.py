@@ -282,13 +282,16 @@ def explained_images(ck: LoadedCheckpoint, samples: Sequence[Sample], k: int, de
 
 
 def top_slices(ck: LoadedCheckpoint, slices: Sequence[Sample], k: int, device: torch.device,
-               batch_size: int) -> tuple[list[Decoded], torch.Tensor]:
+               batch_size: int, before_batch: Callable[[], None] | None = None) -> tuple[list[Decoded], torch.Tensor]:
     """(the ``k`` highest-scoring of one study's ``slices``, in slice order, with their decoded
-    images; the probabilities of every slice). Ties keep the earlier slice."""
+    images; the probabilities of every slice). Ties keep the earlier slice. ``before_batch`` may
+    raise to stop the work (the server's time limit)."""
     best: list[tuple[float, int, torch.Tensor]] = []  # a heap of (score, -position, image): the worst on top
     probs: list[torch.Tensor] = []
     with Forward(ck.model, device, ck.precision_on(device)) as forward:
         for start in range(0, len(slices), batch_size):
+            if before_batch is not None:
+                before_batch()
             images = [load_tensor(s.path, s.frame, ck.read_options, rgb=False) for s in slices[start:start + batch_size]]
             probs.append(ck.task.probabilities(forward(model_batch(ck, images, device))).cpu())
             for j, (image, p) in enumerate(zip(images, probs[-1])):

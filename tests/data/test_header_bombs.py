@@ -11,6 +11,8 @@ from bonetumor.data.studies import expand_inputs
 from bonetumor.data.writers import write_dicom
 from bonetumor.errors import BadImageError
 
+pytestmark = pytest.mark.bad_input  # the bad-input corpus: counted in the README
+
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -23,6 +23,8 @@ from bonetumor.model.checkpoint import (
     write_checkpoint,
 )
 
+pytestmark = pytest.mark.bad_input  # the bad-input corpus: counted in the README
+
 
 def _checkpoint(path, threshold=0.216):
     torch.manual_seed(0)

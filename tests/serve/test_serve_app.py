@@ -20,11 +20,12 @@ from bonetumor.predict import predict, predict_studies
 from bonetumor.serve.app import create_app
 
 TOKEN = "a-long-enough-test-token-123"
+LOCAL = "http://localhost"  # the server answers loopback Host names only (DNS rebinding)
 
 
 @pytest.fixture(scope="module")
 def client(tiny_run):
-    return TestClient(create_app(tiny_run / "best.pt", device="cpu"), raise_server_exceptions=False)
+    return TestClient(create_app(tiny_run / "best.pt", device="cpu"), base_url=LOCAL, raise_server_exceptions=False)
 
 
 def _png(path) -> bytes:
@@ -149,19 +150,21 @@ def test_model_reports_the_evaluation_with_its_intervals_and_no_server_paths(tin
     for name in ("best.pt", "data.json"):
         shutil.copy(tiny_run / name, run / name)
     evaluate(run / "best.pt", str(tiny_data), run / "eval", "test", n_boot=50)
-    m = TestClient(create_app(run / "best.pt", device="cpu")).get("/api/model").json()
+    m = TestClient(create_app(run / "best.pt", device="cpu"), base_url=LOCAL).get("/api/model").json()
     saved = json.loads((run / "eval" / "metrics.json").read_text())
     assert m["metrics"]["from"] == "eval" and m["metrics"]["roc_auc"] == saved["roc_auc"]
     assert {"value", "ci_low", "ci_high"} <= set(m["metrics"]["roc_auc"])
     assert str(tmp_path) not in json.dumps(m) and str(tiny_data) not in json.dumps(m)
 
 
+@pytest.mark.bad_input
 def test_wrong_content_is_415_whatever_its_name(client):
     for name, data in (("scan.png", b"GIF89a" + b"\0" * 200), ("x.dcm", b"just text"), ("v.nii.gz", b"\x1f\x8bnope")):
         r = client.post("/api/predict", files={"file": (name, data, "image/png")})
         assert r.status_code == 415 and "PNG, JPEG, TIFF, DICOM" in r.json()["detail"], r.text
 
 
+@pytest.mark.bad_input
 def test_corrupt_file_is_422_with_a_message(client, tiny_data):
     good = _png(sorted(tiny_data.rglob("*.png"))[0])
     r = client.post("/api/predict", files={"file": ("a.png", good[:60], "image/png")})  # header, then cut
@@ -172,14 +175,16 @@ def test_corrupt_file_is_422_with_a_message(client, tiny_data):
     assert r.status_code == 422 and r.json()["detail"].startswith("cannot read the nifti file: upload.nii: truncated or corrupt")
 
 
+@pytest.mark.bad_input
 def test_oversized_upload_is_413(tiny_run):
-    client = TestClient(create_app(tiny_run / "best.pt", max_upload_mb=0.01, device="cpu"))
+    client = TestClient(create_app(tiny_run / "best.pt", max_upload_mb=0.01, device="cpu"), base_url=LOCAL)
     r = client.post("/api/predict", files={"file": ("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 200_000, "image/png")})
     assert r.status_code == 413 and "limit is 0.01 MB" in r.json()["detail"]
 
 
+@pytest.mark.bad_input
 def test_token_is_required_on_every_api_call(tiny_run, tiny_data):
-    client = TestClient(create_app(tiny_run / "best.pt", token=TOKEN, device="cpu"))
+    client = TestClient(create_app(tiny_run / "best.pt", token=TOKEN, device="cpu"), base_url=LOCAL)
     good = _png(sorted(tiny_data.rglob("*.png"))[0])
     for call in (lambda h: client.get("/api/health", headers=h), lambda h: client.get("/api/model", headers=h),
                  lambda h: client.post("/api/predict", files={"file": ("a.png", good, "image/png")}, headers=h)):
@@ -189,6 +194,7 @@ def test_token_is_required_on_every_api_call(tiny_run, tiny_data):
     assert client.get("/").status_code == 200  # the page itself holds no data; it asks for the token
 
 
+@pytest.mark.bad_input
 def test_one_bad_request_does_not_affect_the_next(client, tiny_data, monkeypatch):
     from bonetumor.serve import app as app_mod
 
@@ -202,6 +208,7 @@ def test_one_bad_request_does_not_affect_the_next(client, tiny_data, monkeypatch
     assert client.post("/api/predict", files={"file": ("a.png", good, "image/png")}).json()["probability"] == first["probability"]
 
 
+@pytest.mark.bad_input
 def test_temporary_files_are_removed_and_names_never_become_paths(client, tiny_data, tmp_path, monkeypatch):
     import tempfile
 

@@ -2,15 +2,11 @@
 probability and the heatmap; the screenshot is kept in test-artifacts/."""
 
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
-from conftest import chromium_executable
+from conftest import chromium_executable, serving
 
 from bonetumor.data.writers import write_nifti
 from bonetumor.serve.app import create_app
@@ -20,20 +16,8 @@ ARTIFACTS = Path(os.environ.get("BONETUMOR_ARTIFACTS", Path(__file__).resolve().
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(tiny_run / "best.pt", device="cpu"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+    with serving(create_app(tiny_run / "best.pt", device="cpu")) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +38,9 @@ def _loaded(page, selector: str) -> bool:
 @pytest.mark.parametrize("width,height", [(1280, 900), (768, 1024)])  # a laptop screen and a tablet
 def test_upload_an_image_and_see_probability_and_heatmap(server, browser, tiny_data, width, height):
     page = browser.new_page(viewport={"width": width, "height": height})
-    requests = []
+    requests, console = [], []
     page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda m: console.append(m.text))  # a Content-Security-Policy refusal is logged here
     page.goto(server + "/")
     page.wait_for_selector("text=Model: resnet50")
     f = sorted(tiny_data.rglob("*.png"))[0]
@@ -81,6 +66,7 @@ def test_upload_an_image_and_see_probability_and_heatmap(server, browser, tiny_d
         assert page.eval_on_selector(control, "el => el.labels.length > 0 || !!el.getAttribute('aria-label')")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
     assert all(u.startswith(server) or u.startswith("data:") for u in requests), "the page fetched something elsewhere"
+    assert not [m for m in console if "Content Security Policy" in m], console  # the page works under its CSP
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"serve_page_{width}x{height}.png"), full_page=True)
     page.close()
@@ -108,4 +94,15 @@ def test_an_unreadable_file_shows_its_message(server, browser, tmp_path):
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#status.error")
     assert "notes.png: not a PNG, JPEG, TIFF, DICOM" in page.inner_text("#status")
+    page.close()
+
+
+def test_the_api_docs_render_under_their_policy(server, browser):
+    page = browser.new_page()
+    console = []
+    page.on("console", lambda m: console.append(m.text))
+    page.goto(server + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=30_000)  # Swagger UI built the operation list
+    assert page.locator(".opblock-summary-path").count() == 3  # health, model, predict
+    assert not [m for m in console if "Content Security Policy" in m], console
     page.close()

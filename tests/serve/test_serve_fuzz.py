@@ -6,12 +6,16 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (schemathesis brings hypothesis)
 
 from bonetumor.serve.app import create_app  # noqa: E402
+from bonetumor.serve.guard import ServeLimits  # noqa: E402
 
 TOKEN = "fuzz-token-0123456789"
 
 
+@pytest.mark.bad_input
 def test_no_input_gives_a_server_error(tiny_run):
-    app = create_app(tiny_run / "best.pt", token=TOKEN, device="cpu", max_upload_mb=1)
+    # schemathesis calls the app as the host "testserver"
+    app = create_app(tiny_run / "best.pt", token=TOKEN, device="cpu",
+                     limits=ServeLimits(max_upload_mb=1, allowed_hosts=("testserver",)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [r.ok() for r in schema.get_all_operations()]
     assert {f"{o.method.upper()} {o.path}" for o in operations} == {"GET /api/health", "GET /api/model", "POST /api/predict"}

@@ -355,6 +355,7 @@ def test_freeze_auto_trains_a_random_backbone_and_warns_when_told_to_freeze_one(
     assert len(state) == 4
 
 
+@pytest.mark.bad_input
 def test_a_real_failed_write_is_one_line_not_torchs_runtime_error(tmp_path, tiny_data):
     """torch.save reports a failed write as RuntimeError("unexpected pos ..."), not OSError: here a
     file size limit (RLIMIT_FSIZE) makes the write fail for real, as a full disk does."""

@@ -324,16 +324,28 @@ def serve(
     port: int = typer.Option(8000),
     token: Optional[str] = typer.Option(None, envvar="BONETUMOR_TOKEN",
                                         help="Bearer token every API call must send (or set BONETUMOR_TOKEN)."),
-    max_upload_mb: float = typer.Option(50.0, help="Larger uploads are refused (413)."),
+    allowed_hosts: Optional[str] = typer.Option(
+        None, help="Comma-separated names clients use in the URL ('*': any); default the loopback names and --host."),
+    max_upload_mb: float = typer.Option(50.0, help="Larger uploads are refused (413) before they are read."),
+    max_connections: int = typer.Option(512, min=1, help="Open connections beyond this get 503 and are closed."),
+    header_timeout: float = typer.Option(10.0, min=0.1, help="Seconds a client has to send its request headers."),
+    body_timeout: float = typer.Option(30.0, min=0.1, help="Longest silence, in seconds, while an upload is sent."),
+    request_timeout: float = typer.Option(120.0, min=1, help="Seconds from headers to answer, model work included "
+                                                             "(then 503 for the request, the server goes on)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Serve the page (drop a scan, see the probability and the heatmap) and the API (/docs)."""
+    from bonetumor.serve.guard import ServeLimits
+    from bonetumor.serve.run import allowed_hosts as hosts_for
     from bonetumor.serve.run import check_bind, run_server
 
     check_bind(host, token)
+    limits = ServeLimits(max_upload_mb=max_upload_mb, header_timeout=header_timeout, body_timeout=body_timeout,
+                         request_timeout=request_timeout, max_connections=max_connections,
+                         allowed_hosts=hosts_for(host, allowed_hosts))
     out.print(f"serving {checkpoint} on http://{host if ':' not in host else f'[{host}]'}:{port}/ (API docs: /docs)"
               + ("; API calls need the bearer token" if token else ""))
-    run_server(checkpoint, host, port, token, max_upload_mb, device)
+    run_server(checkpoint, host, port, token, limits, device)
 
 
 @app.command("fetch-weights")

@@ -18,6 +18,8 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from bonetumor.inference import model_batch, open_model, prediction_rows, top_sl
 from bonetumor.model.backbones import BACKBONES
 from bonetumor.predict import DEFAULT_AGGREGATE, slice_score, study_scores
 from bonetumor.runtime.device import release_free_memory
+from bonetumor.serve.guard import Guard, ServeLimits, security_headers
 from bonetumor.serve.sniff import ACCEPTED, SUFFIXES, sniff
 
 log = logging.getLogger("bonetumor.serve")
@@ -66,6 +69,10 @@ def _png_b64(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class Unavailable(Exception):
+    """The request cannot be served now (503): the server is stopping, or the request ran out of time."""
+
+
 class Service:
     """The loaded model and what every request needs; ``lock`` runs one request's model work at a
     time (two at once would only share the same cores and double the memory)."""
@@ -77,7 +84,21 @@ class Service:
         self.layer = BACKBONES[self.ck.config.backbone]["cam_layer"]
         self.grid, self.grid_warning = model_grid(self.ck, self.layer)
         self.lock = threading.Lock()
+        self.stop = threading.Event()  # set on SIGTERM: work in progress ends at its next batch
         self.info = self._model_info()
+
+    def check(self, deadline: float | None) -> None:
+        """Raise ``Unavailable`` once the server is stopping or the request is past its deadline."""
+        if self.stop.is_set():
+            raise Unavailable("the server is shutting down; try again when it is back")
+        if deadline is not None and time.monotonic() > deadline:
+            raise Unavailable("the request took longer than the server's time limit (serve --request-timeout); "
+                              "send fewer slices or try again when the server is less busy")
+
+    def acquire(self, deadline: float | None) -> None:
+        """Wait for the model (one request's work at a time) until ``deadline``, or raise ``Unavailable``."""
+        while not self.lock.acquire(timeout=0.2):
+            self.check(deadline)
 
     def _model_info(self) -> dict:
         ck = self.ck
@@ -98,10 +119,12 @@ class Service:
         # NaN (an undefined metric) becomes null: JSON responses allow no NaN.
         return json.loads(json.dumps(info, default=str), parse_constant=lambda c: None)
 
-    def predict_file(self, path: Path) -> dict:
-        """Scores for every slice of ``path``, heatmaps for the best ones; the study score for a volume."""
+    def predict_file(self, path: Path, deadline: float | None = None) -> dict:
+        """Scores for every slice of ``path``, heatmaps for the best ones; the study score for a
+        volume. Stops with ``Unavailable`` between batches once past ``deadline`` or stopping."""
         ck, opts = self.ck, self.ck.read_options
         refs = expand_inputs([path], opts)
+        self.check(deadline)
         if len({r.study for r in refs}) > 1:
             raise BonetumorError(f"the files form {len({r.study for r in refs})} series; send one series per request")
         is_study = len(refs) > 1 or refs[0].frame is not None  # one single-frame DICOM file is an image
@@ -109,10 +132,12 @@ class Service:
         # batches (not all held in memory), keeping the highest-scoring ones to explain.
         rows = None
         if len(refs) > MAX_HEATMAPS:
-            chosen, probs = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16)
+            chosen, probs = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16,
+                                       before_batch=lambda: self.check(deadline))
             rows = prediction_rows(ck, refs, probs)
         else:
             chosen = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs]
+        self.check(deadline)
         x = model_batch(ck, [image for _, image in chosen], self.device)
         cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold,
                             ck.precision_on(self.device))
@@ -147,17 +172,23 @@ class Service:
         return out
 
 
-def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: float = 50.0,
-               device: str = "auto") -> FastAPI:
+def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: float | None = None,
+               device: str = "auto", limits: ServeLimits | None = None) -> FastAPI:
     """The application serving ``checkpoint``; with ``token`` every API call needs
-    ``Authorization: Bearer <token>``; uploads above ``max_upload_mb`` get 413."""
+    ``Authorization: Bearer <token>``; uploads above ``max_upload_mb`` (or ``limits.max_upload_mb``)
+    get 413. ``limits`` also sets the answered Host names and the body and request time limits."""
+    limits = limits or ServeLimits()
+    if max_upload_mb is not None:
+        limits = replace(limits, max_upload_mb=max_upload_mb)
     service = Service(checkpoint, device)
-    limit = int(max_upload_mb * 2**20)
+    max_upload_mb, limit = limits.max_upload_mb, int(limits.max_upload_mb * 2**20)
     # FastAPIOffline serves the /docs page's Swagger UI from the package, not from a CDN: offline too.
     app = FastAPIOffline(title="bonetumor", version=__version__,
                          description="Bone-tumour image classifier with Grad-CAM heatmaps. " + DISCLAIMER)
-    authorised = _bearer(token)
-    _guard(app, limit, max_upload_mb)
+    app.state.service = service
+    authorised = _bearer(token)  # also checked by Guard before any body is read; here for the API docs
+    app.add_middleware(Guard, limits=limits, token=token)
+    _errors(app)
     _pages(app)
 
     @app.get("/api/health", dependencies=[Depends(authorised)])
@@ -171,12 +202,12 @@ def create_app(checkpoint: str | Path, token: str | None = None, max_upload_mb: 
         return service.info
 
     @app.post("/api/predict", dependencies=[Depends(authorised)])
-    def predict_upload(file: list[UploadFile] = File(..., description=f"One {ACCEPTED} file, or the DICOM files "
+    def predict_upload(request: Request, file: list[UploadFile] = File(..., description=f"One {ACCEPTED} file, or the DICOM files "
                                                       "of one series")) -> dict:
         """Probability of the positive class, the label at the operating point and Grad-CAM
         heatmaps (base64 PNG: the image, and the coloured map with its value as opacity). Several
         files in one request are the DICOM slices of one series: one study."""
-        return _predict_upload(service, file, limit, max_upload_mb)
+        return _predict_upload(service, file, limit, max_upload_mb, getattr(request.state, "deadline", None))
 
     return app
 
@@ -194,21 +225,17 @@ def _bearer(token: str | None):
     return authorised
 
 
-def _guard(app: FastAPI, limit: int, max_upload_mb: float) -> None:
-    """Large uploads refused before their body is read; no traceback ever sent to a client."""
-    @app.middleware("http")
-    async def size_limit(request: Request, call_next):
-        # Refused before the body is read, when the client says its size (browsers always do).
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing allowance
-            return JSONResponse({"detail": f"upload too large: {int(length) / 2**20:.1f} MB; the limit is "
-                                           f"{max_upload_mb:g} MB"}, status_code=413)
-        return await call_next(request)
+def _errors(app: FastAPI) -> None:
+    """503 for work the server cannot do now; never a traceback sent to a client."""
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "10"})
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
+    async def unexpected(request: Request, exc: Exception):  # outside Guard: its headers are added here
         log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+        return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500,
+                            headers=security_headers(request.url.path))
 
 
 def _pages(app: FastAPI) -> None:
@@ -226,7 +253,8 @@ def _pages(app: FastAPI) -> None:
         return FileResponse(str(static / name))
 
 
-def _predict_upload(service: Service, file: list[UploadFile], limit: int, max_upload_mb: float) -> dict:
+def _predict_upload(service: Service, file: list[UploadFile], limit: int, max_upload_mb: float,
+                    deadline: float | None) -> dict:
     """Check uploads by their bytes, save them under fixed names in a private folder, predict."""
     kinds, total = [], 0
     for up in file:
@@ -248,12 +276,13 @@ def _predict_upload(service: Service, file: list[UploadFile], limit: int, max_up
             with open(tmp / f"upload{n:05d}{SUFFIXES[kind]}" if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}",
                       "wb") as f:
                 shutil.copyfileobj(up.file, f)
-        with service.lock:
-            try:
-                return service.predict_file(tmp if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}")
-            finally:
-                forget_volumes()  # the upload is gone after this request: so is its decoded volume
-                release_free_memory()  # a long-running server must not look as if it grew
+        service.acquire(deadline)
+        try:
+            return service.predict_file(tmp if len(file) > 1 else tmp / f"upload{SUFFIXES[kind]}", deadline)
+        finally:
+            forget_volumes()  # the upload is gone after this request: so is its decoded volume
+            release_free_memory()  # a long-running server must not look as if it grew
+            service.lock.release()
     except BonetumorError as e:
         msg = str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload")
         raise HTTPException(422, f"cannot read the {kind.replace('-gz', '')} file: {msg}") from None
