@@ -23,3 +23,7 @@ class BadImageError(BonetumorError):
 
 class LeakageWarning(UserWarning):
     """The data's splits share images or patients: held-out scores will be optimistic."""
+
+
+class ConfoundWarning(UserWarning):
+    """Something other than the image content (file names, image style) predicts the label."""

@@ -94,6 +94,7 @@ def _data_section(run: Path, cfg: dict) -> str:
         out.append('<p class="warn">No leakage audit was run for this training run.</p>')
     else:
         from bonetumor.data.audit import leakage_summary
+        from bonetumor.data.confounds import PURE, confound_summary
 
         summary = leakage_summary(audit)
         out.append(f'<p class="warn">Leakage found: {html.escape(summary)}. Held-out figures below are optimistic.</p>'
@@ -101,6 +102,19 @@ def _data_section(run: Path, cfg: dict) -> str:
         rows = [[s, r["n"], r.get("exact_copies_of_train", ""), r.get("near_copies_of_train", ""),
                  r.get("same_source_name_as_train", "")] for s, r in audit["duplicates"].items()]
         out.append(_table(rows, ["split", "images", "exact copies of train", "exact or near copies", "same export source name"]))
+        confound = confound_summary(audit)
+        if confound:
+            out.append(f'<p class="warn"><strong>{html.escape(confound[0].upper() + confound[1:])}.</strong> '
+                       "Figures measured inside this data set do not say how the model does elsewhere.</p>")
+        names = audit.get("confounds", {}).get("file_names")
+        if names and names.get("cv_auc") is not None:
+            out.append(f"<p>File names alone (cross-validated classifier on their tokens): ROC-AUC {sig3(names['cv_auc'])}; "
+                       f"{names['share_in_pure_patterns']:.0%} of the images follow a naming pattern that one class holds "
+                       f"at {PURE:.0%} or more.</p>")
+        style = audit.get("confounds", {}).get("style")
+        if style and style.get("cv_auc") is not None:
+            out.append(f"<p>Image style alone (size, framing, outer-band grey levels and noise, JPEG quality, corner "
+                       f"markers; cross-validated classifier): ROC-AUC {sig3(style['cv_auc'])}.</p>")
         flagged = audit.get("shortcuts_flagged", [])
         out.append(f"<p>Possible shortcuts (a property that alone separates the classes): "
                    f"{html.escape(', '.join(flagged)) if flagged else 'none flagged'}.</p>")

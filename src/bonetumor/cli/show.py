@@ -123,6 +123,7 @@ def show_audit(r: dict, out_dir: Path | None) -> None:
         first = r["listed_twice"][0]
         out.print(f"[yellow]{len(r['listed_twice'])} listings repeat an image[/] (train and evaluate refuse them; "
                   f"--skip-bad-files drops them), e.g. {first['path']}: {first['problem']}")
+    _show_confounds(r)
     summary = leakage_summary(r)
     out.print(f"[bold yellow]leakage:[/] {summary}" if summary else "no leakage found")
     c = r.get("copies")
@@ -133,6 +134,42 @@ def show_audit(r: dict, out_dir: Path | None) -> None:
                   f"{c['cross_split_pairs']} across splits, in {c['clusters_with_copies']} clusters{where}")
     if out_dir is not None:
         out.print(f"audit written to {out_dir / 'audit.json'}")
+
+
+def _show_confounds(r: dict) -> None:
+    """The naming patterns' and style clusters' classes, each classifier's AUC, and the verdict."""
+    from rich.markup import escape
+
+    from bonetumor.data.confounds import confound_summary
+
+    names = r.get("confounds", {}).get("file_names")
+    if not names:
+        return
+    t = Table(title=f"file-name patterns ({names['n_patterns']} patterns; those of {names['frequent_at_least']}+ images)")
+    for col in ("pattern", "images", "by class", "purity"):
+        t.add_column(col, justify="left" if col in ("pattern", "by class") else "right")
+    for row in names["patterns"]:
+        t.add_row(escape(row["pattern"]), str(row["n"]), ", ".join(f"{c} {n}" for c, n in row["by_class"].items()), f"{row['purity']:.0%}")
+    out.print(t)
+    auc = "n/a (too few images per class)" if names["cv_auc"] is None else f"{names['cv_auc']:.3f}"
+    out.print(f"file names alone: cross-validated ROC-AUC {auc}; {names['share_in_pure_patterns']:.1%} of the images "
+              "in a pattern one class holds at 95% or more")
+    style = r.get("confounds", {}).get("style")
+    if style and style.get("cv_auc") is not None:
+        t = Table(title="acquisition style: clusters of images by size, framing, outer-band grey levels and noise, "
+                        "JPEG quality, corner markers")
+        for col in ("cluster", "images", "by class", "purity", "size", "dark band", "JPEG quality"):
+            t.add_column(col, justify="left" if col == "by class" else "right")
+        for c in style["clusters"]:
+            lk = c["looks"]
+            t.add_row(str(c["cluster"]), str(c["n"]), ", ".join(f"{k} {n}" for k, n in c["by_class"].items()),
+                      f"{c['purity']:.0%}", f"{lk['width']}x{lk['height']}", f"{lk['dark_band']:.0%}", f"{lk['jpeg_quality']:.0f}")
+        out.print(t)
+        out.print(f"image style alone: cross-validated ROC-AUC {style['cv_auc']:.3f}; "
+                  f"{style['share_in_pure_clusters']:.1%} of the images in a cluster one class holds at 95% or more")
+    verdict = confound_summary(r)
+    out.print(f"[bold yellow]confound:[/] {escape(verdict)}" if verdict else
+              "no confound found: neither file names nor image style alone predict the class")
 
 
 def show_predictions(rows: list[dict], studies: list[dict], aggregate: str) -> None:

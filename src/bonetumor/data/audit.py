@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from bonetumor.data.confounds import file_name_confound, source_name
 from bonetumor.data.copies import (
     CLUSTER_FIELDS,
     PAIR_FIELDS,
@@ -41,6 +41,7 @@ from bonetumor.data.layouts import DatasetIndex, listing_problems
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import read_image
 from bonetumor.data.studies import Sample
+from bonetumor.data.style import style_confound, style_vector
 from bonetumor.errors import BadImageError
 from bonetumor.files import RunDir
 from bonetumor.progress import tracked
@@ -69,6 +70,7 @@ class ImageFacts:
     fmt: str = ""
     mode: str = ""
     metadata: str = ""
+    style: np.ndarray | None = None  # data/style.py's STYLE_FEATURES
     error: str | None = None
 
 
@@ -81,17 +83,19 @@ def scan_file(path: str | Path, frame: int | None = None, options: ReadOptions |
         return ImageFacts(sha256="", error=e.problem)
     # A slice's identity is its pixels (its file holds the whole volume); a 2-D file's, its bytes.
     digest = hashlib.sha256(p.read_bytes() if frame is None else arr.tobytes()).hexdigest()
-    facts = ImageFacts(sha256=digest, fmt=p.suffix.lower().lstrip("."))
-    try:  # container facts (format, mode, metadata keys) where Pillow reads the file
+    facts, quantization = ImageFacts(sha256=digest, fmt=p.suffix.lower().lstrip(".")), None
+    try:  # container facts (format, mode, metadata keys, JPEG tables) where Pillow reads the file
         with Image.open(p) as im:
             facts.fmt, facts.mode = (im.format or facts.fmt).lower(), im.mode
             facts.metadata = ",".join(sorted(k for k in im.info if isinstance(k, str)))
+            quantization = getattr(im, "quantization", None)
     except Exception:  # noqa: BLE001 - formats Pillow does not open still get pixel facts
         pass
     facts.height, facts.width = arr.shape[:2]
     facts.colour = bool(arr.shape[2] == 3 and np.abs(arr - arr.mean(axis=2, keepdims=True)).max() > 2 / 255)
     grey = arr.mean(axis=2)
     facts.mean = float(grey.mean())
+    facts.style = style_vector(grey, facts.colour, quantization)
     pil = Image.fromarray(np.round(grey * 255).astype(np.uint8))
     facts.phash = int(str(imagehash.phash(pil)), 16)
     facts.thumb = np.asarray(pil.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255
@@ -172,16 +176,6 @@ def _label_conflicts(samples, facts, pairs) -> dict:
     return {"exact_images_with_two_labels": exact, "near_pairs_with_two_labels": near}
 
 
-# Export tools rename files but keep the source name: Roboflow writes "<stem>_<ext>.rf.<hash>.<ext>".
-_EXPORT_NAME = re.compile(r"^(.+)_(?:jpe?g|png|bmp|tiff?|dcm)\.rf\.[0-9a-f]{32}\.\w+$", re.IGNORECASE)
-
-
-def source_name(path: str) -> str | None:
-    """The original file name an export tool kept inside a renamed file, or None."""
-    m = _EXPORT_NAME.match(Path(path).name)
-    return m.group(1) if m else None
-
-
 def _same_source(samples, splits) -> dict:
     """Held-out images whose export source name also occurs in train (copies made by the export)."""
     train = {source_name(s.path) for s in samples if s.split == "train"} - {None}
@@ -193,6 +187,12 @@ def _same_source(samples, splits) -> dict:
         if any(names):
             out[split] = sum(n in train for n in names if n)
     return out
+
+
+def _style(samples, facts, classes) -> dict:
+    ok = [i for i, f in enumerate(facts) if f.error is None and f.style is not None and samples[i].label is not None]
+    groups = [samples[i].patient_id for i in ok] if all(samples[i].patient_id for i in ok) else None
+    return style_confound([facts[i].style for i in ok], [samples[i].label for i in ok], classes, groups)
 
 
 def _patients_in_two_splits(samples) -> list[str]:
@@ -293,6 +293,7 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
         "duplicates": dup, "label_conflicts": conflicts,
         "patients_in_two_splits": {"n": len(patients), "examples": patients[:10]},
         "shortcuts": _shortcuts(samples, facts, classes),
+        "confounds": {"file_names": file_name_confound(samples, classes), "style": _style(samples, facts, classes)},
     }
     if baseline and "train" in splits:
         part = {sp: [(s, f) for s, f in zip(samples, facts) if s.split == sp] for sp in splits}

@@ -19,7 +19,7 @@ from torch import nn
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
 from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
 from bonetumor.data.splits import assign_splits
-from bonetumor.errors import BonetumorError, LeakageWarning
+from bonetumor.errors import BonetumorError, ConfoundWarning, LeakageWarning
 from bonetumor.files import MARKER, RunDir, check_free_space
 from bonetumor.model.backbones import count_parameters, create_model, resolve_freeze
 from bonetumor.model.serialization import read_checkpoint_file
@@ -152,12 +152,16 @@ def audit_data(index: DatasetIndex, run: RunDir, verbose: bool = True, facts: li
     """Run the leakage audit on the splits about to be used (``facts``: their scan, if made);
     write ``audit.json`` and warn, never silently, when a split shares images or patients."""
     from bonetumor.data.audit import audit, leakage_summary
+    from bonetumor.data.confounds import confound_summary
 
     report = audit(index, facts=facts, run=run)
     summary = leakage_summary(report)
     if summary:
         msg = f"leakage in the data: {summary}; validation and test scores will be optimistic (see {run / RunDir.AUDIT})"
         _warn(msg, verbose, LeakageWarning)
+    confound = confound_summary(report)
+    if confound:
+        _warn(f"{confound} (see {run / RunDir.AUDIT})", verbose, ConfoundWarning)
     return report
 
 
