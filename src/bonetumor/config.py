@@ -70,6 +70,10 @@ class TrainConfig:
                                  rule="in (0, 1)", check=lambda v: 0 < v < 1)
     test_fraction: float = option(0.15, help="Test share when the tool splits (0 for none).", group="data",
                                   rule="in [0, 1)", check=lambda v: 0 <= v < 1)
+    split_by: str = option("given", help="given: the data's own splits, the rest split by patient; patient: "
+                           "everything re-split, a patient's images together; cluster: also each cluster of copies "
+                           "(exact, near, same export source) in one split.", group="data",
+                           choices=("given", "patient", "cluster"))
     skip_bad_files: bool = option(False, help="List unreadable files with their problem instead of stopping.",
                                   group="data")
     audit: bool = option(True, help="Leakage audit before training (audit.json in the run folder).", group="data")

@@ -32,9 +32,12 @@ from sklearn.neighbors import NearestNeighbors
 from bonetumor.data.confounds import file_name_confound, source_name
 from bonetumor.data.copies import (
     CLUSTER_FIELDS,
+    NEAR_THRESHOLD,
     PAIR_FIELDS,
+    all_near_pairs,
     cluster_rows,
     copy_pairs,
+    near_pairs,
     pair_rows,
 )
 from bonetumor.data.layouts import DatasetIndex, listing_problems
@@ -47,11 +50,6 @@ from bonetumor.files import RunDir
 from bonetumor.progress import tracked
 
 THUMB = 32
-NEAR_THRESHOLD = 6  # of 64 pHash bits; re-encoded or slightly resized copies differ by 0-4
-# Scans of one body part look alike, so distinct images can share a pHash within a few bits;
-# a candidate pair must also correlate this well on 32x32 thumbnails to count as a near copy
-# (distinct synthetic slices, even of one patient, reach 0.93; re-encoded copies exceed 0.99).
-NEAR_CORRELATION = 0.97
 AUC_FLAG = 0.2  # flag a numeric shortcut when |AUC - 0.5| >= this (AUC >= 0.7 or <= 0.3)
 TVD_FLAG = 0.2  # flag a categorical shortcut when the class distributions differ this much
 
@@ -108,35 +106,6 @@ def scan(samples: Sequence[Sample], workers: int | None = None, options: ReadOpt
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as ex:
         facts = ex.map(lambda s: scan_file(s.path, s.frame, options), samples)
         return list(tracked(facts, len(samples), "reading images (audit)", enabled=verbose))
-
-
-def _near_pairs(fa: list[ImageFacts], fb: list[ImageFacts], threshold: int, same: bool) -> list[tuple[int, int]]:
-    """Index pairs (i in fa, j in fb) of near copies: 64-bit pHashes within ``threshold`` bits
-    and thumbnails correlated at least NEAR_CORRELATION. ``same``: fa is fb, pairs with i < j."""
-    if not fa or not fb:
-        return []
-    a = np.array([f.phash for f in fa], dtype=np.uint64)
-    b = np.array([f.phash for f in fb], dtype=np.uint64)
-    out = []
-    for start in range(0, len(a), 512):
-        ii, jj = np.nonzero(np.bitwise_count(a[start:start + 512, None] ^ b[None, :]) <= threshold)
-        for i, j in zip(ii + start, jj):
-            if (not same or i < j) and _correlation(fa[i].thumb, fb[j].thumb) >= NEAR_CORRELATION:
-                out.append((int(i), int(j)))
-    return out
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
-
-
-def _all_near_pairs(facts: list[ImageFacts], threshold: int) -> list[tuple[int, int]]:
-    """Every near-copy pair (i < j, indices into ``facts``) among the readable images, found once
-    and then read by the duplicate and the label-conflict counts."""
-    ok = [i for i, f in enumerate(facts) if f.error is None]
-    return [(ok[i], ok[j]) for i, j in _near_pairs([facts[i] for i in ok], [facts[i] for i in ok], threshold, True)]
 
 
 def _duplicates(samples, facts, splits, pairs) -> dict:
@@ -281,7 +250,7 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
     samples, classes = index.samples, index.classes
     facts = facts if facts is not None else scan(samples, workers, options)
     splits = [s for s in ("train", "valid", "test") if any(x.split == s for x in samples)]
-    pairs = _all_near_pairs(facts, near_threshold)
+    pairs = all_near_pairs(facts, near_threshold)
     dup = _duplicates(samples, facts, splits, pairs)
     conflicts = _label_conflicts(samples, facts, pairs)
     patients = _patients_in_two_splits(samples)
@@ -325,17 +294,23 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
 def run_audit(data: str | None = None, manifest: str | None = None, out: str | Path | None = None, *,
               seed: int = 42, val_fraction: float = 0.15, test_fraction: float = 0.15,
               near_threshold: int = NEAR_THRESHOLD, baseline: bool = True, overwrite: bool = False,
-              options: ReadOptions | None = None) -> dict:
-    """Find the data set as ``train`` would (same layouts, same seeded split), audit it and,
-    with ``out``, write ``out/audit.json``."""
+              options: ReadOptions | None = None, split_by: str = "given") -> dict:
+    """Find the data set as ``train`` would (same layouts, same seeded split, ``split_by`` as its
+    ``--split-by``), audit it and, with ``out``, write ``out/audit.json``."""
+    from bonetumor.data.grouping import apply_split_by
     from bonetumor.data.layouts import discover
     from bonetumor.data.splits import assign_splits
 
     index = discover(data, manifest, options=options)
-    index.samples = assign_splits(index.samples, val_fraction, test_fraction, seed, refuse_shared_patients=False)
+    facts = scan(index.samples, options=options) if split_by == "cluster" else None
+    by_ref = dict(zip((s.ref for s in index.samples), facts)) if facts is not None else None
+    index.samples = assign_splits(apply_split_by(index.samples, split_by, facts), val_fraction, test_fraction, seed,
+                                  refuse_shared_patients=False)
+    index.split_by = split_by
     run = RunDir.create(out, overwrite=overwrite, inputs=[data, manifest]) if out is not None else None
     index.root = index.root or str(data or manifest)
-    return audit(index, near_threshold, baseline, options=options, run=run)
+    return audit(index, near_threshold, baseline, options=options, run=run,
+                 facts=[by_ref[s.ref] for s in index.samples] if by_ref else None)
 
 
 def leakage_summary(report: dict) -> str:
@@ -376,7 +351,7 @@ def copies_of(held: Sequence[Sample], fh: list[ImageFacts], ref: Sequence[Sample
     near = np.zeros(len(held), dtype=bool)
     ok_h = [i for i, f in enumerate(fh) if f.error is None]
     ok_r = [f for f in fr if f.error is None]
-    for i, _ in _near_pairs([fh[i] for i in ok_h], ok_r, near_threshold, False):
+    for i, _ in near_pairs([fh[i] for i in ok_h], ok_r, near_threshold, False):
         near[ok_h[i]] = True
     named = np.array([source_name(s.path) in ref_names for s in held], dtype=bool)
     mask = exact | near | named

@@ -15,6 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
+NEAR_THRESHOLD = 6  # of 64 pHash bits; re-encoded or slightly resized copies differ by 0-4
+# Scans of one body part look alike, so distinct images can share a pHash within a few bits;
+# a candidate pair must also correlate this well on 32x32 thumbnails to count as a near copy
+# (distinct synthetic slices, even of one patient, reach 0.93; re-encoded copies exceed 0.99).
+NEAR_CORRELATION = 0.97
+
 PAIR_FIELDS = ("file_a", "split_a", "file_b", "split_b", "kind", "distance")
 CLUSTER_FIELDS = ("file", "split", "label", "cluster", "cluster_size", "splits_in_cluster")
 
@@ -69,3 +75,32 @@ def cluster_rows(samples: Sequence, pairs: Sequence[tuple[int, int, str, int | N
         spans[c].add(s.split or "")
     return [{"file": s.ref, "split": s.split or "", "label": s.label, "cluster": number[c], "cluster_size": int(sizes[c]),
              "splits_in_cluster": "+".join(sorted(spans[c]))} for s, c in zip(samples, comp)]
+
+
+def near_pairs(fa: list, fb: list, threshold: int, same: bool) -> list[tuple[int, int]]:
+    """Index pairs (i in fa, j in fb) of near copies: 64-bit pHashes within ``threshold`` bits
+    and thumbnails correlated at least NEAR_CORRELATION. ``same``: fa is fb, pairs with i < j."""
+    if not fa or not fb:
+        return []
+    a = np.array([f.phash for f in fa], dtype=np.uint64)
+    b = np.array([f.phash for f in fb], dtype=np.uint64)
+    out = []
+    for start in range(0, len(a), 512):
+        ii, jj = np.nonzero(np.bitwise_count(a[start:start + 512, None] ^ b[None, :]) <= threshold)
+        for i, j in zip(ii + start, jj):
+            if (not same or i < j) and _correlation(fa[i].thumb, fb[j].thumb) >= NEAR_CORRELATION:
+                out.append((int(i), int(j)))
+    return out
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
+
+
+def all_near_pairs(facts: list, threshold: int) -> list[tuple[int, int]]:
+    """Every near-copy pair (i < j, indices into ``facts``) among the readable images, found once
+    and then read by the duplicate and the label-conflict counts."""
+    ok = [i for i, f in enumerate(facts) if f.error is None]
+    return [(ok[i], ok[j]) for i, j in near_pairs([facts[i] for i in ok], [facts[i] for i in ok], threshold, True)]

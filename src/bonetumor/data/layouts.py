@@ -42,6 +42,8 @@ class DatasetIndex:
     ignored_files: list[str] = field(default_factory=list)
     options: ReadOptions = field(default_factory=ReadOptions)
     dropped_classes: dict[str, int] = field(default_factory=dict)
+    split_by: str = "given"
+    facts: dict | None = None  # the audit's scan by sample ref, when splitting needed it first (--split-by cluster)
 
     def split(self, name: str) -> list[Sample]:
         """Samples of one split ('train', 'valid' or 'test')."""
@@ -56,8 +58,9 @@ class DatasetIndex:
 
     @property
     def split_level(self) -> str:
-        """'patient' when every sample has a patient id (splits keep patients apart), else 'image'."""
-        return "patient" if self.patient_level else "image"
+        """'cluster' when copies were kept together (--split-by cluster); else 'patient' when every
+        sample has a patient id (splits keep patients apart), else 'image'."""
+        return "cluster" if self.split_by == "cluster" else "patient" if self.patient_level else "image"
 
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",

@@ -18,9 +18,11 @@ def with_splits(samples: Sequence[Sample], splits: Sequence[str]) -> list[Sample
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
-    # Without patient ids a volume's or series' slices form one group, and any other image is its
-    # own group (an image-level split, said so in the record).
-    return np.array([s.patient_id or (f"__study_{s.study}" if s.study else f"__image_{i}") for i, s in enumerate(samples)])
+    # A sample's group (--split-by cluster) first; without one, its patient; without patient ids a
+    # volume's or series' slices form one group, and any other image is its own group (an
+    # image-level split, said so in the record).
+    return np.array([s.group or s.patient_id or (f"__study_{s.study}" if s.study else f"__image_{i}")
+                     for i, s in enumerate(samples)])
 
 
 def groups_per_class(samples: Sequence[Sample]) -> dict[str, int]:

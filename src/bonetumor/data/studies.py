@@ -32,6 +32,7 @@ class Sample:
     mask_path: str | None = None
     frame: int | None = None  # the slice of a volume (NIfTI, multi-frame DICOM); None for 2-D files
     study: str | None = None  # the volume or series the slice belongs to
+    group: str | None = None  # images that must share a split (--split-by cluster: copies of each other)
 
     @property
     def ref(self) -> str:

@@ -17,6 +17,7 @@ from rich.console import Console
 from torch import nn
 
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
+from bonetumor.data.grouping import apply_split_by
 from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
 from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, ConfoundWarning, LeakageWarning
@@ -57,7 +58,15 @@ def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetI
     """Discover samples and give each a split (files are not decoded yet)."""
     index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes,
                      options=cfg.read_options)
-    index.samples = assign_splits(index.samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    facts = None
+    if cfg.split_by == "cluster":  # copies are found by reading every image: the audit's scan, kept for the audit
+        from bonetumor.data.audit import scan
+
+        facts = scan(index.samples, options=index.options)
+        index.facts = dict(zip((s.ref for s in index.samples), facts))
+    index.split_by = cfg.split_by
+    index.samples = assign_splits(apply_split_by(index.samples, cfg.split_by, facts), cfg.val_fraction,
+                                  cfg.test_fraction, cfg.seed)
     require_every_class(index)
     return index
 
@@ -138,14 +147,15 @@ def _scan_and_check(run: RunDir, cfg: TrainConfig, index: DatasetIndex, model: n
     run.check_writable()
     # best.pt and last.pt, each briefly twice while replaced atomically, plus plots and records.
     check_free_space(run.path, 3 * checkpoint_bytes(model) + 50 * 2**20, "a training run")
-    facts = None
-    if cfg.audit and not audited:
+    facts = index.facts  # --split-by cluster read every image already
+    if cfg.audit and not audited and facts is None:
         # Imported here: scikit-learn's neighbours are for audited runs, not every command.
         from bonetumor.data.audit import scan
 
         facts = dict(zip((s.ref for s in index.samples), scan(index.samples, options=index.options, verbose=verbose)))
     skipped = check_data(index, cfg, [facts[s.ref].error for s in index.samples] if facts else None)
-    return skipped, [facts[s.ref] for s in index.samples] if facts is not None else None
+    audit_facts = cfg.audit and not audited and facts is not None
+    return skipped, [facts[s.ref] for s in index.samples] if audit_facts else None
 
 
 def audit_data(index: DatasetIndex, run: RunDir, verbose: bool = True, facts: list | None = None) -> dict:

@@ -1,0 +1,64 @@
+"""``--split-by``: which images must share a split.
+
+``given`` keeps the data's own splits (folders, a manifest's ``split`` column) and splits the rest
+by patient; ``patient`` re-splits everything, a patient's (or a volume's) images together;
+``cluster`` also keeps together every duplicate cluster the audit finds: exact copies, near
+copies and an export tool's renamed copies of one source file. Copies on both sides of a split
+let a model score by recognising an image it trained on; the audit's look-up baseline shows how
+much (on ``bone-cancer-xray-v1``'s own splits, 56% of the validation images copy a training one).
+
+The groups are the connected components of "same patient", "same volume" and "copy of" links
+(scipy's csgraph); the splitting itself stays scikit-learn's StratifiedGroupKFold (data/splits.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from bonetumor.data.studies import Sample
+
+
+def copy_groups(samples: Sequence[Sample], facts: Sequence) -> np.ndarray:
+    """A group name per sample: linked by patient id, volume or any copy pair (``facts``: the
+    audit's scan of ``samples``)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from bonetumor.data.confounds import source_name
+    from bonetumor.data.copies import NEAR_THRESHOLD, all_near_pairs, copy_pairs
+
+    links = [(i, j) for i, j, _, _ in copy_pairs(samples, facts, all_near_pairs(facts, NEAR_THRESHOLD), source_name)]
+    first: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        for key in (f"patient:{s.patient_id}" if s.patient_id else None, f"study:{s.study}" if s.study else None):
+            if key is not None:
+                links.append((first.setdefault(key, i), i))
+    n = len(samples)
+    rows = np.array([a for a, _ in links], dtype=int)
+    cols = np.array([b for _, b in links], dtype=int)
+    _, comp = connected_components(coo_matrix((np.ones(len(links)), (rows, cols)), shape=(n, n)), directed=False)
+    return np.array([f"__cluster_{c}" for c in comp])
+
+
+def apply_split_by(samples: Sequence[Sample], split_by: str, facts: Sequence | None = None) -> list[Sample]:
+    """``samples`` made ready for ``assign_splits`` under ``split_by``: given splits kept or
+    cleared, and for ``cluster`` each sample's group set."""
+    if split_by == "given":
+        return list(samples)
+    cleared = [replace(s, split=None) for s in samples]
+    if split_by == "patient":
+        return cleared
+    if facts is None:
+        raise ValueError("--split-by cluster needs the audit's scan of the images")
+    return [replace(s, group=g) for s, g in zip(cleared, copy_groups(cleared, facts))]
+
+
+def cross_split_copies(samples: Sequence[Sample], groups: Sequence[str]) -> int:
+    """How many groups span more than one split (0 after a cluster split)."""
+    spans: dict[str, set] = {}
+    for s, g in zip(samples, groups):
+        spans.setdefault(g, set()).add(s.split)
+    return sum(len(v) > 1 for v in spans.values())
