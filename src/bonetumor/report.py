@@ -222,17 +222,34 @@ def _failure_gallery(ck, ev: Path, k: int = 4) -> str:
     return "".join(out)
 
 
+def _margins(explain_dir: Path | None) -> str:
+    """Where the heatmaps' mass lies: the outer band and burned-in markers, against their area."""
+    m = (_read_json(explain_dir / RunDir.EXPLAIN) or {}).get("margins") if explain_dir else None
+    if not m:
+        return ""
+    text = (f"<p>Heatmap mass in the outer {m['band']:.0%} band of the image: {m['margin_share']:.0%} "
+            f"(the band covers {m['margin_area']:.0%} of the image)")
+    if "marker_share" in m:
+        text += (f"; on burned-in markers, over the {m['n_with_markers']} images that have them: {m['marker_share']:.0%} "
+                 f"(they cover {m['marker_area']:.0%})")
+    text += ".</p>"
+    if m["warning"]:
+        text += f'<p class="warn"><strong>{html.escape(m["warning"][0].upper() + m["warning"][1:])}.</strong></p>'
+    return text
+
+
 def _localization_section(explain_dir: Path | None) -> str:
+    margins = _margins(explain_dir)
     loc = _read_json(explain_dir / RunDir.LOCALIZATION) if explain_dir else None
     if not loc or "cam" not in loc:
-        return "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
+        return margins + "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
     base = loc["baseline_centred_gaussian"]
     rows = [[_name(k, []), _ci(loc["cam"][k]), _ci(base[k])] for k in loc["cam"]]
     beats = loc["cam"]["pointing"]["ci_low"] > base["pointing"]["value"]
     verdict = ("The heatmaps point at the lesion more often than a centred blob does." if beats else
                "<b>The heatmaps do not point at the lesion more reliably than a centred blob</b>: do not read them as "
                "locating the tumour.")
-    return (f"<p>{loc['method']} at {html.escape(loc['layer'])}, {loc['n_with_lesion']} images with a lesion.</p>"
+    return margins + (f"<p>{loc['method']} at {html.escape(loc['layer'])}, {loc['n_with_lesion']} images with a lesion.</p>"
             + _table(rows, ["score", "heatmap [95% CI]", "centred Gaussian baseline"]) + f"<p>{verdict}</p>")
 
 

@@ -247,7 +247,7 @@ def explain(
     overwrite: bool = typer.Option(False),
 ):
     """Heatmaps (image | heatmap | overlay panels, raw .npy maps, index.html), scored against lesions."""
-    from bonetumor.cli.show import show_explain
+    from bonetumor.cli.show import show_explain, show_margins
     from bonetumor.explain.run import explain as run_explain
 
     if top_slices < 1:
@@ -255,6 +255,7 @@ def explain(
     r = run_explain(checkpoint, files, out_dir, method, target, layer, masks, boxes, manifest, device, batch_size,
                     overwrite=overwrite, top_slices=top_slices)
     show_explain(r, method)
+    show_margins(r.margins)
     out.print(f"{len(r.rows)} images explained; open {out_dir / 'index.html'}")
 
 

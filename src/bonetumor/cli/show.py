@@ -212,3 +212,14 @@ def show_cv(r: dict, folds: int, out_dir: Path) -> None:
     if auc:
         out.print(f"pooled out-of-fold ROC-AUC {sig3(auc['value'])} [{sig3(auc['ci_low'])}, {sig3(auc['ci_high'])}]")
     out.print(f"out-of-fold predictions: {out_dir / 'oof_predictions.csv'}; summary: {out_dir / 'cv.json'}")
+
+
+def show_margins(m: dict | None) -> None:
+    """``explain``'s line on the heatmaps' mass in the margins and on markers, and its warning."""
+    if not m:
+        return
+    out.print(f"heatmap mass in the outer {m['band']:.0%} band: {m['margin_share']:.0%} (its area: {m['margin_area']:.0%})"
+              + (f"; on burned-in markers ({m['n_with_markers']} images): {m['marker_share']:.0%} (their area: "
+                 f"{m['marker_area']:.0%})" if "marker_share" in m else ""))
+    if m["warning"]:
+        out.print(f"[bold yellow]warning:[/] {m['warning']}")

@@ -23,6 +23,7 @@ from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
 from bonetumor.explain.grid import model_grid
 from bonetumor.explain.index import index_page
+from bonetumor.explain.margins import margin_scores, margin_summary
 from bonetumor.explain.panels import cam_panel
 from bonetumor.explain.scores import (
     bootstrap_ci,
@@ -50,6 +51,7 @@ class ExplainResult:
     faithfulness: dict | None = None
     grid: tuple[int, int] | None = None  # cells of the explained layer's map
     warning: str | None = None  # when that grid is too coarse to localise (``explain.grid``)
+    margins: dict | None = None  # the maps' mass in the margins and on markers (``explain.margins``)
 
 
 def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None,
@@ -189,6 +191,7 @@ def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, looku
     row = {"path": f.path, "slice": f.frame, "study": f.study, "probability": round(prob, 6), "prediction": label,
            "truth": truth, "outcome": outcome(truth, label, ck.classes),
            "explained_class": ck.classes[int(res.target_index[j])], "map": f"{RunDir.MAPS}/{stem}.npy", "panel": ""}
+    row.update(margin_scores(cam, original.mean(dim=0).numpy()))
     mask = lookup(p_file, (h, w)) if f.frame is None else None  # lesion masks are given per 2-D image
     if mask is not None and mask.any():
         row.update(localization_scores(cam, mask))
@@ -223,7 +226,8 @@ def _write_tables(run: RunDir, result: ExplainResult, method: str, target: str, 
         run.write_json(RunDir.LOCALIZATION, result.localization)
         keys = ["path", "probability", "prediction", "explained_class", *SCORES, *[f"baseline_{k}" for k in SCORES]]
         run.write_csv(RunDir.LOCALIZATION_TABLE, keys, scored)
+    result.margins = margin_summary(rows)
     run.write_json(RunDir.EXPLAIN, {"method": method, "target": target, "layer": layer, "n_images": len(rows),
                                     "grid": result.grid, "grid_warning": result.warning,
-                                    "faithfulness": result.faithfulness, "images": rows})
+                                    "faithfulness": result.faithfulness, "margins": result.margins, "images": rows})
     run.write_text(RunDir.INDEX, index_page(rows, f"{method} ({target}, {layer})", result.warning))
