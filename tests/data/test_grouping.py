@@ -122,6 +122,24 @@ def test_training_with_split_by_cluster_records_it_and_its_audit_is_clean(tmp_pa
     audit = json.loads((tmp_path / "r" / "audit.json").read_text())
     data = json.loads((tmp_path / "r" / "data.json").read_text())
     assert audit["copies"]["cross_split_pairs"] == 0 and not audit["leakage"] and data["split_level"] == "cluster"
-    r = CliRunner().invoke(app, ["train", str(leaky), "--out", str(tmp_path / "bad"), "--split-by", "nearest"])
+    # evaluate takes the same splits: from the run's splits.csv (matched by paths relative to the
+    # data folder, so a moved folder still matches), or, without the record, grouped again
+    import csv
+
+    from bonetumor.evaluate.run import evaluate
+
+    recorded = [row for row in csv.DictReader(open(tmp_path / "r" / "splits.csv")) if row["split"] == "test"]
+    m = evaluate(tmp_path / "r" / "best.pt", str(leaky), tmp_path / "e", device="cpu", baseline=False, n_boot=10)
+    assert m["n"] == len(recorded)
+    shutil.copytree(leaky, tmp_path / "moved")
+    shutil.rmtree(leaky)
+    moved = evaluate(tmp_path / "r" / "best.pt", str(tmp_path / "moved"), tmp_path / "e2", device="cpu", baseline=False,
+                     n_boot=10)
+    assert moved["n"] == len(recorded) and moved["roc_auc"]["value"] == m["roc_auc"]["value"]
+    (tmp_path / "r" / "splits.csv").unlink()
+    again = evaluate(tmp_path / "r" / "best.pt", str(tmp_path / "moved"), tmp_path / "e3", device="cpu", baseline=False,
+                     n_boot=10)
+    assert again["n"] == len(recorded) and again["roc_auc"]["value"] == m["roc_auc"]["value"]
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "moved"), "--out", str(tmp_path / "bad"), "--split-by", "nearest"])
     assert r.exit_code == 2 and "split" in r.output and "Traceback" not in r.output
     assert np.isfinite(json.loads((tmp_path / "r" / "operating_point.json").read_text()).get("threshold", 0.5))

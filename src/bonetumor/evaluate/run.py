@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bonetumor.data.grouping import apply_split_by
 from bonetumor.data.layouts import check_files, discover
-from bonetumor.data.splits import assign_splits
+from bonetumor.data.splits import assign_splits, with_splits
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
 from bonetumor.files import RunDir
@@ -32,9 +33,8 @@ def parse_class_map(text: str | None) -> dict[str, str] | None:
     return out
 
 
-def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None):
+def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None, run_dir: Path | None = None):
     """(all samples with splits, the samples to evaluate, classes dropped by the map and their counts)."""
-    cfg = ck.config
     if class_map:
         bad = sorted(set(class_map.values()) - set(ck.classes))
         if bad:
@@ -44,8 +44,37 @@ def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None):
     samples, dropped = index.samples, index.dropped_classes
     if split == "all":
         return samples, list(samples), dropped
-    all_samples = assign_splits(samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    all_samples = _splits_as_trained(samples, index, ck, run_dir)
     return all_samples, [s for s in all_samples if s.split == split], dropped
+
+
+def _key(path: str, frame, root: str | None) -> str:
+    """A sample's name relative to its data root: the same whatever folder a command ran from."""
+    p = Path(path)
+    rel = p.relative_to(root) if root and p.is_relative_to(root) else p
+    return f"{rel.as_posix()}#{frame}" if frame not in (None, "") else rel.as_posix()
+
+
+def _splits_as_trained(samples: list, index, ck, run_dir: Path | None) -> list:
+    """The splits the model was trained with: the run's splits.csv when it lists every sample,
+    else rebuilt as training built them (same seed, fractions and --split-by)."""
+    cfg, run = ck.config, RunDir(run_dir) if run_dir is not None else None
+    recorded = run.read_splits() if run is not None else None
+    data = run.read_json(RunDir.DATA) if run is not None else None
+    if recorded and data:
+        by_key = {}
+        for ref, sp in recorded.items():
+            path, _, frame = ref.partition("#")
+            by_key[_key(path, frame, data.get("root"))] = sp
+        found = [by_key.get(_key(s.path, s.frame, index.root)) for s in samples]
+        if all(found):
+            return with_splits(samples, found)
+    facts = None
+    if cfg.split_by == "cluster":  # copies found as training found them
+        from bonetumor.data.audit import scan
+
+        facts = scan(samples, options=index.options)
+    return assign_splits(apply_split_by(samples, cfg.split_by, facts), cfg.val_fraction, cfg.test_fraction, cfg.seed)
 
 
 def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,
@@ -77,7 +106,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     inputs = [checkpoint, data, manifest]
     RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
     ck, dev = open_model(checkpoint, device)
-    all_samples, samples, dropped = _select(data, manifest, ck, split, class_map)
+    all_samples, samples, dropped = _select(data, manifest, ck, split, class_map, Path(checkpoint).parent)
     if not samples:
         raise BonetumorError(f"{data or manifest}: no images in the {split} split")
     if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
