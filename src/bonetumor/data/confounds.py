@@ -47,12 +47,18 @@ def name_tokens(pattern: str) -> list[str]:
     return [t.lower() for t in _TOKEN.findall(pattern)] + ["pattern:" + pattern]
 
 
-def _cv_auc(tokens: list[list[str]], labels: np.ndarray, groups: np.ndarray | None, classes: list[str],
-            seed: int) -> float | None:
-    """Cross-validated ROC-AUC (macro one-vs-rest for more than two classes) of a logistic
-    regression on bag-of-tokens; folds keep a patient's images together when ids exist."""
-    from sklearn.feature_extraction.text import CountVectorizer
-    from sklearn.linear_model import LogisticRegression
+def cv_folds(labels: np.ndarray) -> int:
+    """Folds for a stratified cross-validation: up to 5, no more than the rarest class has images
+    (0 when there is one class or fewer than 2 images of one)."""
+    counts = Counter(labels)
+    folds = min(5, min(counts.values())) if len(counts) > 1 else 0
+    return folds if folds >= 2 else 0
+
+
+def cv_auc(model, x, labels: np.ndarray, groups, classes: list[str], seed: int) -> float:
+    """Cross-validated ROC-AUC (macro one-vs-rest for more than two classes) of ``model`` on
+    ``x``; folds keep a group's (a patient's) images together when groups are given. Needs
+    ``cv_folds(labels)`` >= 2."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import (
         StratifiedGroupKFold,
@@ -60,22 +66,28 @@ def _cv_auc(tokens: list[list[str]], labels: np.ndarray, groups: np.ndarray | No
         cross_val_predict,
     )
 
-    counts = Counter(labels)
-    folds = min(5, min(counts.values())) if len(counts) > 1 else 0
-    if folds < 2:
-        return None
-    x = CountVectorizer(analyzer=lambda t: t, binary=True).fit_transform(tokens)
+    folds = cv_folds(labels)
     if groups is not None and len(set(groups)) >= folds:
-        cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        cv, groups = StratifiedGroupKFold(folds, shuffle=True, random_state=seed), list(groups)
     else:
         cv, groups = StratifiedKFold(folds, shuffle=True, random_state=seed), None
-    model = LogisticRegression(max_iter=2000, C=1.0)
     p = cross_val_predict(model, x, labels, groups=groups, cv=cv, method="predict_proba")
-    order = sorted(counts)  # sklearn's class order
+    order = sorted(set(labels))  # sklearn's class order
     if len(order) == 2:
         positive = classes[-1] if classes[-1] in order else order[-1]
         return float(roc_auc_score(labels == positive, p[:, order.index(positive)]))
     return float(roc_auc_score(labels, p, multi_class="ovr", average="macro", labels=order))
+
+
+def _name_auc(tokens: list[list[str]], labels: np.ndarray, groups, classes: list[str], seed: int) -> float | None:
+    """``cv_auc`` of a logistic regression on bag-of-tokens (None with too few images per class)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    if not cv_folds(labels):
+        return None
+    x = CountVectorizer(analyzer=lambda t: t, binary=True).fit_transform(tokens)
+    return cv_auc(LogisticRegression(max_iter=2000, C=1.0), x, labels, groups, classes, seed)
 
 
 def file_name_confound(samples: Sequence[Sample], classes: list[str], seed: int = 42, top: int = 10) -> dict:
@@ -96,7 +108,7 @@ def file_name_confound(samples: Sequence[Sample], classes: list[str], seed: int 
             rows.append({"pattern": p, "n": n, "by_class": dict(c.most_common()), "purity": round(c.most_common(1)[0][1] / n, 4)})
     in_pure = sum(r["n"] for r in rows if r["purity"] >= PURE)
     groups = np.array([s.patient_id for s in labelled]) if all(s.patient_id for s in labelled) else None
-    auc = _cv_auc([name_tokens(p) for p in patterns], labels, groups, classes, seed)
+    auc = _name_auc([name_tokens(p) for p in patterns], labels, groups, classes, seed)
     return {"n_images": len(labelled), "n_patterns": len(by_pattern), "frequent_at_least": frequent,
             "patterns": rows[:top], "share_in_pure_patterns": round(in_pure / max(len(labelled), 1), 4),
             "cv_auc": None if auc is None else round(auc, 4),

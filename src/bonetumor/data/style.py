@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bonetumor.data.confounds import CONFOUND_AUC
+from bonetumor.data.confounds import CONFOUND_AUC, cv_auc, cv_folds
 
 STYLE_FEATURES = ("log_width", "log_height", "aspect", "band_p05", "band_p50", "band_p95", "dark_band", "band_noise",
                   "jpeg_quality", "bright_corners", "colour")
@@ -75,34 +75,17 @@ def style_confound(vectors: Sequence[np.ndarray], labels: Sequence[str], classes
     """Style clusters with their class purity, and the cross-validated ROC-AUC of a random
     forest on the style features alone (0.5: style says nothing of the class)."""
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import (
-        StratifiedGroupKFold,
-        StratifiedKFold,
-        cross_val_predict,
-    )
     from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(labels)
-    counts = Counter(y)
-    folds = min(5, min(counts.values())) if len(counts) > 1 else 0
-    if folds < 2 or len(y) < 20:
+    if not cv_folds(y) or len(y) < 20:
         return {"n_images": len(y), "cv_auc": None, "flag": False, "clusters": [], "features": list(STYLE_FEATURES)}
     x = StandardScaler().fit_transform(np.stack(vectors))
     assign, rows = _clusters(x, y, seed, k=int(min(8, max(2, len(y) // 25))))
-    grouped = groups is not None and len(set(groups)) >= folds
-    cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if grouped else \
-        StratifiedKFold(folds, shuffle=True, random_state=seed)
     # A forest: no scaling assumptions, non-linear (one class from two sites at both ends of a feature),
     # and, unlike histogram boosting with its 20-image leaves, it learns from a few dozen images too.
     model = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed)
-    p = cross_val_predict(model, x, y, groups=list(groups) if grouped else None, cv=cv, method="predict_proba")
-    order = sorted(counts)
-    if len(order) == 2:
-        positive = classes[-1] if classes[-1] in order else order[-1]
-        auc = float(roc_auc_score(y == positive, p[:, order.index(positive)]))
-    else:
-        auc = float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=order))
+    auc = cv_auc(model, x, y, groups, classes, seed)
     for row in rows:  # what each cluster looks like, in the features' own units
         members = np.stack(vectors)[assign == row["cluster"]]
         med = np.median(members, axis=0)
