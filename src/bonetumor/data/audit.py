@@ -15,17 +15,11 @@ What it looks for:
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import imagehash
 import numpy as np
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -40,72 +34,15 @@ from bonetumor.data.copies import (
     near_pairs,
     pair_rows,
 )
+from bonetumor.data.facts import THUMB, ImageFacts, scan, scan_file  # noqa: F401  (re-exported)
 from bonetumor.data.layouts import DatasetIndex, listing_problems
 from bonetumor.data.pixels import ReadOptions
-from bonetumor.data.readers import read_image
 from bonetumor.data.studies import Sample
-from bonetumor.data.style import style_confound, style_vector
-from bonetumor.errors import BadImageError
+from bonetumor.data.style import style_confound
 from bonetumor.files import RunDir
-from bonetumor.progress import tracked
 
-THUMB = 32
 AUC_FLAG = 0.2  # flag a numeric shortcut when |AUC - 0.5| >= this (AUC >= 0.7 or <= 0.3)
 TVD_FLAG = 0.2  # flag a categorical shortcut when the class distributions differ this much
-
-
-@dataclass
-class ImageFacts:
-    """What the audit needs to know about one file, read once."""
-
-    sha256: str
-    phash: int = 0
-    thumb: np.ndarray | None = None
-    width: int = 0
-    height: int = 0
-    colour: bool = False
-    mean: float = 0.0
-    fmt: str = ""
-    mode: str = ""
-    metadata: str = ""
-    style: np.ndarray | None = None  # data/style.py's STYLE_FEATURES
-    error: str | None = None
-
-
-def scan_file(path: str | Path, frame: int | None = None, options: ReadOptions | None = None) -> ImageFacts:
-    """Hash, thumbnail and describe one image file or volume slice (errors are recorded, not raised)."""
-    p = Path(path)
-    try:  # the same reader, and so the same one-line problems, as training's bad-file check
-        arr = read_image(p, frame, options)
-    except BadImageError as e:
-        return ImageFacts(sha256="", error=e.problem)
-    # A slice's identity is its pixels (its file holds the whole volume); a 2-D file's, its bytes.
-    digest = hashlib.sha256(p.read_bytes() if frame is None else arr.tobytes()).hexdigest()
-    facts, quantization = ImageFacts(sha256=digest, fmt=p.suffix.lower().lstrip(".")), None
-    try:  # container facts (format, mode, metadata keys, JPEG tables) where Pillow reads the file
-        with Image.open(p) as im:
-            facts.fmt, facts.mode = (im.format or facts.fmt).lower(), im.mode
-            facts.metadata = ",".join(sorted(k for k in im.info if isinstance(k, str)))
-            quantization = getattr(im, "quantization", None)
-    except Exception:  # noqa: BLE001 - formats Pillow does not open still get pixel facts
-        pass
-    facts.height, facts.width = arr.shape[:2]
-    facts.colour = bool(arr.shape[2] == 3 and np.abs(arr - arr.mean(axis=2, keepdims=True)).max() > 2 / 255)
-    grey = arr.mean(axis=2)
-    facts.mean = float(grey.mean())
-    facts.style = style_vector(grey, facts.colour, quantization)
-    pil = Image.fromarray(np.round(grey * 255).astype(np.uint8))
-    facts.phash = int(str(imagehash.phash(pil)), 16)
-    facts.thumb = np.asarray(pil.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32).reshape(-1) / 255
-    return facts
-
-
-def scan(samples: Sequence[Sample], workers: int | None = None, options: ReadOptions | None = None,
-         verbose: bool = True) -> list[ImageFacts]:
-    """``scan_file`` over all samples, in threads (decoding releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 2)) as ex:
-        facts = ex.map(lambda s: scan_file(s.path, s.frame, options), samples)
-        return list(tracked(facts, len(samples), "reading images (audit)", enabled=verbose))
 
 
 def _duplicates(samples, facts, splits, pairs) -> dict:
@@ -297,15 +234,12 @@ def run_audit(data: str | None = None, manifest: str | None = None, out: str | P
               options: ReadOptions | None = None, split_by: str = "given") -> dict:
     """Find the data set as ``train`` would (same layouts, same seeded split, ``split_by`` as its
     ``--split-by``), audit it and, with ``out``, write ``out/audit.json``."""
-    from bonetumor.data.grouping import apply_split_by
+    from bonetumor.data.grouping import split_samples
     from bonetumor.data.layouts import discover
-    from bonetumor.data.splits import assign_splits
 
     index = discover(data, manifest, options=options)
-    facts = scan(index.samples, options=options) if split_by == "cluster" else None
-    by_ref = dict(zip((s.ref for s in index.samples), facts)) if facts is not None else None
-    index.samples = assign_splits(apply_split_by(index.samples, split_by, facts), val_fraction, test_fraction, seed,
-                                  refuse_shared_patients=False)
+    index.samples, by_ref = split_samples(index.samples, split_by, val_fraction, test_fraction, seed, options,
+                                          refuse_shared_patients=False)
     index.split_by = split_by
     run = RunDir.create(out, overwrite=overwrite, inputs=[data, manifest]) if out is not None else None
     index.root = index.root or str(data or manifest)

@@ -62,3 +62,16 @@ def cross_split_copies(samples: Sequence[Sample], groups: Sequence[str]) -> int:
     for s, g in zip(samples, groups):
         spans.setdefault(g, set()).add(s.split)
     return sum(len(v) > 1 for v in spans.values())
+
+
+def split_samples(samples: Sequence[Sample], split_by: str, val_fraction: float, test_fraction: float, seed: int,
+                  options=None, refuse_shared_patients: bool = True) -> tuple[list[Sample], dict | None]:
+    """(``samples`` with their splits under ``split_by``, the audit's scan by sample ref when
+    ``cluster`` had to read every image for it, else None): train, evaluate and audit split alike."""
+    from bonetumor.data.facts import scan
+    from bonetumor.data.splits import assign_splits
+
+    facts = scan(samples, options=options) if split_by == "cluster" else None
+    out = assign_splits(apply_split_by(samples, split_by, facts), val_fraction, test_fraction, seed,
+                        refuse_shared_patients)
+    return out, dict(zip((s.ref for s in samples), facts)) if facts is not None else None

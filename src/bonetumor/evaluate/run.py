@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bonetumor.data.grouping import apply_split_by
+from bonetumor.data.grouping import split_samples
 from bonetumor.data.layouts import check_files, discover
-from bonetumor.data.splits import assign_splits, with_splits
+from bonetumor.data.splits import with_splits
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
 from bonetumor.files import RunDir
@@ -69,12 +69,7 @@ def _splits_as_trained(samples: list, index, ck, run_dir: Path | None) -> list:
         found = [by_key.get(_key(s.path, s.frame, index.root)) for s in samples]
         if all(found):
             return with_splits(samples, found)
-    facts = None
-    if cfg.split_by == "cluster":  # copies found as training found them
-        from bonetumor.data.audit import scan
-
-        facts = scan(samples, options=index.options)
-    return assign_splits(apply_split_by(samples, cfg.split_by, facts), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return split_samples(samples, cfg.split_by, cfg.val_fraction, cfg.test_fraction, cfg.seed, index.options)[0]
 
 
 def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = "eval", split: str = "test", *,

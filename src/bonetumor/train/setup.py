@@ -17,9 +17,8 @@ from rich.console import Console
 from torch import nn
 
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
-from bonetumor.data.grouping import apply_split_by
+from bonetumor.data.grouping import split_samples
 from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
-from bonetumor.data.splits import assign_splits
 from bonetumor.errors import BonetumorError, ConfoundWarning, LeakageWarning
 from bonetumor.files import MARKER, RunDir, check_free_space
 from bonetumor.model.backbones import count_parameters, create_model, resolve_freeze
@@ -58,15 +57,10 @@ def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetI
     """Discover samples and give each a split (files are not decoded yet)."""
     index = discover(cfg.data, cfg.manifest, cfg.train_dir, cfg.val_dir, cfg.test_dir, cfg.positive_class, classes,
                      options=cfg.read_options)
-    facts = None
-    if cfg.split_by == "cluster":  # copies are found by reading every image: the audit's scan, kept for the audit
-        from bonetumor.data.audit import scan
-
-        facts = scan(index.samples, options=index.options)
-        index.facts = dict(zip((s.ref for s in index.samples), facts))
+    # --split-by cluster reads every image to find copies: that scan is kept for the audit
+    index.samples, index.facts = split_samples(index.samples, cfg.split_by, cfg.val_fraction, cfg.test_fraction,
+                                               cfg.seed, index.options)
     index.split_by = cfg.split_by
-    index.samples = assign_splits(apply_split_by(index.samples, cfg.split_by, facts), cfg.val_fraction,
-                                  cfg.test_fraction, cfg.seed)
     require_every_class(index)
     return index
 
