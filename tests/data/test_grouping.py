@@ -143,3 +143,16 @@ def test_training_with_split_by_cluster_records_it_and_its_audit_is_clean(tmp_pa
     r = CliRunner().invoke(app, ["train", str(tmp_path / "moved"), "--out", str(tmp_path / "bad"), "--split-by", "nearest"])
     assert r.exit_code == 2 and "split" in r.output and "Traceback" not in r.output
     assert np.isfinite(json.loads((tmp_path / "r" / "operating_point.json").read_text()).get("threshold", 0.5))
+
+
+def test_audit_takes_other_class_names_with_a_positive_class(tmp_path, tiny_data):
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    (data / "manifest.csv").unlink()
+    for split in ("train", "valid", "test"):
+        (data / split / "cancer").rename(data / split / "malignant")
+        (data / split / "normal").rename(data / split / "healthy")
+    refused = CliRunner().invoke(app, ["audit", str(data)])
+    assert refused.exit_code == 2 and "pass --positive-class NAME" in refused.output
+    r = CliRunner().invoke(app, ["audit", str(data), "--positive-class", "malignant", "--split-by", "cluster"])
+    assert r.exit_code == 0 and "no leakage found" in r.output and "Traceback" not in r.output

@@ -163,6 +163,7 @@ def audit(
     near_threshold: int = typer.Option(6, help="Near-duplicate: pHash differs in at most this many of 64 bits."),
     strict: bool = typer.Option(False, help="Exit with code 1 when leakage is found."),
     split_by: str = typer.Option("given", help="Audit the splits train's --split-by given|patient|cluster would make."),
+    positive_class: Optional[str] = typer.Option(None, help="Positive class when none is named 'cancer' (as train's)."),
     window: Optional[str] = typer.Option(None, help=f"Window: {WINDOW_HELP} Default: {WINDOW_DEFAULT}."),
     slice_axis: int = typer.Option(2, help="NIfTI axis to slice across."),
     allow_large_images: bool = typer.Option(False, help="Read images above Pillow's decompression-bomb limit."),
@@ -180,7 +181,8 @@ def audit(
     if split_by not in ("given", "patient", "cluster"):
         raise BonetumorError(f"--split-by {split_by}: use given, patient or cluster")
     r = run_audit(data, manifest, out_dir, seed=seed, near_threshold=near_threshold, overwrite=overwrite,
-                  options=ReadOptions(window, slice_axis, allow_large_images), split_by=split_by)
+                  options=ReadOptions(window, slice_axis, allow_large_images), split_by=split_by,
+                  positive_class=positive_class)
     show_audit(r, out_dir)
     if strict and r["leakage"]:
         raise typer.Exit(1)

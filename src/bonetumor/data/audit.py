@@ -231,13 +231,13 @@ def audit(index: DatasetIndex, near_threshold: int = NEAR_THRESHOLD, baseline: b
 def run_audit(data: str | None = None, manifest: str | None = None, out: str | Path | None = None, *,
               seed: int = 42, val_fraction: float = 0.15, test_fraction: float = 0.15,
               near_threshold: int = NEAR_THRESHOLD, baseline: bool = True, overwrite: bool = False,
-              options: ReadOptions | None = None, split_by: str = "given") -> dict:
+              options: ReadOptions | None = None, split_by: str = "given", positive_class: str | None = None) -> dict:
     """Find the data set as ``train`` would (same layouts, same seeded split, ``split_by`` as its
     ``--split-by``), audit it and, with ``out``, write ``out/audit.json``."""
     from bonetumor.data.grouping import split_samples
     from bonetumor.data.layouts import discover
 
-    index = discover(data, manifest, options=options)
+    index = discover(data, manifest, positive_class=positive_class, options=options)
     index.samples, by_ref = split_samples(index.samples, split_by, val_fraction, test_fraction, seed, options,
                                           refuse_shared_patients=False)
     index.split_by = split_by
