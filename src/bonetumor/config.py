@@ -117,6 +117,10 @@ class TrainConfig:
     threshold_rule: str = option("youden", help="Operating point chosen on validation: youden, sensitivity:0.95, "
                                  "specificity:0.9 or fixed:0.5.", group="optimisation")
     calibrate: bool = option(False, help="Temperature scaling fitted on validation.", group="optimisation")
+    ood_quantile: float = option(0.99, help="Out-of-distribution check fitted after training: an image is 'unlike "
+                                 "the training data' beyond this quantile of the validation images' feature distance "
+                                 "(0 = no check).", group="optimisation", rule="0, or above 0.5 and below 1",
+                                 check=lambda v: v == 0 or 0.5 < v < 1)
     # Runtime
     seed: int = option(42, help="Fixes splits, initialisation, shuffling and augmentation.", group="runtime")
     device: str = option("auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", group="runtime")

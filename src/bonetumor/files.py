@@ -234,7 +234,7 @@ class RunDir:
     SPLITS, SKIPPED, AUDIT = "splits.csv", "skipped_files.csv", "audit.json"
     DUPLICATES, CLUSTERS = "duplicates.csv", "clusters.csv"
     HISTORY, CURVES = "history.csv", "curves.png"
-    PRECISION, OPERATING_POINT = "precision.json", "operating_point.json"
+    PRECISION, OPERATING_POINT, OOD = "precision.json", "operating_point.json", "ood.json"
     REPORT = "report.html"
     # An evaluation (and cross-validation's and prediction's tables)
     METRICS, CLASSIFICATION_REPORT, PREDICTIONS = "metrics.json", "classification_report.txt", "predictions.csv"

@@ -32,6 +32,7 @@ from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_resize
 from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from bonetumor.model.ood import flagged, inference_module
 from bonetumor.progress import tracked
 from bonetumor.runtime.device import select_device, to_device
 from bonetumor.runtime.engines import Engine
@@ -39,6 +40,8 @@ from bonetumor.runtime.forward import Forward
 from bonetumor.task import Task
 
 Batch = tuple[list[int], "torch.Tensor | None", list[dict]]  # (indices read, images, rows of unreadable files)
+# (indices scored, logits, out-of-distribution distances, rows of unreadable files)
+Scored = tuple[list[int], "torch.Tensor | None", "torch.Tensor | None", list[dict]]
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Predictions:
     indices: np.ndarray
     loss: float = float("nan")
     logits: np.ndarray | None = None
+    distances: np.ndarray | None = None  # out-of-distribution distances (model/ood.py), when checked
 
     def accuracy(self, threshold: float = 0.5) -> float:
         pred = self.task.indices(self.probs, threshold)
@@ -171,9 +175,10 @@ def model_input(x: torch.Tensor, device: torch.device, mean, std,
 def score_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int = 8,
                   precision: str | None = None, run: Callable | None = None, skip_bad: bool = False, workers: int = 0,
                   prefetch: bool = False, options: ReadOptions | None = None,
-                  what: str | None = None) -> Iterator[tuple[list[int], torch.Tensor | None, list[dict]]]:
+                  what: str | None = None) -> Iterator[Scored]:
     """The model's logits for ``samples``, a batch at a time: (indices scored, their logits
-    (N, outputs) on the CPU, or None, rows of unreadable files). ``precision``: None (the
+    (N, outputs) on the CPU, or None, their out-of-distribution distances (N,) or None for a
+    model without the check, rows of unreadable files). ``precision``: None (the
     model's own on this device, ``LoadedCheckpoint.precision_on``) or one to force; ``run``: the
     model's compiled form, if any; ``options``: how to read the files (default: as the model's
     training read its own); ``what``: the label of a progress line (none without)."""
@@ -181,20 +186,32 @@ def score_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
     batches = read_batches(samples, batch_size, ck.image_size, options or ck.read_options, skip_bad, workers, prefetch,
                            pin_memory=device.type == "cuda")
     batches = tracked(batches, len(samples), what or "", size=lambda b: len(b[0]) + len(b[2]), enabled=bool(what))
-    with Forward(ck.model, device, precision or ck.precision_on(device), run, ck.task.probabilities) as forward:
+    with Forward(ck.model, device, precision or ck.precision_on(device), run or inference_module(ck.model),
+                 ck.task.probabilities, wrapped=run is None) as forward:
         for done, x, bad in batches:
-            logits = None if x is None else forward(model_input(x, device, ck.mean, ck.std, memory_format)).cpu()
-            yield done, logits, bad
+            if x is None:
+                yield done, None, None, bad
+                continue
+            logits = forward(model_input(x, device, ck.mean, ck.std, memory_format)).cpu()
+            distances = forward.distances.cpu() if forward.distances is not None and ck.ood else None
+            yield done, logits, distances, bad
 
 
-def prediction_rows(ck: LoadedCheckpoint, samples: Sequence[Sample], probs: torch.Tensor) -> list[dict]:
-    """A row per sample: path, slice, study, its probability (or class probabilities) and label."""
+def prediction_rows(ck: LoadedCheckpoint, samples: Sequence[Sample], probs: torch.Tensor,
+                    distances: torch.Tensor | None = None) -> list[dict]:
+    """A row per sample: path, slice, study, its probability (or class probabilities) and label;
+    with the model's out-of-distribution check, its distance and whether it is unlike the
+    training data."""
     rows = []
-    for s, p in zip(samples, probs.tolist()):
+    far = flagged(distances.numpy() if distances is not None else None, ck.ood)
+    for i, (s, p) in enumerate(zip(samples, probs.tolist())):
         row = {"path": s.path, "slice": s.frame, "study": s.study, **ck.task.probability_fields(p, digits=6),
                "label": ck.label_for(p)}
         if ck.task.binary:
             row["threshold"] = ck.threshold
+        if far is not None:
+            row["ood_distance"] = round(float(distances[i]), 3)
+            row["unlike_training"] = bool(far[i])
         rows.append(row)
     return rows
 
@@ -206,11 +223,11 @@ def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
     """``prediction_rows`` for ``samples`` in their order, with a row naming each unreadable
     file (``skip_bad``) where it stood (see ``score_batches`` for the arguments)."""
     rows: list[dict] = []
-    for done, logits, bad in score_batches(ck, samples, device, batch_size, precision, run, skip_bad, workers,
-                                           prefetch, options, what):
+    for done, logits, distances, bad in score_batches(ck, samples, device, batch_size, precision, run, skip_bad,
+                                                      workers, prefetch, options, what):
         rows += bad
         if logits is not None:
-            rows += prediction_rows(ck, [samples[i] for i in done], ck.task.probabilities(logits))
+            rows += prediction_rows(ck, [samples[i] for i in done], ck.task.probabilities(logits), distances)
     return rows
 
 
@@ -219,10 +236,12 @@ def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: tor
     """The model's probabilities (at its own precision) for labelled ``samples``, in their order,
     with their targets."""
     index = {c: i for i, c in enumerate(ck.classes)}
-    logits = [x for _, x, _ in score_batches(ck, samples, device, batch_size, workers=workers, what=what)]
-    out = torch.cat(logits) if logits else torch.zeros(0, ck.task.n_outputs)
+    scored = list(score_batches(ck, samples, device, batch_size, workers=workers, what=what))
+    out = torch.cat([x for _, x, _, _ in scored]) if scored else torch.zeros(0, ck.task.n_outputs)
+    distances = [d for _, _, d, _ in scored]
     return Predictions(ck.task, ck.task.probabilities(out).numpy(), np.array([index[s.label] for s in samples], dtype=int),
-                       np.arange(len(samples)), logits=ck.task.scores(out).numpy())
+                       np.arange(len(samples)), logits=ck.task.scores(out).numpy(),
+                       distances=torch.cat(distances).numpy() if scored and distances[0] is not None else None)
 
 
 @torch.inference_mode()
@@ -282,21 +301,27 @@ def explained_images(ck: LoadedCheckpoint, samples: Sequence[Sample], k: int, de
 
 
 def top_slices(ck: LoadedCheckpoint, slices: Sequence[Sample], k: int, device: torch.device,
-               batch_size: int, before_batch: Callable[[], None] | None = None) -> tuple[list[Decoded], torch.Tensor]:
+               batch_size: int, before_batch: Callable[[], None] | None = None
+               ) -> tuple[list[Decoded], torch.Tensor, torch.Tensor | None]:
     """(the ``k`` highest-scoring of one study's ``slices``, in slice order, with their decoded
-    images; the probabilities of every slice). Ties keep the earlier slice. ``before_batch`` may
-    raise to stop the work (the server's time limit)."""
+    images; the probabilities of every slice; their out-of-distribution distances, or None for
+    a model without the check). Ties keep the earlier slice. ``before_batch`` may raise to stop
+    the work (the server's time limit)."""
     best: list[tuple[float, int, torch.Tensor]] = []  # a heap of (score, -position, image): the worst on top
     probs: list[torch.Tensor] = []
-    with Forward(ck.model, device, ck.precision_on(device)) as forward:
+    distances: list[torch.Tensor] = []
+    with Forward(ck.model, device, ck.precision_on(device), inference_module(ck.model), wrapped=True) as forward:
         for start in range(0, len(slices), batch_size):
             if before_batch is not None:
                 before_batch()
             images = [load_tensor(s.path, s.frame, ck.read_options, rgb=False) for s in slices[start:start + batch_size]]
             probs.append(ck.task.probabilities(forward(model_batch(ck, images, device))).cpu())
+            if forward.distances is not None:
+                distances.append(forward.distances.cpu())
             for j, (image, p) in enumerate(zip(images, probs[-1])):
                 heapq.heappush(best, (ck.task.ranking_score(p), -(start + j), image))
                 if len(best) > k:
                     heapq.heappop(best)
     kept = sorted(best, key=lambda item: -item[1])
-    return [(slices[-position], image) for _, position, image in kept], torch.cat(probs)
+    return ([(slices[-position], image) for _, position, image in kept], torch.cat(probs),
+            torch.cat(distances) if distances else None)

@@ -28,10 +28,11 @@ from bonetumor.inference import (
 )
 from bonetumor.model.checkpoint import checkpoint_config
 from bonetumor.model.export import has_cached_export
+from bonetumor.model.ood import OOD_FIELDS, inference_module
 from bonetumor.runtime import engines
 from bonetumor.runtime.device import select_device
 from bonetumor.runtime.engines import Engine
-from bonetumor.runtime.forward import maybe_compiled
+from bonetumor.runtime.forward import CompiledInference, should_compile
 
 AGGREGATES = "max, mean or topk:K"
 DEFAULT_AGGREGATE = "topk:3"  # a study's score: the mean of its three highest slice scores
@@ -134,7 +135,9 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         precision = "fp32"  # ONNX Runtime runs fp32
     elif precision == "model":
         precision = ck.precision_on(dev)
-    run = ck.model if engine.exported else maybe_compiled(ck.model, compile_mode, len(samples), batch_size, dev)
+    run = None  # the model itself, eager (with its out-of-distribution check, if any)
+    if not engine.exported and should_compile(compile_mode, len(samples), dev):
+        run = CompiledInference(inference_module(ck.model), batch_size)
     rows = score_samples(ck, samples, dev, batch_size, precision, run, skip_bad, workers, prefetch=engine.exported,
                          options=options, what="predict")
     ck.verified()  # nothing is returned from weights whose checksum fails
@@ -163,10 +166,10 @@ def write_predictions(run: RunDir, rows: Sequence[dict], studies: Sequence[dict]
     model's class probabilities as one JSON column."""
     flat = [{**r, "probabilities": json.dumps(r["probabilities"])} if "probabilities" in r else r for r in rows]
     run.write_csv(RunDir.PREDICTIONS, ["path", "slice", "study", "probability", "probabilities", "label", "threshold",
-                                       "error"], flat)
+                                       *OOD_FIELDS, "error"], flat)
     if studies:
         run.write_csv(RunDir.STUDIES, ["study", "n_slices", "aggregate", "probability", "probabilities", "label",
-                                       "top_slices"],
+                                       "top_slices", "unlike_training_slices"],
                       [{**s, "top_slices": " ".join(map(str, s["top_slices"])),
                         **({"probabilities": json.dumps(s["probabilities"])} if "probabilities" in s else {})}
                        for s in studies])
@@ -198,6 +201,8 @@ def study_scores(rows: Sequence[dict], aggregate: str, label_for: Callable) -> l
         order = np.argsort(-(scores if binary else scores.max(axis=1)), kind="stable")
         top = [rs[i]["slice"] if rs[i]["slice"] is not None else Path(rs[i]["path"]).name for i in order[:5]]
         row = {"study": study, "n_slices": len(rs), "aggregate": aggregate, "top_slices": top}
+        if "unlike_training" in rs[0]:
+            row["unlike_training_slices"] = sum(bool(r["unlike_training"]) for r in rs)
         if binary:
             row.update(probability=round(float(agg), 6), label=label_for(float(agg)))
         else:

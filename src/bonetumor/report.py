@@ -20,6 +20,7 @@ import yaml
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.names import (
     THRESHOLD_NOT_CHOSEN,
+    UNLIKE_WORDS,
     metric_meaning,
     metric_name,
     sig3,
@@ -134,6 +135,10 @@ def _method_section(run: Path, cfg: dict) -> str:
              ["head", f"global average pooling → Linear(256) → ReLU → Dropout({cfg.get('dropout')}) → Linear"]]
     train = [[k, cfg.get(k)] for k in ("epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "patience", "precision",
                                         "threshold_rule", "calibrate", "seed")]
+    ood = _read_json(run / RunDir.OOD)
+    train.append(["out-of-distribution check", f"{ood['method']}, on pooled backbone features of {ood['n_train']} "
+                  f"training images; flags beyond the {ood['quantile']:g} quantile of {ood['n_valid']} validation "
+                  "images' distances" if ood else "none"])
     pk = env.get("packages", {})
     sw = ", ".join(f"{k} {v}" for k, v in pk.items())
     return (f"<h3>Preprocessing</h3>{_table(pre)}<h3>Model</h3>{_table(model)}<h3>Training</h3>{_table(train)}"
@@ -162,6 +167,13 @@ def _metrics_section(ev: Path | None, run: Path) -> str:
            _table(rows, ["metric", "value [95% CI] at the operating threshold", "at threshold 0.5"])]
     if default_threshold:
         out.insert(1, _warning(THRESHOLD_NOT_CHOSEN))
+    o = m.get("ood")
+    if o:
+        out.append(f"<p>{UNLIKE_WORDS.capitalize()} (out-of-distribution check): {o['flagged']} of {o['of']} images "
+                   f"({o['rate']:.1%}; by class: {html.escape(', '.join(f'{c} {r:.1%}' for c, r in o['by_class'].items()))}"
+                   f"), where images like the training data give about {o['expected_rate']:.0%}.</p>")
+    for note in m.get("notes", []):
+        out.append(_warning(note.rstrip(".")))
     b = m.get("memorisation_baseline")
     if b:
         out.append(f"<p>Beside it, 1-NN look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, ROC-AUC {sig3(b['roc_auc'])}. "
@@ -261,11 +273,13 @@ def _other_evaluations(evals: list[Path]) -> str:
         if m is None:
             raise BonetumorError(f"{ev}: no metrics.json (run bonetumor evaluate first)")
         kind = "external" if m.get("external") else "internal"
+        ood = m.get("ood")
         rows.append([f"{kind}: {m.get('data', '')} ({m.get('split')})", m["n"],
-                     *(_ci(m[k]) if k in m else "" for k in ("roc_auc", "accuracy", "sensitivity", "specificity"))])
+                     *(_ci(m[k]) if k in m else "" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")),
+                     f"{ood['rate']:.1%}" if ood else "not checked"])
     return ("<h3>Other evaluations</h3><p>A model can score well inside its own data set and near chance outside it; "
             "external figures are labelled as such.</p>"
-            + _table(rows, ["evaluation", "n", "ROC-AUC", "accuracy", "sensitivity", "specificity"]))
+            + _table(rows, ["evaluation", "n", "ROC-AUC", "accuracy", "sensitivity", "specificity", UNLIKE_WORDS]))
 
 
 LIMITS = """<ul>

@@ -40,6 +40,9 @@ def test_onnx_runtime_gives_the_same_probabilities(exported, tiny_run, tiny_data
     diff = np.abs(np.array([r["probability"] for r in ours]) - np.array([r["probability"] for r in theirs]))
     assert diff.max() <= 1e-4
     assert [r["label"] for r in ours] == [r["label"] for r in theirs]
+    # the out-of-distribution check is the graph's second output
+    np.testing.assert_allclose([r["ood_distance"] for r in theirs], [r["ood_distance"] for r in ours], rtol=1e-3)
+    assert load_onnx(exported).ood == load_checkpoint(tiny_run / "best.pt").ood
 
 
 def test_metadata_carries_what_prediction_needs(exported, tiny_run):
@@ -117,9 +120,9 @@ def test_openvino_runs_bf16_under_a_bf16_autocast_and_compiles_each_shape_once(e
 
     ck = load_openvino(exported)
     x = torch.randn(5, 3, ck.image_size, ck.image_size, generator=torch.Generator().manual_seed(0))
-    fp32 = torch.sigmoid(ck.model(x))
+    fp32 = torch.sigmoid(ck.model(x)[0])  # (logits, out-of-distribution scores)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = torch.sigmoid(ck.model(x))
+        bf16 = torch.sigmoid(ck.model(x)[0])
         ck.model(x[:2])
     assert float((fp32 - bf16).abs().max()) <= 0.01
     if cpu_has_fast_bf16():  # bf16 did run: its rounding shows
@@ -134,10 +137,11 @@ def test_openvino_splits_even_batches_over_two_streams_with_the_same_outputs(exp
     split, whole = load_openvino(exported, threads=2), load_openvino(exported, threads=2)
     x = torch.randn(6, 3, split.image_size, split.image_size, generator=torch.Generator().manual_seed(1))
     whole.model.streams = 1
-    a, b = split.model(x), whole.model(x)
+    (a, da), (b, db) = split.model(x), whole.model(x)
     assert len(split.model._requests[("f32", 6)]) == 2  # two halves of 3
     assert len(whole.model._requests[("f32", 6)]) == 1
     assert torch.allclose(a, b, atol=1e-5) and float((a[:3] - a[3:]).abs().max()) > 1e-3  # halves in order
+    assert torch.allclose(da, db, rtol=1e-4) and da.shape == (6,)
     split.model(x[:5])
     assert len(split.model._requests[("f32", 5)]) == 1  # an odd batch runs whole
 

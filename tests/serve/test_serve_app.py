@@ -46,6 +46,9 @@ def test_predict_png_matches_the_predict_command(client, tiny_run, tiny_data):
     assert body["label"] == ref["label"] and body["threshold"] == pytest.approx(ref["threshold"])
     assert body["model"]["checkpoint"] == "best.pt" and body["positive_class"] == "cancer"
     assert "not a diagnostic device" in body["disclaimer"]
+    # the out-of-distribution check, as predict gives it
+    assert body["ood"]["checked"] and body["ood"]["of"] == 1 and body["ood"]["flagged"] == int(ref["unlike_training"])
+    assert body["images"][0]["ood_distance"] == pytest.approx(ref["ood_distance"], rel=1e-3)
     (im,) = body["images"]
     img, heat = _decode(im["image_png"]), _decode(im["heatmap_png"])
     assert img.shape[:2] == heat.shape[:2] == Image.open(f).size[::-1] and heat.shape[2] == 4  # RGBA, alpha = map
@@ -97,6 +100,9 @@ def test_a_long_volume_is_scored_in_batches_and_its_best_slices_explained(client
     best = sorted(rows, key=lambda r: -r["probability"])[:2]
     assert [im["slice"] for im in body["images"]] == [r["slice"] for r in best]
     assert [im["probability"] for im in body["images"]] == pytest.approx([r["probability"] for r in best], abs=1e-5)
+    assert [s["ood_distance"] for s in body["slices"]] == pytest.approx([r["ood_distance"] for r in rows], rel=1e-3)
+    assert [im["ood_distance"] for im in body["images"]] == pytest.approx([r["ood_distance"] for r in best], rel=1e-3)
+    assert body["ood"]["of"] == 6 and body["ood"]["flagged"] == sum(r["unlike_training"] for r in rows)
 
 
 def test_dicom_files_of_one_series_are_one_study_in_slice_order(client, tiny_run, tmp_path):
@@ -219,3 +225,15 @@ def test_temporary_files_are_removed_and_names_never_become_paths(client, tiny_d
         assert r.status_code == 200
     client.post("/api/predict", files={"file": ("bad.png", good[:60], "image/png")})
     assert list(tmp_path.iterdir()) == []
+
+
+def _noise_png(path) -> bytes:
+    """Colour noise: nothing like the grey synthetic scans the tiny model learnt from."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    return _png(path)
+
+
+def test_an_image_unlike_the_training_data_says_so(client, tmp_path):
+    body = client.post("/api/predict", files={"file": ("noise.png", _noise_png(tmp_path / "n.png"), "image/png")}).json()
+    assert body["ood"]["checked"] and body["ood"]["flagged"] == 1 and body["images"][0]["unlike_training"] is True
+    assert 0 <= body["probability"] <= 1  # still given, with the flag beside it

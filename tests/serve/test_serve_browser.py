@@ -72,6 +72,21 @@ def test_upload_an_image_and_see_probability_and_heatmap(server, browser, tiny_d
     page.close()
 
 
+def test_an_image_unlike_the_training_data_is_flagged_on_the_page(server, browser, tmp_path):
+    from PIL import Image
+
+    f = tmp_path / "noise.png"  # colour noise, as the API test sends (test_serve_app.py)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(f)
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.set_input_files("#file", str(f))
+    page.wait_for_selector("#ood-warning:not([hidden])", timeout=60_000)
+    assert "unlike the training data" in page.inner_text("#ood-warning")
+    assert "cannot be trusted" in page.inner_text("#ood-warning")
+    assert page.inner_text("#label").endswith("(unlike the training data)")
+    page.close()
+
+
 def test_a_volume_gets_a_slice_browser_sorted_by_score(server, browser, tmp_path):
     rng = np.random.default_rng(4)
     vol = write_nifti(tmp_path / "v.nii.gz", [rng.random((32, 32)) for _ in range(4)])

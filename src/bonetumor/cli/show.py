@@ -8,7 +8,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bonetumor.evaluate.names import THRESHOLD_NOT_CHOSEN, metric_name, sig3
+from bonetumor.evaluate.names import (
+    THRESHOLD_NOT_CHOSEN,
+    UNLIKE_WORDS,
+    metric_name,
+    sig3,
+)
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -42,6 +47,10 @@ def show_metrics(m: dict) -> None:
                   f"{sig3(pm['roc_auc']['value'])} [{sig3(pm['roc_auc']['ci_low'])}, {sig3(pm['roc_auc']['ci_high'])}], "
                   f"accuracy {sig3(pm['accuracy']['value'])}, sensitivity {sig3(pm['sensitivity']['value'])}, "
                   f"specificity {sig3(pm['specificity']['value'])}")
+    o = m.get("ood")
+    if o:
+        out.print(f"{UNLIKE_WORDS} (out-of-distribution check): {o['flagged']} of {o['of']} images ({o['rate']:.1%}; "
+                  f"images like the training data: about {o['expected_rate']:.0%})")
     b = m.get("memorisation_baseline")
     if b:
         out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, "
@@ -175,21 +184,30 @@ def _show_confounds(r: dict) -> None:
 def show_predictions(rows: list[dict], studies: list[dict], aggregate: str) -> None:
     """``predict``'s table of images (and of studies), and a count of files skipped."""
     t = Table()
-    for col in ("file", "slice", "probability", "label"):
+    checked = any("unlike_training" in r for r in rows)
+    for col in ("file", "slice", "probability", "label") + (("input check",) if checked else ()):
         t.add_column(col, justify="right" if col in ("slice", "probability") else "left")
     for r in rows:
         p = r.get("probability")
         shown = r.get("error") and f"[red]{r['error']}[/]" or (f"{p:.4f}" if p is not None else json.dumps(r["probabilities"]))
-        t.add_row(r["path"], "" if r["slice"] is None else str(r["slice"]), shown, r.get("label", ""))
+        cells = [r["path"], "" if r["slice"] is None else str(r["slice"]), shown, r.get("label", "")]
+        if checked:
+            cells.append(f"[bold red]{UNLIKE_WORDS}[/]" if r.get("unlike_training") else "")
+        t.add_row(*cells)
     out.print(t)
+    far = sum(bool(r.get("unlike_training")) for r in rows)
+    if far:
+        err.print(f"[bold yellow]warning:[/] {far} of {sum('unlike_training' in r for r in rows)} image(s) are "
+                  f"{UNLIKE_WORDS} (the model's out-of-distribution check): their probabilities cannot be trusted")
     if studies:
         t = Table(title=f"studies (score = {aggregate} of the slice scores)")
-        for col in ("study", "slices", "probability", "label", "top slices"):
+        for col in ("study", "slices", "probability", "label", "top slices") + (("unlike training",) if checked else ()):
             t.add_column(col)
         for s in studies:
             p = s.get("probability")
             t.add_row(s["study"], str(s["n_slices"]), f"{p:.4f}" if p is not None else json.dumps(s["probabilities"]),
-                      s["label"], " ".join(map(str, s["top_slices"][:3])))
+                      s["label"], " ".join(map(str, s["top_slices"][:3])),
+                      *([f"{s.get('unlike_training_slices', 0)} slices"] if checked else []))
         out.print(t)
     bad = sum("error" in r for r in rows)
     if bad:

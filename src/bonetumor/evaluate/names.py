@@ -8,6 +8,9 @@ import math
 
 import numpy as np
 
+# What an image beyond the out-of-distribution check's threshold is called (model/ood.py).
+UNLIKE_WORDS = "unlike the training data"
+
 # key -> (name, meaning); {pos} and {neg} become the model's positive and negative class names
 LABELS = {
     "roc_auc": ("ROC-AUC", "The chance that a random {pos} image scores above a random {neg} one: 0.5 is chance, 1 perfect."),

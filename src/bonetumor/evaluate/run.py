@@ -15,9 +15,11 @@ from bonetumor.data.layouts import check_files, discover
 from bonetumor.data.splits import with_splits
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
+from bonetumor.evaluate.names import UNLIKE_WORDS
 from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, open_model, predict_samples
 from bonetumor.model.checkpoint import LoadedCheckpoint
+from bonetumor.model.ood import OOD_FIELDS, flagged
 
 
 def parse_class_map(text: str | None) -> dict[str, str] | None:
@@ -118,12 +120,9 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
               "threshold_source": "validation" if ck.threshold_chosen else "default",
               # predictions.csv keeps the paths as given; a report run from elsewhere finds them from here
               "paths_relative_to": str(Path.cwd())})
-    missing = [c for i, c in enumerate(ck.classes) if not (preds.targets == i).any()]
-    if missing:
-        m["notes"] = [f"the {split} split holds no {', '.join(missing)} images: ROC-AUC and the metrics that "
-                      f"need them (sensitivity, PPV, F1) are undefined (nan)"]
     if class_map:
         m["class_map"], m["dropped_classes"] = class_map, dropped
+    _notes(m, preds, ck, split)
     _lookup_figures(m, all_samples, samples, preds, ck, groups, n_boot, baseline, exclude_near_duplicates_of)
     report = m.pop("classification_report")
     run.write_json(RunDir.METRICS, m)
@@ -134,11 +133,41 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     return m
 
 
+def _notes(m: dict, preds: Predictions, ck: LoadedCheckpoint, split: str) -> None:
+    """Notes on classes the split lacks, and the out-of-distribution figures."""
+    missing = [c for i, c in enumerate(ck.classes) if not (preds.targets == i).any()]
+    if missing:
+        m["notes"] = [f"the {split} split holds no {', '.join(missing)} images: ROC-AUC and the metrics that "
+                      f"need them (sensitivity, PPV, F1) are undefined (nan)"]
+    _ood_figures(m, preds, ck, split)
+
+
+def _ood_figures(m: dict, preds: Predictions, ck: LoadedCheckpoint, split: str) -> None:
+    """The share of images the model's out-of-distribution check flags (overall and per class),
+    with a note when it is well above what images like the training data give."""
+    far = flagged(preds.distances, ck.ood)
+    if far is None:
+        return
+    expected = 1 - float(ck.ood["quantile"])
+    by_class = {c: float(far[preds.targets == i].mean()) for i, c in enumerate(ck.classes) if (preds.targets == i).any()}
+    m["ood"] = {"flagged": int(far.sum()), "of": int(len(far)), "rate": float(far.mean()), "by_class": by_class,
+                "expected_rate": expected, "threshold": float(ck.ood["threshold"]), "quantile": float(ck.ood["quantile"])}
+    # Beyond four times the chance rate (and more than a couple of images): not chance any more.
+    if far.mean() > max(4 * expected, 0.05) and far.sum() > 2:
+        m.setdefault("notes", []).append(
+            f"{far.mean():.0%} of the {split} images are {UNLIKE_WORDS} (images like it: about {expected:.0%}): the "
+            f"model is judged here on images unlike those it learnt from, and its probabilities for them cannot be "
+            f"trusted")
+
+
 def _write_predictions(run: RunDir, samples, preds: Predictions, ck: LoadedCheckpoint) -> None:
     cols = ck.task.probability_columns()
+    far = flagged(preds.distances, ck.ood)
     rows = ({"path": s.ref, "label": s.label, "prediction": ck.label_for(p),
-             **dict(zip(cols, (f"{v:.6f}" for v in np.atleast_1d(p))))} for s, p in zip(samples, preds.probs))
-    run.write_csv(RunDir.PREDICTIONS, ["path", "label", *cols, "prediction"], rows)
+             **dict(zip(cols, (f"{v:.6f}" for v in np.atleast_1d(p)))),
+             **({} if far is None else {"ood_distance": f"{preds.distances[i]:.3f}", "unlike_training": bool(far[i])})}
+            for i, (s, p) in enumerate(zip(samples, preds.probs)))
+    run.write_csv(RunDir.PREDICTIONS, ["path", "label", *cols, "prediction", *([] if far is None else OOD_FIELDS)], rows)
 
 
 def _write_figures(run: RunDir, preds: Predictions, m: dict, ck: LoadedCheckpoint, name: str, groups, n_boot: int) -> None:

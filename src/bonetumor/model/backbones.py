@@ -64,6 +64,9 @@ class Classifier(nn.Module):
     recompute_stages: int = 0
     # "frozen": every BatchNorm keeps its running statistics while training (see runtime/batchnorm.py).
     bn_statistics: str = "batch"
+    # A checkpoint with the out-of-distribution check gives the model an ``ood`` submodule
+    # (model/ood.py): read it with getattr(model, "ood", None). No class default here, as a class
+    # attribute would hide the submodule that nn.Module keeps apart.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute_stages and self.training and torch.is_grad_enabled():

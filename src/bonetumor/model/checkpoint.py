@@ -15,6 +15,7 @@ from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from bonetumor.errors import BonetumorError, first_line
 from bonetumor.files import atomic_path
 from bonetumor.model.backbones import create_empty_model
+from bonetumor.model.ood import attach_distance
 from bonetumor.model.serialization import (
     FORMAT,
     FORMAT_VERSION,
@@ -160,6 +161,13 @@ class LoadedCheckpoint:
         return model_precision(self.config.precision, device)
 
     @property
+    def ood(self) -> dict | None:
+        """The out-of-distribution check's record (threshold, quantile, fit facts; model/ood.py),
+        or None for a model trained without one."""
+        record = self.raw.get("ood")
+        return record if isinstance(record, dict) and "threshold" in record else None
+
+    @property
     def positive_class(self) -> str:
         """The class whose probability a binary model outputs."""
         return self.classes[-1]
@@ -215,6 +223,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", check:
         cfg, classes = rec["config"], rec["classes"]
         model = create_empty_model(cfg.backbone, Task.of(classes).n_outputs, cfg.hidden, cfg.dropout,
                                    cfg.output_stride)
+        attach_distance(model, state)
         model.load_state_dict(state, assign=True)
     except (KeyError, TypeError, RuntimeError, AttributeError, ValueError, BonetumorError) as e:
         integrity.result()  # a damaged file says so first
@@ -246,6 +255,10 @@ def _checked_records(obj: dict) -> dict:
     rec = {"config": cfg, "classes": list(classes), "mean": mean, "std": std,
            "image_size": _number(obj, "image_size", int, 8, 8192), "threshold": _number(obj, "threshold", float, 0, 1, 0.5),
            "temperature": _number(obj, "temperature", float, 1e-3, 1e3, 1.0), "epoch": _number(obj, "epoch", int, 0, 10**9, 0)}
+    ood = obj.get("ood")
+    if ood is not None:
+        _number(ood, "threshold", float, 0, 1e12)
+        _number(ood, "quantile", float, 0, 1)
     if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
         raise ValueError(f"normalization must be 3 finite means and 3 positive deviations, not {norm!r}")
     return rec

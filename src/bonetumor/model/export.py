@@ -24,6 +24,7 @@ from bonetumor.config import config_from_dict, config_to_dict
 from bonetumor.errors import BonetumorError
 from bonetumor.files import atomic_path, refuse_existing_file
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from bonetumor.model.ood import inference_module
 from bonetumor.model.serialization import check_seal, file_seal
 from bonetumor.runtime.engines import (
     META_KEY,
@@ -54,11 +55,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False
     example = torch.randn(2, 3, size, size)
     meta = {"format": "bonetumor-onnx", "classes": ck.classes, "threshold": ck.threshold, "image_size": size,
             "mean": list(ck.mean), "std": list(ck.std), "epoch": ck.epoch, "temperature": float(model.temperature),
-            "config": config_to_dict(ck.config)}
+            "config": config_to_dict(ck.config), "ood": ck.ood}
+    # With the out-of-distribution check, the graph's second output is each image's distance.
+    graph_model = inference_module(model)
+    outputs = ["logits", "ood_distance"] if graph_model is not model else ["logits"]
     with atomic_path(out) as tmp:
         staged = tmp.with_name(tmp.name + ".onnx")  # the exporter wants an .onnx name
         try:
-            torch.onnx.export(model, (example,), str(staged), input_names=["image"], output_names=["logits"],
+            torch.onnx.export(graph_model, (example,), str(staged), input_names=["image"], output_names=outputs,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
                               external_data=False, verbose=False)
             graph = onnx.load(str(staged))
@@ -67,14 +71,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False
         entry = graph.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(meta)
         onnx.save(graph, str(tmp))
-        diff = _verify(model, tmp, size)
+        diff = _verify(graph_model, tmp, size)
         if diff["max_abs_diff_probability"] > tolerance:
             raise BonetumorError(f"{out}: ONNX Runtime differs from PyTorch by {diff['max_abs_diff_probability']:.2e} "
                                  f"in probability (limit {tolerance:g}); not written")
     return {"path": str(out), **diff, "bytes": out.stat().st_size}
 
 
-EXPORT_FORMAT = 1  # part of the cache key: a change to what export writes makes new files
+EXPORT_FORMAT = 2  # part of the cache key: a change to what export writes makes new files
 CACHE_KEEP = 5  # exports kept in the cache (about 95 MB each for ResNet50), the most recently used
 
 
@@ -143,13 +147,18 @@ def cached_export(checkpoint: str | Path) -> Path:
 
 @torch.inference_mode()
 def _verify(model: nn.Module, path: Path, size: int) -> dict:
-    """Largest logit and probability differences, PyTorch vs ONNX Runtime, on 4 random images."""
+    """Largest logit and probability differences (and relative difference of the
+    out-of-distribution distances), PyTorch vs ONNX Runtime, on 4 random images."""
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    ref = model(x).float()
-    got = OnnxRunner(onnx_session(path))(x)
+    ref, got = model(x), OnnxRunner(onnx_session(path))(x)
+    diff = {}
+    if isinstance(ref, tuple):
+        diff["max_rel_diff_ood_distance"] = float(((ref[1] - got[1]).abs() / ref[1].abs().clamp_min(1e-6)).max())
+        ref, got = ref[0], got[0]
+    ref = ref.float()
     prob = (lambda t: torch.sigmoid(t) if t.shape[1] == 1 else torch.softmax(t, 1))  # noqa: E731
     return {"max_abs_diff_logit": float((ref - got).abs().max()),
-            "max_abs_diff_probability": float((prob(ref) - prob(got)).abs().max())}
+            "max_abs_diff_probability": float((prob(ref) - prob(got)).abs().max()), **diff}
 
 
 def _loaded(runner: nn.Module, meta: dict) -> LoadedCheckpoint:

@@ -77,9 +77,10 @@ class OnnxRunner(nn.Module):
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # An export with the out-of-distribution check has a second output: (logits, distances).
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})
+        return torch.from_numpy(out[0]) if len(out) == 1 else tuple(torch.from_numpy(o) for o in out[:2])
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -159,18 +160,21 @@ class OpenVinoRunner(nn.Module):
             self._requests[key] = [compiled.create_infer_request() for _ in range(parts)]
         return self._requests[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         requests = self._request("bf16" if _autocast_bf16() else "f32", len(x))
         data = x.detach().float().cpu().contiguous().numpy()
         if len(requests) == 1:
             requests[0].infer({0: data})
-            return torch.from_numpy(requests[0].get_output_tensor(0).data.copy())
-        step = len(x) // len(requests)
-        for i, request in enumerate(requests):
-            request.start_async({0: data[i * step : (i + 1) * step]})
-        for request in requests:
-            request.wait()
-        return torch.from_numpy(np.concatenate([r.get_output_tensor(0).data for r in requests]))
+        else:
+            step = len(x) // len(requests)
+            for i, request in enumerate(requests):
+                request.start_async({0: data[i * step : (i + 1) * step]})
+            for request in requests:
+                request.wait()
+        # An export with the out-of-distribution check has a second output: (logits, distances).
+        out = [torch.from_numpy(np.concatenate([r.get_output_tensor(k).data for r in requests]))
+               for k in range(len(self.ov_model.outputs[:2]))]
+        return out[0] if len(out) == 1 else (out[0], out[1])
 
 
 @functools.lru_cache(maxsize=1)

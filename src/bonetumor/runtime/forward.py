@@ -57,7 +57,8 @@ class CompiledInference:
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(
                 memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
         try:
-            return self.compiled(x)[:n]
+            out = self.compiled(x)
+            return tuple(o[:n] for o in out) if isinstance(out, tuple) else out[:n]
         except Exception as e:  # noqa: BLE001 - any compile failure leaves the eager model, which is correct
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); "
                           "running without it", RuntimeWarning, stacklevel=2)
@@ -78,13 +79,21 @@ class Forward:
         run: what to call instead of ``model`` (its compiled form, ``maybe_compiled``); BatchNorms
             are then left as they are.
         probabilities: logits -> probabilities, for ``auto``'s check (``Task.probabilities``).
+
+        wrapped: ``run`` is an eager wrapper of ``model`` itself (``model.ood.WithDistance``), whose
+            BatchNorms are folded as the model's are.
+
+    A ``run`` that returns (logits, out-of-distribution scores) (model/ood.py) leaves each
+    batch's scores in ``distances`` (None for a model without the check).
     """
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32",
                  run: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 probabilities: Probabilities | None = None):
+                 probabilities: Probabilities | None = None, wrapped: bool = False):
         self.model, self.device, self.precision = model, device, precision
+        self.eager = run is None or run is model or wrapped
         self.run = run or model
+        self.distances: torch.Tensor | None = None  # the last batch's out-of-distribution distances
         self.probabilities = probabilities
         self.check: dict | None = None  # ``auto``'s record, once made
         self._stack: ExitStack | None = None
@@ -95,7 +104,7 @@ class Forward:
         if isinstance(self.model, nn.Module):
             self.model.eval()
         self._stack.enter_context(torch.inference_mode())
-        if self.run is self.model:
+        if self.eager:
             self._stack.enter_context(inference_folded(self.model))
         if self.precision != "auto":
             self._autocast = autocast(self.precision, self.device)
@@ -113,7 +122,10 @@ class Forward:
                                                   self.probabilities)
             self.precision = self.check["chosen"]
             self._autocast = autocast(self.precision, self.device)
-            if checked is not None and len(x) <= PRECISION_CHECK_IMAGES:
+            if checked is not None and len(x) <= PRECISION_CHECK_IMAGES and self.run is self.model:
                 return checked
         with self._autocast:
-            return self.run(x).float()
+            out = self.run(x)
+        if isinstance(out, tuple):  # (logits, out-of-distribution distances)
+            out, self.distances = out[0], out[1].float()
+        return out.float()

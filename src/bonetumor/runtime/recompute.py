@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 Stages = Sequence[Sequence[str]]  # module names per stage, stem first, as the backbone's forward runs them
 
 
-def _tail(x: torch.Tensor, relu: bool) -> torch.Tensor:
+def pool_tail(x: torch.Tensor, relu: bool) -> torch.Tensor:
     """What the torchvision forward does after the last stage (its classifier is an Identity)."""
     if relu:
         x = F.relu(x)
@@ -68,4 +68,4 @@ def recompute_forward(backbone: nn.Module, stages: Stages, n_stages: int, x: tor
                            context_fn=lambda mods=mods: (nullcontext(), _keep_batchnorm_statistics(mods)))
         else:
             x = _run(mods, x)
-    return _tail(x, relu_tail)
+    return pool_tail(x, relu_tail)

@@ -41,6 +41,7 @@ from bonetumor.explain.grid import model_grid
 from bonetumor.explain.panels import heatmap_rgba, to_rgb8
 from bonetumor.inference import model_batch, open_model, prediction_rows, top_slices
 from bonetumor.model.backbones import BACKBONES
+from bonetumor.model.ood import OOD_FIELDS, image_distances, ood_summary
 from bonetumor.predict import DEFAULT_AGGREGATE, slice_score, study_scores
 from bonetumor.runtime.device import release_free_memory
 from bonetumor.serve.guard import Guard, ServeLimits, security_headers
@@ -106,7 +107,7 @@ class Service:
                 "checkpoint": self.path.name, "epoch": ck.epoch, "classes": ck.classes, "positive_class": ck.positive_class,
                 "threshold": ck.threshold, "image_size": ck.image_size, "backbone": ck.config.backbone,
                 "operating_point": ck.raw.get("operating_point"), "heatmap_grid": self.grid,
-                "heatmap_warning": self.grid_warning}
+                "heatmap_warning": self.grid_warning, "ood": ck.ood}
         run = self.path.parent
         data = _read_json(run / "data.json")
         if data is not None:
@@ -130,29 +131,33 @@ class Service:
         is_study = len(refs) > 1 or refs[0].frame is not None  # one single-frame DICOM file is an image
         # Few slices: Grad-CAM's own forward pass scores them all. Many: score every slice in
         # batches (not all held in memory), keeping the highest-scoring ones to explain.
-        rows = None
+        rows, distances = None, None
         if len(refs) > MAX_HEATMAPS:
-            chosen, probs = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16,
-                                       before_batch=lambda: self.check(deadline))
-            rows = prediction_rows(ck, refs, probs)
+            chosen, probs, distances = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16,
+                                                  before_batch=lambda: self.check(deadline))
+            rows = prediction_rows(ck, refs, probs, distances)
         else:
             chosen = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs]
         self.check(deadline)
         x = model_batch(ck, [image for _, image in chosen], self.device)
         cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold,
                             ck.precision_on(self.device))
-        cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu())
+        index = {r: k for k, r in enumerate(refs)}
+        chosen_distances = (image_distances(ck.model, x) if distances is None
+                             else distances[[index[r] for r, _ in chosen]])
+        cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu(), chosen_distances)
         rows = rows or cam_rows
         for k, row in enumerate(rows):  # a series' files are numbered in slice order (as expand_inputs sorts them)
             row.update(slice=(refs[k].frame if refs[k].frame is not None else k) if is_study else None,
                        study=refs[k].study or "upload")
-        position = {r: k for k, r in enumerate(refs)}
+        position = index
         images = []
         for j, (ref, image) in enumerate(chosen):
             h, w = image.shape[-2:]
             cam = torch.nn.functional.interpolate(cams.maps[j][None, None], size=(h, w), mode="bilinear",
                                                   align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
-            images.append({"slice": rows[position[ref]]["slice"], **{k: cam_rows[j][k] for k in cam_rows[j] if k.startswith("prob")},
+            images.append({"slice": rows[position[ref]]["slice"],
+                           **{k: cam_rows[j][k] for k in cam_rows[j] if k.startswith("prob") or k in OOD_FIELDS},
                            "label": cam_rows[j]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
                            "image_png": _png_b64(to_rgb8(image.permute(1, 2, 0).numpy())),
                            "heatmap_png": _png_b64(heatmap_rgba(cam))})
@@ -161,7 +166,7 @@ class Service:
             im["rank"] = rank
         out = {"kind": "study" if is_study else "image", "threshold": ck.threshold, "positive_class": ck.positive_class,
                "classes": ck.classes, "model": {k: self.info[k] for k in ("name", "bonetumor", "checkpoint", "epoch")},
-               "images": images, "disclaimer": DISCLAIMER}
+               "images": images, "disclaimer": DISCLAIMER, "ood": ood_summary(rows, ck.ood)}
         if is_study:
             study = study_scores(rows, DEFAULT_AGGREGATE, ck.label_for)[0]
             out.update(study={k: v for k, v in study.items() if k != "study"},

@@ -107,11 +107,14 @@ class Checkpointer:
         """The best epoch's weights (to score validation again after a resume)."""
         return (self.pending or read_checkpoint_file(self.run / RunDir.BEST))["model"]
 
-    def finish(self, fields: dict) -> None:
-        """Write best.pt with ``fields`` (the operating point) set: from the snapshot held, or
-        the file written earlier."""
+    def finish(self, fields: dict, weights: dict | None = None) -> None:
+        """Write best.pt with ``fields`` (the operating point) set and ``weights`` (the
+        out-of-distribution check's) added: from the snapshot held, or the file written earlier."""
         base = self.pending if self.pending is not None else read_checkpoint_file(self.run / RunDir.BEST)
-        self._write(RunDir.BEST, {**base, **fields})
+        payload = {**base, **fields}
+        if weights:
+            payload["model"] = {**base["model"], **weights}
+        self._write(RunDir.BEST, payload)
         self.pending = None
 
     def _write(self, name: str, payload: dict) -> None:

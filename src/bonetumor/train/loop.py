@@ -27,6 +27,7 @@ from bonetumor.runtime.forward import Forward
 from bonetumor.runtime.precision import autocast
 from bonetumor.train.batches import BatchSource, create_batch_source
 from bonetumor.train.checkpointer import Checkpointer
+from bonetumor.train.ood import fit_ood
 from bonetumor.train.setup import TrainingRun, console, start_run
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
@@ -149,13 +150,24 @@ def _set_operating_point(r: TrainingRun, source: BatchSource, checkpointer: Chec
         r.model.load_state_dict(checkpointer.best_weights())
         best_val = validate(r, source, loss=False)
     op = operating_point(best_val.logits, best_val.targets, cfg.threshold_rule, cfg.calibrate, cfg.precision)
-    checkpointer.finish({"threshold": float(op["threshold"]), "temperature": float(op.get("temperature", 1.0)),
-                         "operating_point": op})
+    fields = {"threshold": float(op["threshold"]), "temperature": float(op.get("temperature", 1.0)),
+              "operating_point": op}
+    weights = None
+    if cfg.ood_quantile > 0:
+        r.model.load_state_dict(checkpointer.best_weights())  # the check describes the best epoch's features
+        weights, fields["ood"] = fit_ood(r)
+        r.run.write_json(RunDir.OOD, fields["ood"])
+    checkpointer.finish(fields, weights)
     r.run.write_json(RunDir.OPERATING_POINT, op)
     if verbose:
         t = op.get("temperature")
         console.print(f"operating point ({cfg.threshold_rule}, on validation): threshold {op['threshold']:.4f}"
                       + (f"; temperature {t:.3f}, ECE {op['ece_before']:.4f} -> {op['ece_after']:.4f}" if t else ""))
+        if "ood" in fields:
+            o = fields["ood"]
+            console.print(f"out-of-distribution check: {o['n_train']} training images' features; an image is "
+                          f"unlike the training data beyond score {o['threshold']:.2f} (the {o['quantile']:g} "
+                          f"quantile of {o['n_valid']} validation images)")
 
 
 def _fmt(v) -> str:

@@ -35,7 +35,21 @@ function showImage(item) {
   $("original").src = $("image").src;
   $("heatmap").src = "data:image/png;base64," + item.heatmap_png;
   const where = item.slice === null || item.slice === undefined ? "" : `slice ${item.slice}, `;
-  $("caption").textContent = `${where}P = ${fmt(item.probability)} (${item.label}); heatmap: evidence for "${item.explained_class}"`;
+  const unlike = item.unlike_training ? " (unlike the training data)" : "";
+  $("caption").textContent = `${where}P = ${fmt(item.probability)} (${item.label})${unlike}; heatmap: evidence for "${item.explained_class}"`;
+}
+
+function showOod(res) {
+  // A probability for an image unlike any the model was trained on means nothing: say so first.
+  const ood = res.ood || {};
+  const warn = $("ood-warning");
+  warn.hidden = !(ood.checked && ood.flagged > 0);
+  if (warn.hidden) return;
+  const what = res.kind === "study" ? `${ood.flagged} of ${ood.of} slices are` : "This image is";
+  warn.textContent = `${what} unlike the training data (beyond the ${Math.round(100 * ood.quantile)}th ` +
+    "percentile of the validation images' distance to them): the model was not trained on images like " +
+    "this, so its probability cannot be trusted here.";
+  $("label").textContent += " (unlike the training data)";
 }
 
 function render(res) {
@@ -52,6 +66,7 @@ function render(res) {
   $("meter").setAttribute("aria-label", `probability ${fmt(res.probability)}, operating point ${fmt(res.threshold)}`);
   $("study-note").textContent = res.kind === "study"
     ? `Study of ${res.study.n_slices} slices; score = ${res.study.aggregate} of the slice scores.` : "";
+  showOod(res);
   showImage(res.images[0]);
   const box = $("slices-box");
   box.hidden = res.kind !== "study";
