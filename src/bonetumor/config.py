@@ -117,6 +117,13 @@ class TrainConfig:
     threshold_rule: str = option("youden", help="Operating point chosen on validation: youden, sensitivity:0.95, "
                                  "specificity:0.9 or fixed:0.5.", group="optimisation")
     calibrate: bool = option(False, help="Temperature scaling fitted on validation.", group="optimisation")
+    lesion_masks: str | None = option(help="Lesion guidance: manifest (its mask_path column), a folder of mask images "
+                                      "named like the images, or a CSV of boxes path,x0,y0,x1,y1. Adds a loss on the "
+                                      "share of the positive class's Grad-CAM outside the lesion; images without a "
+                                      "mask add none. Trains on images, never on cached features.",
+                                      group="optimisation", default_text="none (no guidance)")
+    guidance_weight: float = option(1.0, help="Weight of the lesion-guidance loss beside the classification loss.",
+                                    group="optimisation", **_at_least(0))
     # Runtime
     seed: int = option(42, help="Fixes splits, initialisation, shuffling and augmentation.", group="runtime")
     device: str = option("auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", group="runtime")
@@ -151,7 +158,8 @@ class TrainConfig:
     @property
     def inputs(self) -> list[str | None]:
         """The files and folders this run reads, which its output folder may neither be nor hold."""
-        return [self.data, self.manifest, self.train_dir, self.val_dir, self.test_dir, self.weights]
+        masks = None if self.lesion_masks in (None, "manifest") else self.lesion_masks
+        return [self.data, self.manifest, self.train_dir, self.val_dir, self.test_dir, self.weights, masks]
 
     def validate(self, need_data: bool = True) -> None:
         """Raise BonetumorError on values that cannot work, naming the option (``need_data``:
