@@ -165,3 +165,13 @@ def test_a_bad_mask_stops_training_in_one_line_before_the_run_folder_exists(tmp_
                                  "--lesion-masks", str(tmp_path / "masks")])
     assert r.exit_code == 2 and name in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) <= 3 and not (tmp_path / "r").exists()  # one (soft-wrapped) line
+
+
+def test_a_guided_run_never_trains_from_the_feature_cache():
+    from conftest import tiny_config
+
+    from bonetumor.train.batches import uses_feature_cache
+
+    frozen = create_model("resnet50", "none", "backbone", n_outputs=1)
+    assert uses_feature_cache(tiny_config(None, freeze="backbone"), frozen)
+    assert not uses_feature_cache(tiny_config(None, freeze="backbone", lesion_masks="manifest"), frozen)
