@@ -32,6 +32,7 @@ def _figures(r) -> dict:
         history = list(csv.DictReader(f))
     return {
         "seconds": round(r.seconds, 1), "epochs_run": len(history),
+        "precision": json.loads((r.run_dir / "precision.json").read_text())["chosen"],
         "test_roc_auc": r.metrics["roc_auc"], "test_accuracy": r.metrics.get("accuracy"),
         "last_train_outside_lesion": float(history[-1]["train_outside_lesion"]) if "train_outside_lesion" in history[-1] else None,
         "grid": loc["grid"],

@@ -118,8 +118,8 @@ class TrainConfig:
                                  "specificity:0.9 or fixed:0.5.", group="optimisation")
     calibrate: bool = option(False, help="Temperature scaling fitted on validation.", group="optimisation")
     lesion_masks: str | None = option(help="Lesion guidance: manifest (its mask_path column), a folder of mask images "
-                                      "named like the images, or a CSV of boxes path,x0,y0,x1,y1. Adds a loss on the "
-                                      "share of the positive class's Grad-CAM outside the lesion; images without a "
+                                      "named like the images, or a CSV of boxes path,x0,y0,x1,y1. Adds a loss: one "
+                                      "minus the lesion's share of the positive class's Grad-CAM; images without a "
                                       "mask add none. Trains on images, never on cached features.",
                                       group="optimisation", default_text="none (no guidance)")
     guidance_weight: float = option(1.0, help="Weight of the lesion-guidance loss beside the classification loss.",

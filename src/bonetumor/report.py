@@ -242,13 +242,13 @@ def guidance(cfg: dict) -> str:
     """How a run used lesion masks in training, in words: "none", or what guided it."""
     if not cfg.get("lesion_masks"):
         return "none"
-    return (f"guided: Grad-CAM mass outside the lesion as a loss (GAIN-style attention supervision), weight "
-            f"{cfg.get('guidance_weight', 1.0):g}, masks from {cfg['lesion_masks']}")
+    return (f"guided: one minus the lesion's share of the positive class's Grad-CAM as a loss (GAIN-style "
+            f"attention supervision), weight {cfg.get('guidance_weight', 1.0):g}, masks from {cfg['lesion_masks']}")
 
 
-def _localization_section(explain_dir: Path | None, cfg: dict) -> str:
+def _localization_section(explain_dir: Path | None, cfg: dict | None = None) -> str:
     margins = _margins(explain_dir)
-    if cfg.get("lesion_masks"):
+    if (cfg or {}).get("lesion_masks"):
         margins += ("<p><b>This model is lesion-guided</b>: its training pushed the cancer class's Grad-CAM into the "
                     "training images' lesion masks, so these scores measure what that training carried over to the "
                     "explained images, not evidence found unaided.</p>")

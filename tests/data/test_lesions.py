@@ -134,3 +134,28 @@ def test_the_mask_follows_rotation_zoom_and_resize_in_the_dataset(tmp_path):
         assert iou > 0.85, (seed, float(iou))
     x, y, i, m = ds[2]  # the normal: an all-empty mask
     assert y == 0 and not m.any()
+
+
+def test_boxes_match_by_relative_path_and_never_by_a_name_another_folder_shares(tmp_path):
+    (tmp_path / "boxes.csv").write_text("path,x0,y0,x1,y1\ncancer/0.png,1,1,3,3\nbare.png,0,0,2,2\n")
+    samples = [Sample(str(tmp_path / "cancer" / "0.png"), "cancer"), Sample(str(tmp_path / "normal" / "0.png"), "normal"),
+               Sample(str(tmp_path / "x" / "bare.png"), "cancer")]
+    from_root = training_lesions(str(tmp_path / "boxes.csv"), samples, str(tmp_path / "elsewhere"))
+    assert from_root == [[(1.0, 1.0, 3.0, 3.0)], None, [(0.0, 0.0, 2.0, 2.0)]]  # relative to the CSV's folder
+
+
+def test_the_image_cache_gives_the_same_images_and_masks_as_reading_each_time(tmp_path):
+    from bonetumor.data.transforms import create_resize
+
+    samples = _box_data(tmp_path, size=48)
+    sources = training_lesions("manifest", samples, str(tmp_path))
+    plain = ImageDataset(samples, ["normal", "cancer"], create_transforms(True, 32), lesions=sources)
+    cached = ImageDataset(samples, ["normal", "cancer"], create_transforms(True, 32, resize=False),
+                          resize=create_resize(32), lesions=sources)
+    for i in (0, 1, 2, 0):  # image 0 twice: the second time from the cache
+        torch.manual_seed(i)
+        a = plain[i]
+        torch.manual_seed(i)
+        b = cached[i]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
+    assert int(cached[0][3].sum()) > 50 and len(cached._cache) == len(cached._masks) == 3

@@ -148,7 +148,7 @@ def test_a_guided_run_records_its_guidance_and_the_report_says_guided(tmp_path, 
     assert load_checkpoint(r.run_dir / "best.pt", torch.device("cpu")).config.guidance_weight == 0.5
     guided = build_report(r.run_dir, out=tmp_path / "g.html").read_text()
     plain = build_report(tiny_run, out=tmp_path / "p.html").read_text()
-    assert "px, lesion-guided, on" in guided and "guided: Grad-CAM mass outside the lesion" in guided
+    assert "px, lesion-guided, on" in guided and "guided: one minus the lesion&#x27;s share of the positive class&#x27;s Grad-CAM" in guided
     assert "lesion-guided" not in plain and "<td>lesion guidance</td><td>none</td>" in plain
 
 

@@ -144,11 +144,21 @@ def training_lesions(spec: str, samples: Sequence[Sample], root: str | None) -> 
     if path.is_dir():
         return [_in_folder(path, rel(s)) if s.frame is None else None for s in samples]
     if path.is_file():
-        table = read_boxes(path)
-        named = _by_name(table)
-        return [(table.get(rel(s)) or named.get(Path(s.path).name)) if s.frame is None else None for s in samples]
+        return _boxes_of(read_boxes(path), path.parent, samples, rel)
     raise BonetumorError(f"--lesion-masks {spec}: use manifest, a folder of mask images or a CSV of boxes "
                          "(no such file or folder)")
+
+
+def _boxes_of(table: dict[str, list[Box]], folder: Path, samples: Sequence[Sample],
+              rel: Callable[[Sample], str]) -> list[list[Box] | None]:
+    """Each sample's boxes: a CSV path may be relative to the data folder or to the CSV's own,
+    absolute, or a bare file name (only a bare name matches by name alone, so that two classes'
+    images of the same name never share boxes)."""
+    placed = {str((folder / p).resolve()): b for p, b in table.items()}
+    bare = {p: b for p, b in table.items() if Path(p).name == p}
+    return [None if s.frame is not None else
+            table.get(rel(s)) or placed.get(str(Path(s.path).resolve())) or bare.get(Path(s.path).name)
+            for s in samples]
 
 
 def check_lesions(sources: Sequence[LesionSource | None]) -> int:

@@ -51,7 +51,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.options = options
         self.resize = resize
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: dict[int, torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor | None] = {}  # beside the cached images, for a guided run
         self._cache_left = cache_mb * 2**20
 
     def __len__(self) -> int:
@@ -70,17 +71,18 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.resize is None:
             return self._load(i)
         c = self._cache.get(i)
-        if c is None:
-            x, m = self._load(i)
-            x, m = (self.resize(x), None) if m is None else self.resize(x, m)
-            # An RGB file of a grey image is cached as one channel too.
-            grey = x.shape[0] == 1 or bool((x[0] == x[1]).all() and (x[1] == x[2]).all())
-            c = ((x[:1] if grey else x).contiguous(), m)
-            size = c[0].numel() * 4 + (0 if m is None else m.numel())
-            if size <= self._cache_left:
-                self._cache[i] = c
-                self._cache_left -= size
-        return c
+        if c is not None:
+            return c, self._masks.get(i)
+        x, m = self._load(i)
+        x, m = (self.resize(x), None) if m is None else self.resize(x, m)
+        # An RGB file of a grey image is cached as one channel too.
+        grey = x.shape[0] == 1 or bool((x[0] == x[1]).all() and (x[1] == x[2]).all())
+        c = (x[:1] if grey else x).contiguous()
+        size = c.numel() * 4 + (0 if m is None else m.numel())
+        if size <= self._cache_left:
+            self._cache[i], self._masks[i] = c, m
+            self._cache_left -= size
+        return c, m
 
     def __getitem__(self, i: int):
         x, m = self._image(i)

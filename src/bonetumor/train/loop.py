@@ -113,7 +113,7 @@ def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
 def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train",
                     verbose: bool = True) -> tuple[float, float, float | None]:
     """One pass over the training batches (in the run's precision); returns (mean classification
-    loss, accuracy, and for a lesion-guided run the mean share of the guided maps outside the lesion)."""
+    loss, accuracy, and for a lesion-guided run the guided images' mean guidance loss)."""
     net, device, task = source.net, r.device, r.task
     net.train()
     total, n, correct, outside_sum, n_guided = 0.0, 0, 0, 0.0, 0
