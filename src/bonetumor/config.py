@@ -121,6 +121,13 @@ class TrainConfig:
                                  "the training data' beyond this quantile of the validation images' feature distance "
                                  "(0 = no check).", group="optimisation", rule="0, or above 0.5 and below 1",
                                  check=lambda v: v == 0 or 0.5 < v < 1)
+    lesion_masks: str | None = option(help="Lesion guidance: manifest (its mask_path column), a folder of mask images "
+                                      "named like the images, or a CSV of boxes path,x0,y0,x1,y1. Adds a loss: one "
+                                      "minus the lesion's share of the positive class's Grad-CAM; images without a "
+                                      "mask add none. Trains on images, never on cached features.",
+                                      group="optimisation", default_text="none (no guidance)")
+    guidance_weight: float = option(1.0, help="Weight of the lesion-guidance loss beside the classification loss.",
+                                    group="optimisation", **_at_least(0))
     # Runtime
     seed: int = option(42, help="Fixes splits, initialisation, shuffling and augmentation.", group="runtime")
     device: str = option("auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", group="runtime")
@@ -155,7 +162,8 @@ class TrainConfig:
     @property
     def inputs(self) -> list[str | None]:
         """The files and folders this run reads, which its output folder may neither be nor hold."""
-        return [self.data, self.manifest, self.train_dir, self.val_dir, self.test_dir, self.weights]
+        masks = None if self.lesion_masks in (None, "manifest") else self.lesion_masks
+        return [self.data, self.manifest, self.train_dir, self.val_dir, self.test_dir, self.weights, masks]
 
     def validate(self, need_data: bool = True) -> None:
         """Raise BonetumorError on values that cannot work, naming the option (``need_data``:

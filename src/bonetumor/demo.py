@@ -23,6 +23,10 @@ from bonetumor.train import fit
 DEMO_DATA = {"n_patients": 160, "size": 96, "seed": 0, "modality": "stir", "slices_per_patient": 4, "zoom": 1.8}
 DEMO_TRAIN = {"image_size": 96, "precision": "bf16", "epochs": 16, "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine",
               "weights": "none", "freeze": "none", "output_stride": 16, "patience": 8, "seed": 0}
+# The guided variant (``demo --guided``): the same data, seed and budget, with the lesion masks
+# the synthetic data comes with as guidance (train/guidance.py; benchmarks/lesion_guidance.py
+# compares the two).
+DEMO_GUIDANCE = {"lesion_masks": "manifest", "guidance_weight": 1.0}
 DEMO_PANELS = 24
 
 
@@ -40,15 +44,16 @@ class DemoResult:
 
 
 def run_demo(out: str | Path = "demo_output", overwrite: bool = False, device: str = "auto",
-             epochs: int | None = None, verbose: bool = True) -> DemoResult:
+             epochs: int | None = None, verbose: bool = True, guided: bool = False) -> DemoResult:
     """Make the synthetic data set, train ResNet50 from scratch on it, evaluate on its test split and
-    explain the test split with Grad-CAM (scored against the synthetic lesion masks)."""
+    explain the test split with Grad-CAM (scored against the synthetic lesion masks); ``guided``:
+    train with the training split's lesion masks as guidance (``DEMO_GUIDANCE``)."""
     t0 = time.perf_counter()
     run = RunDir.create(out, overwrite=overwrite)
     root = run.path
     run.claim("data/")  # made here, by bonetumor: --overwrite removes it whole
     data = create_synthetic_dataset(root / "data", **DEMO_DATA)
-    cfg = TrainConfig(data=str(data.root), device=device, **DEMO_TRAIN)
+    cfg = TrainConfig(data=str(data.root), device=device, **DEMO_TRAIN, **(DEMO_GUIDANCE if guided else {}))
     if select_device(device).type == "cpu" and not cpu_has_fast_bf16():
         cfg.precision = "fp32"
     if epochs is not None:

@@ -134,11 +134,11 @@ def _method_section(run: Path, cfg: dict) -> str:
              ["fine-tuned blocks", ", ".join(cfg.get("unfreeze") or []) or "-"], ["output stride", cfg.get("output_stride")],
              ["head", f"global average pooling → Linear(256) → ReLU → Dropout({cfg.get('dropout')}) → Linear"]]
     train = [[k, cfg.get(k)] for k in ("epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "patience", "precision",
-                                        "threshold_rule", "calibrate", "seed")]
+                                        "threshold_rule", "calibrate", "seed")] + [["lesion guidance", guidance(cfg)]]
     ood = _read_json(run / RunDir.OOD)
-    train.append(["out-of-distribution check", f"{ood['method']}, on pooled backbone features of {ood['n_train']} "
+    train.append(["out-of-distribution check", f"{ood['method']}, on the backbone stages' features of {ood['n_train']} "
                   f"training images; flags beyond the {ood['quantile']:g} quantile of {ood['n_valid']} validation "
-                  "images' distances" if ood else "none"])
+                  "images' scores" if ood else "none"])
     pk = env.get("packages", {})
     sw = ", ".join(f"{k} {v}" for k, v in pk.items())
     return (f"<h3>Preprocessing</h3>{_table(pre)}<h3>Model</h3>{_table(model)}<h3>Training</h3>{_table(train)}"
@@ -250,8 +250,20 @@ def _margins(explain_dir: Path | None) -> str:
     return text
 
 
-def _localization_section(explain_dir: Path | None) -> str:
+def guidance(cfg: dict) -> str:
+    """How a run used lesion masks in training, in words: "none", or what guided it."""
+    if not cfg.get("lesion_masks"):
+        return "none"
+    return (f"guided: one minus the lesion's share of the positive class's Grad-CAM as a loss (GAIN-style "
+            f"attention supervision), weight {cfg.get('guidance_weight', 1.0):g}, masks from {cfg['lesion_masks']}")
+
+
+def _localization_section(explain_dir: Path | None, cfg: dict | None = None) -> str:
     margins = _margins(explain_dir)
+    if (cfg or {}).get("lesion_masks"):
+        margins += ("<p><b>This model is lesion-guided</b>: its training pushed the cancer class's Grad-CAM into the "
+                    "training images' lesion masks, so these scores measure what that training carried over to the "
+                    "explained images, not evidence found unaided.</p>")
     loc = _read_json(explain_dir / RunDir.LOCALIZATION) if explain_dir else None
     if not loc or "cam" not in loc:
         return margins + "<p class='muted'>No lesion masks were given to explain, so the heatmaps are not scored.</p>"
@@ -298,7 +310,8 @@ def _title(run: Path, cfg: dict) -> str:
     if data_name.lower() in ("train", "training", "manifest.csv") and data:
         data_name = Path(str(data)).parent.name or data_name
     when = datetime.fromtimestamp((run / RunDir.BEST).stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
-    return f"{cfg.get('backbone', 'model')}, {cfg.get('image_size', '?')} px, on {data_name}, trained {when}"
+    guided = ", lesion-guided" if cfg.get("lesion_masks") else ""
+    return f"{cfg.get('backbone', 'model')}, {cfg.get('image_size', '?')} px{guided}, on {data_name}, trained {when}"
 
 
 def _heatmap_warning(ck) -> str:
@@ -338,7 +351,7 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
              ("3. Results", _metrics_section(ev, run)
               + (_other_evaluations([Path(e) for e in more_evals]) if more_evals else "")),
              ("4. Failure gallery", grid + (_failure_gallery(ck, ev) if ev else "<p class='muted'>Needs --eval.</p>")),
-             ("5. Heatmap localization", grid + _localization_section(Path(explain_dir) if explain_dir else None)),
+             ("5. Heatmap localization", grid + _localization_section(Path(explain_dir) if explain_dir else None, cfg)),
              ("6. Intended use and limitations", LIMITS)]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{c}</section>" for t, c in parts)

@@ -288,12 +288,13 @@ def demo(
     overwrite: bool = typer.Option(False),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     epochs: Optional[int] = typer.Option(None, help="Override the demo's epochs."),
+    guided: bool = typer.Option(False, help="Train with the synthetic lesion masks as guidance (--lesion-masks)."),
 ):
     """Synthetic data → train ResNet50 from scratch → evaluate on the test split."""
     from bonetumor.cli.show import show_explain, show_metrics
     from bonetumor.demo import run_demo
 
-    r = run_demo(out_dir, overwrite=overwrite, device=device, epochs=epochs)
+    r = run_demo(out_dir, overwrite=overwrite, device=device, epochs=epochs, guided=guided)
     show_metrics(r.metrics)
     show_explain(r.explanation, "gradcam")
     out.print(f"demo finished in {r.seconds:.0f} s")

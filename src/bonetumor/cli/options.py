@@ -61,7 +61,7 @@ PANELS = {
              "slice_axis", "allow_large_images", "masks", "boxes", "top_slices", "n_patients", "size", "seed",
              "modality", "slices", "bit_depth", "zoom", "fmt", "near_threshold", "aggregate", "folds", "eval_dir",
              "explain_dir"),
-    "Model": ("method", "target", "layer", "engine", "precision", "compile_mode", "backbone", "epochs"),
+    "Model": ("method", "target", "layer", "engine", "precision", "compile_mode", "backbone", "epochs", "guided"),
     "Runtime": ("device", "batch_size", "workers", "host", "port", "token", "max_upload_mb"),
     "Output": ("out_dir", "out_file", "onnx", "overwrite", "resume", "config", "as_json", "strict"),
 }

@@ -3,11 +3,14 @@
 Input is a float tensor CxHxW in [0, 1], C = 1 (grey) or 3 (see ``load_tensor``). Resizing comes
 first so that the augmentation works on the small image, which is cheaper and gives the same
 result; a grey image stays one channel until normalisation, which needs three.
+A lesion mask given beside the image as a ``tv_tensors.Mask`` (``transform(x, Mask(m))``) gets the
+same resize, flip, rotation and zoom, with nearest-neighbour sampling, and no normalisation.
 """
 
 from __future__ import annotations
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,7 +23,10 @@ def create_resize(size: int) -> v2.Resize:
 
 
 def three_channels(x: torch.Tensor) -> torch.Tensor:
-    """A grey image (1xHxW) repeated to the three channels an ImageNet backbone takes."""
+    """A grey image (1xHxW) repeated to the three channels an ImageNet backbone takes; a lesion
+    mask passes unchanged (``v2.Lambda`` hands it every input)."""
+    if isinstance(x, tv_tensors.Mask):
+        return x
     return x.expand(3, -1, -1) if x.shape[-3] == 1 else x
 
 

@@ -7,19 +7,16 @@ only its ``top_slices`` highest-scoring slices are explained.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bonetumor.data.layouts import read_manifest
-from bonetumor.data.readers import read_image
+from bonetumor.data.lesions import mask_lookup
 from bonetumor.data.studies import Sample, expand_inputs
-from bonetumor.errors import BonetumorError
 from bonetumor.explain.cam import compute_cams
 from bonetumor.explain.grid import model_grid
 from bonetumor.explain.index import index_page
@@ -54,50 +51,6 @@ class ExplainResult:
     margins: dict | None = None  # the maps' mass in the margins and on markers (``explain.margins``)
 
 
-def mask_lookup(masks: str | Path | None = None, boxes: str | Path | None = None,
-                manifest: str | Path | None = None,
-                listed: Sequence[Sample] | None = None) -> Callable[[Path, tuple[int, int]], np.ndarray | None]:
-    """A function (image path, (H, W)) -> boolean lesion mask or None, from one ground-truth source.
-
-    masks: a folder of mask images named like the images; boxes: CSV ``path,x0,y0,x1,y1`` in
-    pixels (several rows per image are united); manifest: its ``mask_path`` column (``listed``:
-    its samples, when the caller has read it already).
-    """
-    given = [m for m in (masks, boxes, manifest) if m]
-    if len(given) > 1:
-        raise BonetumorError("give only one of --masks, --boxes and --manifest")
-    if masks:
-        root = Path(masks)
-        if not root.is_dir():
-            raise BonetumorError(f"--masks {root}: folder not found")
-        return lambda p, shape: _load_mask(root / p.name, shape) if (root / p.name).is_file() else None
-    if boxes:
-        table: dict[str, list[tuple[float, ...]]] = {}
-        try:
-            with open(boxes, newline="") as f:
-                for i, r in enumerate(csv.DictReader(f), start=2):
-                    try:
-                        table.setdefault(Path(r["path"]).name, []).append(tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1")))
-                    except (KeyError, TypeError, ValueError):
-                        raise BonetumorError(f"{boxes}, line {i}: expected path,x0,y0,x1,y1 with numbers") from None
-        except FileNotFoundError:
-            raise BonetumorError(f"--boxes {boxes}: file not found") from None
-
-        def from_boxes(p: Path, shape):
-            if p.name not in table:
-                return None
-            m = np.zeros(shape, dtype=bool)
-            for x0, y0, x1, y1 in table[p.name]:
-                m[max(0, int(y0)):int(np.ceil(y1)), max(0, int(x0)):int(np.ceil(x1))] = True
-            return m
-        return from_boxes
-    if manifest:
-        listed = read_manifest(Path(manifest)) if listed is None else listed
-        by_path = {str(Path(s.path).resolve()): s.mask_path for s in listed if s.mask_path}
-        return lambda p, shape: _load_mask(Path(by_path[str(p.resolve())]), shape) if str(p.resolve()) in by_path else None
-    return lambda p, shape: None
-
-
 def truth_of(s: Sample, classes: list[str]) -> str | None:
     """The image's true class when known: its manifest label, else the name of its folder when
     that is one of the model's classes (the ``<class>/`` layouts)."""
@@ -115,14 +68,6 @@ def outcome(truth: str | None, predicted: str, classes: list[str]) -> str:
         return "correct" if truth == predicted else "wrong"
     kind = "positive" if predicted == classes[-1] else "negative"
     return f"{'true' if truth == predicted else 'false'} {kind}"
-
-
-def _load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    m = read_image(path)[..., 0] > 0.5
-    if m.shape != tuple(shape):
-        t = torch.from_numpy(m.astype(np.float32))[None, None]
-        m = F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy() > 0.5
-    return m
 
 
 def _summary(rows: list[dict], prefix: str) -> dict:

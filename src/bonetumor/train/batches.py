@@ -2,7 +2,10 @@
 with the backbone frozen, cached backbone features through the head alone (runtime/features.py).
 
 Both give the loop the same things: the network to train and validate, a training loader
-reshuffled and re-augmented from (seed, epoch), and a validation loader.
+reshuffled and re-augmented from (seed, epoch), and a validation loader. A lesion-guided run
+(``--lesion-masks``) always reads images: its training batches carry each image's lesion mask,
+augmented with it, and its loss needs the last block's spatial map, which cached pooled
+features do not have.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torchvision import tv_tensors
 
 from bonetumor.config import TrainConfig
 from bonetumor.data.layouts import DatasetIndex
+from bonetumor.data.lesions import LesionSource, lesion_mask
 from bonetumor.data.pixels import ReadOptions
 from bonetumor.data.readers import load_tensor
 from bonetumor.data.studies import Sample
@@ -25,7 +30,9 @@ from bonetumor.runtime.features import cached_features
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples → (image tensor 3xHxW, target, index).
+    """Samples → (image tensor 3xHxW, target, index), and with ``lesions`` (one source or None per
+    sample) a fourth item, the boolean HxW lesion mask after the same resize and augmentation
+    (all False for an image without one).
 
     Grey images stay one channel through resizing and augmentation (a third of the work) and
     become three channels only for normalisation (``create_transforms``).
@@ -36,40 +43,58 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable | None = None,
-                 options: ReadOptions | None = None, resize: Callable | None = None, cache_mb: float = 4096):
+                 options: ReadOptions | None = None, resize: Callable | None = None, cache_mb: float = 4096,
+                 lesions: Sequence[LesionSource | None] | None = None):
         self.samples = list(samples)
+        self.lesions = None if lesions is None else list(lesions)
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.transform = transform
         self.options = options
         self.resize = resize
         self._cache: dict[int, torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor | None] = {}  # beside the cached images, for a guided run
         self._cache_left = cache_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _image(self, i: int) -> torch.Tensor:
+    def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image as read, and its lesion mask at the image's size (None without one)."""
         s = self.samples[i]
+        x = load_tensor(s.path, s.frame, self.options, rgb=False)
+        src = self.lesions[i] if self.lesions is not None else None
+        if src is None:
+            return x, None
+        return x, tv_tensors.Mask(torch.from_numpy(lesion_mask(src, tuple(x.shape[-2:])))[None].to(torch.uint8))
+
+    def _image(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.resize is None:
-            return load_tensor(s.path, s.frame, self.options, rgb=False)
+            return self._load(i)
         c = self._cache.get(i)
-        if c is None:
-            x = self.resize(load_tensor(s.path, s.frame, self.options, rgb=False))
-            # An RGB file of a grey image is cached as one channel too.
-            grey = x.shape[0] == 1 or bool((x[0] == x[1]).all() and (x[1] == x[2]).all())
-            c = (x[:1] if grey else x).contiguous()
-            if c.numel() * 4 <= self._cache_left:
-                self._cache[i] = c
-                self._cache_left -= c.numel() * 4
-        return c
+        if c is not None:
+            return c, self._masks.get(i)
+        x, m = self._load(i)
+        x, m = (self.resize(x), None) if m is None else self.resize(x, m)
+        # An RGB file of a grey image is cached as one channel too.
+        grey = x.shape[0] == 1 or bool((x[0] == x[1]).all() and (x[1] == x[2]).all())
+        c = (x[:1] if grey else x).contiguous()
+        size = c.numel() * 4 + (0 if m is None else m.numel())
+        if size <= self._cache_left:
+            self._cache[i], self._masks[i] = c, m
+            self._cache_left -= size
+        return c, m
 
     def __getitem__(self, i: int):
-        x = self._image(i)
+        x, m = self._image(i)
         if self.transform is not None:
-            x = self.transform(x)
+            x, m = (self.transform(x), None) if m is None else self.transform(x, m)
         if x.shape[0] == 1:
             x = x.expand(3, -1, -1).contiguous()
-        return x, self.class_to_idx[self.samples[i].label], i
+        y = self.class_to_idx[self.samples[i].label]
+        if self.lesions is None:
+            return x, y, i
+        mask = torch.zeros(x.shape[-2:], dtype=torch.bool) if m is None else m[0].as_subclass(torch.Tensor) > 0
+        return x, y, i, mask
 
 
 @dataclass
@@ -92,12 +117,16 @@ class BatchSource:
 
 
 def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool, device: torch.device,
-                  generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+                  generator: torch.Generator | None = None,
+                  lesions: dict[str, LesionSource] | None = None) -> torch.utils.data.DataLoader:
     """DataLoader for one split with the train or eval transforms of ``cfg``; with the image cache
-    (``cfg.cache_images``, by default on for GPUs) images are decoded and resized once."""
+    (``cfg.cache_images``, by default on for GPUs) images are decoded and resized once. With
+    ``lesions`` (sources by sample ref) its batches carry lesion masks (``ImageDataset``)."""
     cache = cfg.cache_images if cfg.cache_images is not None else device.type in ("cuda", "mps")
     tf = create_transforms(train, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max), resize=not cache)
-    ds = ImageDataset(index.split(split), index.classes, tf, index.options, create_resize(cfg.image_size) if cache else None)
+    samples = index.split(split)
+    ds = ImageDataset(samples, index.classes, tf, index.options, create_resize(cfg.image_size) if cache else None,
+                      lesions=None if lesions is None else [lesions.get(s.ref) for s in samples])
     return torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=train, drop_last=_lone_last(len(ds), cfg.batch_size, train),
         num_workers=cfg.workers,
@@ -113,8 +142,10 @@ def _lone_last(n: int, batch_size: int, train: bool) -> bool:
 
 
 def uses_feature_cache(cfg: TrainConfig, model: nn.Module) -> bool:
-    """True when the backbone is wholly frozen (so its features never change) and caching is on."""
-    return cfg.cache_features and not any(p.requires_grad for p in model.backbone.parameters())
+    """True when the backbone is wholly frozen (so its features never change), caching is on and
+    the run is not lesion-guided (its loss needs the last block's spatial map)."""
+    return (cfg.cache_features and not cfg.lesion_masks
+            and not any(p.requires_grad for p in model.backbone.parameters()))
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -163,12 +194,17 @@ def create_feature_loaders(model: nn.Module, index: DatasetIndex, cfg: TrainConf
 
 
 def create_batch_source(model: nn.Module, index: DatasetIndex, cfg: TrainConfig, device: torch.device,
-                        progress: bool = False) -> BatchSource:
+                        progress: bool = False, lesions: dict[str, LesionSource] | None = None) -> BatchSource:
     """Cached features and the head when the backbone is frozen (``uses_feature_cache``), else
-    images and the whole model."""
+    images and the whole model; ``lesions`` (a guided run's training masks) go with the images."""
     gen = torch.Generator()
     if uses_feature_cache(cfg, model):
         train, valid, summary = create_feature_loaders(model, index, cfg, device, gen, progress)
         return BatchSource(model.head, train, valid, gen, summary)
-    return BatchSource(model, create_loader(index, "train", cfg, True, device, gen),
-                       create_loader(index, "valid", cfg, False, device), gen)
+    summary = None
+    if lesions is not None:
+        summary = (f"lesion guidance: {len(lesions)} of {len(index.split('train'))} training images have a lesion "
+                   f"mask (weight {cfg.guidance_weight:g}); images through the whole model every epoch, as the "
+                   "guidance needs the last block's map, which the feature cache does not keep")
+    return BatchSource(model, create_loader(index, "train", cfg, True, device, gen, lesions),
+                       create_loader(index, "valid", cfg, False, device), gen, summary)

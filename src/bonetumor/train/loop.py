@@ -27,6 +27,7 @@ from bonetumor.runtime.forward import Forward
 from bonetumor.runtime.precision import autocast
 from bonetumor.train.batches import BatchSource, create_batch_source
 from bonetumor.train.checkpointer import Checkpointer
+from bonetumor.train.guidance import guided_forward
 from bonetumor.train.ood import fit_ood
 from bonetumor.train.setup import TrainingRun, console, start_run
 
@@ -57,7 +58,8 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
     run = out if isinstance(out, RunDir) else RunDir(out)
     r = start_run(cfg, run, overwrite, resume, verbose, index)
     cfg, progress = r.cfg, r.progress
-    source = create_batch_source(r.model, r.index, cfg, r.device, verbose and console.is_terminal)
+    source = create_batch_source(r.model, r.index, cfg, r.device, verbose and console.is_terminal, r.lesions)
+    fields = HISTORY_FIELDS + (["train_outside_lesion"] if r.lesions is not None else [])
     if verbose and source.summary:
         console.print(source.summary)
     checkpointer = Checkpointer(run, r.model, cfg, r.index.classes, cfg.checkpoint_seconds)
@@ -71,17 +73,19 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
         for group in r.optimizer.param_groups:
             group["lr"] = lr
         with folded_batchnorm(source.net):
-            tr_loss, tr_acc = train_one_epoch(r, source, f"epoch {epoch}/{cfg.epochs}", verbose)
+            tr_loss, tr_acc, outside = train_one_epoch(r, source, f"epoch {epoch}/{cfg.epochs}", verbose)
             val = validate(r, source)
         row = {"epoch": epoch, "train_loss": round(tr_loss, 6), "train_accuracy": round(tr_acc, 6),
                "val_loss": round(val.loss, 6), "val_accuracy": round(val.accuracy(), 6),
                "val_roc_auc": round(binary_auc(val.targets, val.probs), 6) if r.task.binary else "",
                "lr": float(f"{lr:.6g}"), "seconds": round(time.perf_counter() - t0, 2)}
+        if outside is not None:
+            row["train_outside_lesion"] = round(outside, 6)
         improved = progress.record(row, val.loss)
         best_val = val if improved else best_val
         checkpointer.epoch_end(epoch, improved, progress.stopped or epoch == cfg.epochs, r.optimizer, r.scaler,
                                progress.saved())
-        run.write_csv(RunDir.HISTORY, HISTORY_FIELDS, progress.history)
+        run.write_csv(RunDir.HISTORY, fields, progress.history)
         release_free_memory()
         if verbose:
             _print_epoch(row, improved)
@@ -107,32 +111,37 @@ def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train", verbose: bool = True) -> tuple[float, float]:
-    """One pass over the training batches (in the run's precision); returns (mean loss, accuracy)."""
+def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train",
+                    verbose: bool = True) -> tuple[float, float, float | None]:
+    """One pass over the training batches (in the run's precision); returns (mean classification
+    loss, accuracy, and for a lesion-guided run the guided images' mean guidance loss)."""
     net, device, task = source.net, r.device, r.task
     net.train()
-    total, n, correct = 0.0, 0, 0
+    total, n, correct, outside_sum, n_guided = 0.0, 0, 0, 0.0, 0
     context = autocast(r.cfg.precision, device)
     batches = tracked(source.train, len(source.train.dataset), desc, size=lambda b: len(b[1]), enabled=verbose)
-    for x, y, _ in batches:
+    for x, y, _, *masks in batches:
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         with context:
-            logits = net(x)
+            logits, outside = guided_forward(net, x, y, masks[0].to(device), task) if masks else (net(x), None)
             loss = r.loss_fn(logits.float(), task.loss_target(logits, y))
+        objective = loss if outside is None else loss + r.cfg.guidance_weight * outside.mean()
         r.optimizer.zero_grad(set_to_none=True)
         if r.scaler is not None:  # fp16 needs loss scaling; bf16 has fp32's range and does not
-            r.scaler.scale(loss).backward()
+            r.scaler.scale(objective).backward()
             r.scaler.step(r.optimizer)
             r.scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             r.optimizer.step()
-        if not math.isfinite(loss.item()):
+        if not math.isfinite(objective.item()):
             raise BonetumorError("training loss became NaN/inf; lower --lr")
         total += loss.item() * len(y)
         n += len(y)
         correct += (task.predicted(logits) == y).sum().item()
-    return total / max(n, 1), correct / max(n, 1)
+        if outside is not None:
+            outside_sum, n_guided = outside_sum + outside.sum().item(), n_guided + len(outside)
+    return total / max(n, 1), correct / max(n, 1), outside_sum / n_guided if n_guided else None
 
 
 def validate(r: TrainingRun, source: BatchSource, loss: bool = True) -> Predictions:

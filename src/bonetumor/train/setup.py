@@ -19,6 +19,7 @@ from torch import nn
 from bonetumor.config import TrainConfig, config_from_dict, config_to_dict
 from bonetumor.data.grouping import split_samples
 from bonetumor.data.layouts import DatasetIndex, check_files, discover, fingerprint
+from bonetumor.data.lesions import LesionSource, check_lesions, training_lesions
 from bonetumor.errors import BonetumorError, ConfoundWarning, LeakageWarning
 from bonetumor.files import MARKER, RunDir, check_free_space
 from bonetumor.model.backbones import count_parameters, create_model, resolve_freeze
@@ -51,6 +52,7 @@ class TrainingRun:
     scaler: torch.amp.GradScaler | None
     loss_fn: nn.Module
     progress: Progress
+    lesions: dict[str, LesionSource] | None = None  # a guided run's training masks, by sample ref
 
 
 def prepare_data(cfg: TrainConfig, classes: list[str] | None = None) -> DatasetIndex:
@@ -80,6 +82,19 @@ def check_data(index: DatasetIndex, cfg: TrainConfig, problems: list[str | None]
                                          problems=problems, options=index.options)
     require_every_class(index)  # again: skipped files may have removed a class
     return skipped
+
+
+def lesion_sources(cfg: TrainConfig, index: DatasetIndex) -> dict[str, LesionSource] | None:
+    """A lesion-guided run's training images that have a lesion source (``--lesion-masks``), by
+    sample ref, every mask file read once first; None for a run without guidance."""
+    if not cfg.lesion_masks:
+        return None
+    train = index.split("train")
+    sources = training_lesions(cfg.lesion_masks, train, index.root)
+    if not check_lesions(sources):
+        raise BonetumorError(f"--lesion-masks {cfg.lesion_masks}: none of the {len(train)} training images has a "
+                             "lesion in its mask")
+    return {s.ref: src for s, src in zip(train, sources) if src is not None}
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
@@ -265,6 +280,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
                          cfg.hidden, cfg.dropout, cfg.output_stride)
     # The old audit.json counts only for a resumed run: --overwrite removes it after this check.
     skipped, facts = _scan_and_check(run, cfg, index, model, verbose, audited=resume and run.has(RunDir.AUDIT))
+    lesions = lesion_sources(cfg, index)
     RunDir.create(run, overwrite, resume, cfg.inputs, resumable=True)  # only now, with data and weights known to be usable
     if skipped and verbose:
         console.print(f"[yellow]skipped {len(skipped)} unreadable file(s); listed in {run / RunDir.SKIPPED}")
@@ -287,4 +303,4 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
     write_run_record(run, cfg, index, skipped, device)
     if verbose:
         _print_setup(cfg, index, model, device)
-    return TrainingRun(cfg, run, device, index, task, model, optimizer, scaler, loss_fn, progress)
+    return TrainingRun(cfg, run, device, index, task, model, optimizer, scaler, loss_fn, progress, lesions)
