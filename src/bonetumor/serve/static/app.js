@@ -47,7 +47,7 @@ function showOod(res) {
   if (warn.hidden) return;
   const what = res.kind === "study" ? `${ood.flagged} of ${ood.of} slices are` : "This image is";
   warn.textContent = `${what} unlike the training data (beyond the ${Math.round(100 * ood.quantile)}th ` +
-    "percentile of the validation images' distance to them): the model was not trained on images like " +
+    "percentile of the validation images' scores): the model was not trained on images like " +
     "this, so its probability cannot be trusted here.";
   $("label").textContent += " (unlike the training data)";
 }
