@@ -150,13 +150,12 @@ class Service:
         for k, row in enumerate(rows):  # a series' files are numbered in slice order (as expand_inputs sorts them)
             row.update(slice=(refs[k].frame if refs[k].frame is not None else k) if is_study else None,
                        study=refs[k].study or "upload")
-        position = index
         images = []
         for j, (ref, image) in enumerate(chosen):
             h, w = image.shape[-2:]
             cam = torch.nn.functional.interpolate(cams.maps[j][None, None], size=(h, w), mode="bilinear",
                                                   align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
-            images.append({"slice": rows[position[ref]]["slice"],
+            images.append({"slice": rows[index[ref]]["slice"],
                            **{k: cam_rows[j][k] for k in cam_rows[j] if k.startswith("prob") or k in OOD_FIELDS},
                            "label": cam_rows[j]["label"], "explained_class": ck.classes[int(cams.target_index[j])],
                            "image_png": _png_b64(to_rgb8(image.permute(1, 2, 0).numpy())),
