@@ -47,7 +47,12 @@ def test_upload_an_image_and_see_probability_and_heatmap(server, browser, tiny_d
     page.set_input_files("#file", str(f))
     page.wait_for_selector("#result:not([hidden])", timeout=60_000)
     prob = float(page.inner_text("#probability"))
-    assert 0 <= prob <= 1 and page.inner_text("#label") in ("cancer", "normal")
+    assert 0 <= prob <= 1
+    # A 2-epoch model on 8 validation images may call a held-out image unlike its training data;
+    # the label then carries the flag, and the warning shows exactly when it does.
+    label, flagged = page.inner_text("#label"), page.is_visible("#ood-warning")
+    suffix = " (unlike the training data)" if flagged else ""
+    assert label in (f"cancer{suffix}", f"normal{suffix}")
     assert float(page.inner_text("#threshold")) >= 0
     page.wait_for_function("document.getElementById('heatmap').complete")
     assert _loaded(page, "#image") and _loaded(page, "#heatmap")
