@@ -10,16 +10,24 @@ import pytest
 import torch
 from sklearn.covariance import LedoitWolf
 
+from bonetumor.data.studies import expand_inputs
 from bonetumor.data.synth import create_synthetic_dataset
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.run import evaluate
+from bonetumor.inference import model_input, read_batches
 from bonetumor.model.backbones import create_model
 from bonetumor.model.checkpoint import (
     load_checkpoint,
     read_checkpoint_file,
     write_checkpoint,
 )
-from bonetumor.model.ood import Distance, WithDistance, fit_distance, stage_features
+from bonetumor.model.ood import (
+    InputStats,
+    WithDistance,
+    fit_distance,
+    image_distances,
+    stage_features,
+)
 from bonetumor.predict import predict
 from bonetumor.train import fit
 from tests.conftest import tiny_config
@@ -51,26 +59,52 @@ def test_scores_match_scikit_learns_mahalanobis_distance():
     np.testing.assert_allclose(np.quantile(d.numpy(), 0.9, axis=0), 1.0, rtol=1e-5)
 
 
+def test_input_statistics_match_a_numpy_computation():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    grey = rng.random((2, 36, 44))
+    grey[0, :10] = 0.0  # a flat black band: gradients of exactly zero
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = (torch.from_numpy(grey).float()[:, None].expand(-1, 3, -1, -1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    got = InputStats(mean, std)(x).double().numpy()
+    assert got.shape == (2, 15 + 7 + 3 + 64)
+    for g, row in zip(grey, got):
+        hist = [np.mean(g <= e) for e in np.arange(1, 16) / 16]
+        gx, gy = np.diff(g, axis=1)[1:], np.diff(g, axis=0)[:, 1:]
+        ghist = [np.mean(np.hypot(gx, gy) <= e) for e in (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)]
+        lap = np.abs(ndimage.laplace(g))[1:-1, 1:-1].mean()
+        thumb = g[:32, :32].reshape(8, 4, 8, 4).mean(axis=(1, 3)).ravel()  # 4x4 blocks of the top-left 32x32
+        want = np.r_[hist, ghist, lap, g.mean(), g.std(ddof=1), thumb]
+        np.testing.assert_allclose(row, want, atol=2e-5)
+
+
 def test_stage_features_pool_as_the_backbone_does_and_with_distance_keeps_the_logits():
     model = create_model("resnet50", "none", "none", (), 1).eval()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    inputs = InputStats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     with torch.no_grad():
-        pooled, feats = stage_features(model, x)
+        pooled, feats = stage_features(model, x, inputs)
         torch.testing.assert_close(pooled, model.backbone(x))
-        assert [f.shape[1] for f in feats] == [256, 512, 1024, 2048]
-        model.ood = Distance.empty([(2, f.shape[1]) for f in feats])
+        assert [f.shape[1] for f in feats] == [89, 256, 512, 1024, 2048]
+        torch.testing.assert_close(feats[0], inputs(x))
+        rng = np.random.default_rng(0)
+        model.ood = fit_distance([rng.normal(size=(30, f.shape[1])) for f in feats], np.repeat([0, 1], 15),
+                                 [rng.normal(size=(5, f.shape[1])) for f in feats], inputs=inputs)
         logits, scores = WithDistance(model)(x)
         torch.testing.assert_close(logits, model(x))
-        assert scores.shape == (3,)
+        torch.testing.assert_close(scores, model.ood(feats))
+        torch.testing.assert_close(image_distances(model, x), scores)
 
 
 def test_a_trained_run_stores_the_check_and_predict_reports_it(tiny_run, tiny_data):
     raw = read_checkpoint_file(tiny_run / "best.pt")
     record = json.loads((tiny_run / "ood.json").read_text())
-    assert raw["ood"] == record and record["quantile"] == 0.99 and record["features"] == [256, 512, 1024, 2048]
+    assert raw["ood"] == record and record["quantile"] == 0.99 and record["features"] == [89, 256, 512, 1024, 2048]
     assert record["n_valid"] == 8 and record["threshold"] > 0
     ck = load_checkpoint(tiny_run / "best.pt")
-    assert ck.ood["threshold"] == record["threshold"] and ck.model.ood.n_stages == 4
+    assert ck.ood["threshold"] == record["threshold"] and ck.model.ood.n_stages == 5
+    assert ck.model.ood.inputs is not None
     rows = predict(tiny_run / "best.pt", [tiny_data / "valid"], device="cpu")
     scores = np.array([r["ood_distance"] for r in rows])
     assert all(r["unlike_training"] == (r["ood_distance"] > record["threshold"]) for r in rows)
@@ -85,6 +119,27 @@ def test_a_checkpoint_without_the_check_still_predicts_without_its_fields(tiny_r
     write_checkpoint(tmp_path / "old.pt", raw)
     rows = predict(tmp_path / "old.pt", [tiny_data / "valid"], device="cpu")
     assert len(rows) == 8 and not any("unlike_training" in r for r in rows)
+
+
+def test_a_check_saved_before_the_input_stage_scores_with_its_backbone_stages(tiny_run, tiny_data, tmp_path):
+    raw = read_checkpoint_file(tiny_run / "best.pt")
+    weights = {k: v for k, v in raw["model"].items() if not k.startswith("ood.")}
+    for i in range(1, 5):  # the backbone stages, renumbered from 0 as that format wrote them
+        weights[f"ood.means_{i - 1}"] = raw["model"][f"ood.means_{i}"]
+        weights[f"ood.precision_{i - 1}"] = raw["model"][f"ood.precision_{i}"]
+    weights["ood.scales"] = raw["model"]["ood.scales"][1:]
+    write_checkpoint(tmp_path / "four.pt", {**raw, "model": weights})
+    old = {r["path"]: r["ood_distance"] for r in predict(tmp_path / "four.pt", [tiny_data / "valid"], device="cpu")}
+    ck = load_checkpoint(tiny_run / "best.pt")
+    assert load_checkpoint(tmp_path / "four.pt").model.ood.inputs is None
+    samples = expand_inputs([tiny_data / "valid"], ck.read_options)
+    _, raw_x, _ = next(iter(read_batches(samples, 64, ck.image_size, ck.read_options)))
+    x = model_input(raw_x, torch.device("cpu"), ck.mean, ck.std)
+    samples = [s.path for s in samples]
+    with torch.no_grad():
+        _, feats = stage_features(ck.model, x, ck.model.ood.inputs)
+        per_stage = ck.model.ood.stage_distances(feats) / ck.model.ood.scales
+    np.testing.assert_allclose([old[p] for p in samples], per_stage[:, 1:].max(1).values.numpy(), atol=5e-4)  # rows keep 3 decimals
 
 
 def test_a_bad_threshold_is_refused_naming_the_file(tiny_run, tmp_path):

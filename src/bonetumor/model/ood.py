@@ -24,6 +24,14 @@ with fewer training images than feature dimensions (2,048 for ResNet50's last st
 here) that matrix is singular and the distances are numerical noise. Shrinkage keeps it
 well-conditioned.
 
+Why the input's own statistics as one more "stage": a model trained from scratch on a few
+thousand images has weak early features, and the stem's channel means miss what a reader sees
+at once (MRI speckle against a radiograph's flat background and collimation). ``InputStats``
+gives the check the grey-level and gradient histograms, the Laplacian energy and an 8x8
+thumbnail of the image itself. On the demo's synthetic MRI, a model trained on it flagged
+87.5% of the shared set's test radiographs with the backbone stages alone and 96.5% with the
+input stage added, 1% of its own test split either way (docs/results.md).
+
 The check lives in the model as a submodule (``Classifier.ood``: per stage the class means and
 the precision matrix, and the stages' scales, as buffers), so a checkpoint's checksum covers
 it, it moves with the model, and an exported ONNX graph computes it as a second output
@@ -43,12 +51,46 @@ DEFAULT_QUANTILE = 0.99
 MAX_TRAIN_IMAGES = 2000  # training images the check is fitted on at most (a random, seeded subset)
 
 
-def stage_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+GREY_EDGES = tuple(i / 16 for i in range(1, 16))  # cumulative grey histogram, intensities in [0, 1]
+GRADIENT_EDGES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)  # cumulative histogram of |gradient|
+THUMBNAIL = 8  # the image's layout as an 8x8 grid of mean grey levels
+
+
+class InputStats(nn.Module):
+    """Normalised model input -> (N, 89) statistics of the image itself: its cumulative grey
+    and gradient-magnitude histograms, mean |Laplacian|, mean and standard deviation of grey,
+    and an 8x8 thumbnail. Written with plain tensor ops (no ``histc``) so that an exported
+    graph computes them too."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            grey = (x.float() * self.std + self.mean).mean(1)  # back to [0, 1] intensities
+            n, h, w = grey.shape
+            edges = torch.tensor(GREY_EDGES, device=x.device)
+            hist = (grey.reshape(n, -1, 1) <= edges).float().mean(1)
+            gx, gy = grey[:, 1:, 1:] - grey[:, 1:, :-1], grey[:, 1:, 1:] - grey[:, :-1, 1:]
+            gradient = torch.sqrt(gx * gx + gy * gy).reshape(n, -1, 1)
+            ghist = (gradient <= torch.tensor(GRADIENT_EDGES, device=x.device)).float().mean(1)
+            lap = (4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1]
+                   - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]).abs().mean((1, 2))
+            k = min(h, w) // THUMBNAIL  # a fixed kernel, not adaptive pooling: exports at any size
+            thumb = nn.functional.avg_pool2d(grey[:, None, : k * THUMBNAIL, : k * THUMBNAIL], k).reshape(n, -1)
+            return torch.cat([hist, ghist, lap[:, None], grey.mean((1, 2))[:, None], grey.std((1, 2))[:, None], thumb], 1)
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, inputs: InputStats | None = None
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(the pooled features the head takes, as ``model.backbone(x)`` gives them; the channel
-    means of each stage after the stem, the last being the pooled features) in one pass."""
+    means of each stage after the stem, the last being the pooled features, after ``inputs(x)``
+    when given) in one pass."""
     spec = BACKBONES[model.backbone_name]
     named = dict(model.backbone.named_modules())
-    means = []
+    means = [inputs(x)] if inputs is not None else []
     for i, stage in enumerate(spec["stages"]):
         for name in stage:
             x = named[name](x)
@@ -62,8 +104,10 @@ class Distance(nn.Module):
     """Per-stage features -> the image's score: the largest over stages of the squared
     Mahalanobis distance to the nearest class mean, over that stage's validation quantile."""
 
-    def __init__(self, means: list[torch.Tensor], precisions: list[torch.Tensor], scales: torch.Tensor):
+    def __init__(self, means: list[torch.Tensor], precisions: list[torch.Tensor], scales: torch.Tensor,
+                 inputs: InputStats | None = None):
         super().__init__()
+        self.inputs = inputs  # the first stage, when set (checkpoints before it have none)
         self.n_stages = len(means)
         for i, (m, p) in enumerate(zip(means, precisions)):
             self.register_buffer(f"means_{i}", m.float())
@@ -71,10 +115,10 @@ class Distance(nn.Module):
         self.register_buffer("scales", scales.float())
 
     @classmethod
-    def empty(cls, shapes: list[tuple[int, int]]) -> "Distance":
+    def empty(cls, shapes: list[tuple[int, int]], inputs: bool = False) -> "Distance":
         """A detector of these (classes, features) shapes per stage, to load a checkpoint into."""
         return cls([torch.zeros(c, d) for c, d in shapes], [torch.zeros(d, d) for _, d in shapes],
-                   torch.ones(len(shapes)))
+                   torch.ones(len(shapes)), InputStats(torch.zeros(3), torch.ones(3)) if inputs else None)
 
     def stage_distances(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """(N, stages) squared distances to the nearest class mean, unscaled."""
@@ -92,11 +136,11 @@ class Distance(nn.Module):
 
 
 def fit_distance(train: list[np.ndarray], labels: np.ndarray, valid: list[np.ndarray],
-                 quantile: float = DEFAULT_QUANTILE) -> Distance:
+                 quantile: float = DEFAULT_QUANTILE, inputs: InputStats | None = None) -> Distance:
     """The detector fitted on the training images' per-stage features ``train`` with their class
     ``labels``: a mean per class and one Ledoit-Wolf covariance of the class-centred features per
     stage, each stage scaled by the ``quantile`` of its distances over the validation images'
-    features ``valid``."""
+    features ``valid``. ``inputs``: the ``InputStats`` that made the first stage, if it did."""
     from sklearn.covariance import (
         LedoitWolf,  # scikit-learn only where a detector is fitted
     )
@@ -110,7 +154,7 @@ def fit_distance(train: list[np.ndarray], labels: np.ndarray, valid: list[np.nda
         precision = LedoitWolf(assume_centered=True).fit(x - m[np.searchsorted(classes, y)]).precision_
         means.append(torch.from_numpy(m))
         precisions.append(torch.from_numpy(precision))
-    detector = Distance(means, precisions, torch.ones(len(train)))
+    detector = Distance(means, precisions, torch.ones(len(train)), inputs)
     with torch.no_grad():
         d = detector.stage_distances([torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in valid])
     detector.scales.copy_(torch.from_numpy(np.quantile(d.double().numpy(), quantile, axis=0)).clamp_min(1e-12))
@@ -130,7 +174,7 @@ def attach_distance(model: nn.Module, state: dict) -> None:
         shapes.append(tuple(int(n) for n in state[f"ood.means_{i}"].shape))
         i += 1
     if shapes:
-        model.ood = Distance.empty(shapes)
+        model.ood = Distance.empty(shapes, inputs="ood.inputs.mean" in state)
 
 
 def distance_state(detector: Distance) -> dict:
@@ -151,7 +195,7 @@ class WithDistance(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.classifier
-        pooled, feats = stage_features(c, x)
+        pooled, feats = stage_features(c, x, c.ood.inputs)
         logits = c.head(pooled)
         if c.temperature != 1.0:
             logits = logits / c.temperature
@@ -179,7 +223,7 @@ def image_distances(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     callers whose forward pass does not go through ``WithDistance`` (Grad-CAM's)."""
     if getattr(model, "ood", None) is None:
         return None
-    return model.ood(stage_features(model, x)[1]).cpu()
+    return model.ood(stage_features(model, x, model.ood.inputs)[1]).cpu()
 
 
 def ood_summary(rows: list[dict], record: dict | None) -> dict:

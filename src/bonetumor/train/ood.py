@@ -14,9 +14,10 @@ import time
 import numpy as np
 import torch
 
-from bonetumor.data.transforms import create_transforms
+from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, create_transforms
 from bonetumor.model.ood import (
     MAX_TRAIN_IMAGES,
+    InputStats,
     distance_state,
     distance_threshold,
     fit_distance,
@@ -36,15 +37,16 @@ def fit_ood(r: TrainingRun) -> tuple[dict, dict]:
     train = r.index.split("train")
     keep = np.sort(rng.choice(len(train), min(len(train), MAX_TRAIN_IMAGES), replace=False))
     labels = np.array([r.index.classes.index(train[i].label) for i in keep])
-    train_feats = _features(r, [train[i] for i in keep])
-    valid_feats = _features(r, r.index.split("valid"))
-    detector = fit_distance(train_feats, labels, valid_feats, r.cfg.ood_quantile)
+    inputs = InputStats(IMAGENET_MEAN, IMAGENET_STD).to(r.device)  # as create_transforms normalises
+    train_feats = _features(r, [train[i] for i in keep], inputs)
+    valid_feats = _features(r, r.index.split("valid"), inputs)
+    detector = fit_distance(train_feats, labels, valid_feats, r.cfg.ood_quantile, inputs.cpu())
     with torch.no_grad():
         valid = detector([torch.from_numpy(f) for f in valid_feats]).numpy()
         fitted = detector([torch.from_numpy(f) for f in train_feats]).numpy()
     threshold = distance_threshold(valid, r.cfg.ood_quantile)
-    record = {"method": "Mahalanobis distance per backbone stage (shared Ledoit-Wolf covariance, nearest class "
-                        "mean), the largest over its validation quantile",
+    record = {"method": "Mahalanobis distance on the image's own statistics and per backbone stage (shared "
+                        "Ledoit-Wolf covariance, nearest class mean), the largest over its validation quantile",
               "features": [int(f.shape[1]) for f in train_feats], "n_train": int(len(keep)), "n_valid": int(len(valid)),
               "quantile": float(r.cfg.ood_quantile), "threshold": threshold,
               "valid_flagged": float(np.mean(valid > threshold)) if len(valid) else float("nan"),
@@ -54,8 +56,9 @@ def fit_ood(r: TrainingRun) -> tuple[dict, dict]:
 
 
 @torch.inference_mode()
-def _features(r: TrainingRun, samples) -> list[np.ndarray]:
-    """Per-stage features of ``samples`` (``stage_features``), read as for validation (no augmentation)."""
+def _features(r: TrainingRun, samples, inputs: InputStats) -> list[np.ndarray]:
+    """Per-stage features of ``samples`` (``stage_features``, ``inputs`` first), read as for
+    validation (no augmentation)."""
     cfg = r.cfg
     tf = create_transforms(False, cfg.image_size)
     loader = torch.utils.data.DataLoader(ImageDataset(samples, r.index.classes, tf, r.index.options),
@@ -65,6 +68,7 @@ def _features(r: TrainingRun, samples) -> list[np.ndarray]:
     r.model.eval()
     with inference_folded(r.model), autocast(cfg.precision, r.device):
         for x, _, _ in loader:
-            _, feats = stage_features(r.model, x.to(r.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            x = x.to(r.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            _, feats = stage_features(r.model, x, inputs)
             out.append([f.float().cpu() for f in feats])
     return [torch.cat(stage).numpy() for stage in zip(*out)]
