@@ -93,10 +93,13 @@ def train(
     """Train a classifier; writes best.pt, last.pt, history.csv, curves.png and the run record.
     Every option is listed in docs/options.md; a YAML file takes the same names."""
     from bonetumor.config import load_config
+    from bonetumor.runtime.distributed import close_distributed, is_main
     from bonetumor.train import fit
 
     res = fit(load_config(config, {"data": data, **options}), out_dir, overwrite=overwrite, resume=resume)
-    out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
+    if is_main():  # under torchrun, one line for the job
+        out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
+    close_distributed()
 
 
 @app.command()
@@ -115,7 +118,10 @@ def cv(
     from bonetumor.cli.show import show_cv
     from bonetumor.config import load_config
     from bonetumor.cv import cross_validate
+    from bonetumor.runtime.distributed import launched
 
+    if launched():
+        raise BonetumorError("cv does not run under torchrun yet: run it as one process (train runs under torchrun)")
     r = cross_validate(load_config(config, {"data": data, **options}), out_dir, folds, overwrite=overwrite)
     show_cv(r, folds, out_dir)
 

@@ -26,6 +26,7 @@ from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_transforms
 from bonetumor.files import atomic_path
 from bonetumor.progress import tracked
+from bonetumor.runtime import distributed as ranks
 from bonetumor.runtime.device import to_device
 from bonetumor.runtime.forward import Forward, maybe_compiled
 from bonetumor.runtime.precision import autocast_dtype
@@ -34,8 +35,10 @@ from bonetumor.runtime.precision import autocast_dtype
 class _Views(torch.utils.data.Dataset):
     """(image i, view k) -> the transformed image; view k of image i always gets the same draw."""
 
-    def __init__(self, samples: Sequence[Sample], cfg: TrainConfig, views: int):
+    def __init__(self, samples: Sequence[Sample], cfg: TrainConfig, views: int, ids: Sequence[int] | None = None):
+        # ids: the samples' places in the whole split, which seed their views (a rank's share keeps them)
         self.samples, self.views, self.seed = list(samples), views, cfg.seed
+        self.ids = list(range(len(self.samples))) if ids is None else list(ids)
         self.options = cfg.read_options
         augment = views > 1
         self.tf = create_transforms(augment, cfg.image_size, cfg.hflip, cfg.rotate_degrees, (cfg.zoom_min, cfg.zoom_max))
@@ -49,7 +52,7 @@ class _Views(torch.utils.data.Dataset):
         x = load_tensor(s.path, s.frame, self.options, rgb=False)
         if self.views > 1:
             # torchvision's random transforms draw from torch's global generator: seed it per view.
-            torch.manual_seed((self.seed * 1_000_003 + i * 7919 + k) % (2**63))
+            torch.manual_seed((self.seed * 1_000_003 + self.ids[i] * 7919 + k) % (2**63))
         return self.tf(x)
 
 
@@ -75,16 +78,42 @@ def cache_key(samples: Sequence[Sample], cfg: TrainConfig, backbone_digest: str,
 def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: TrainConfig, views: int,
                      device: torch.device, verbose: bool = False, desc: str = "features") -> torch.Tensor:
     """Pooled backbone features of every sample's ``views`` views, at ``cfg.precision``:
-    float32 (N, views, F) on the CPU."""
-    loader = torch.utils.data.DataLoader(_Views(samples, cfg, views), batch_size=cfg.batch_size, shuffle=False,
+    float32 (N, views, F) on the CPU. Under torchrun each rank computes its share
+    (``rank::world``) and every rank gets them all, in order."""
+    if ranks.world_size() == 1:
+        return _extract(backbone, samples, cfg, views, device, verbose, desc)
+    ids = ranks.shard(len(samples))
+    part = _extract(backbone, [samples[i] for i in ids], cfg, views, device, verbose and ranks.is_main(), desc, ids)
+    parts = ranks.gather((list(ids), part))
+    out = None
+    for got_ids, feats in parts:
+        if out is None:
+            out = torch.zeros(len(samples), views, feats.shape[-1])
+        if len(got_ids):
+            out[list(got_ids)] = feats
+    return out
+
+
+def _extract(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: TrainConfig, views: int,
+             device: torch.device, verbose: bool, desc: str, ids: Sequence[int] | None = None) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_Views(samples, cfg, views, ids), batch_size=cfg.batch_size, shuffle=False,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     run = maybe_compiled(backbone.eval(), cfg.compile, len(loader.dataset), cfg.batch_size, device)
     out = []
     with Forward(backbone, device, cfg.precision, run) as forward:
         for x in tracked(loader, len(samples) * views, desc, "image views", size=len, enabled=verbose):
             out.append(forward(to_device(x, device)).cpu())
-    feats = torch.cat(out) if out else torch.zeros(0, 0)
-    return feats.reshape(len(samples), views, -1)
+    if not out:  # no samples (a rank's empty share): the width from one dummy pass is not worth it
+        return torch.zeros(0, views, _width(backbone))
+    return torch.cat(out).reshape(len(samples), views, -1)
+
+
+def _width(backbone: torch.nn.Module) -> int:
+    """The pooled feature width of ``backbone`` (its last parameter with channels)."""
+    for p in reversed(list(backbone.parameters())):
+        if p.dim() == 1:
+            return p.shape[0]
+    return 0
 
 
 def cached_features(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: TrainConfig, views: int,
@@ -98,14 +127,23 @@ def cached_features(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: T
     if not cfg.feature_cache_dir:
         return extract_features(backbone, samples, cfg, views, device, verbose, desc), False
     path = Path(cfg.feature_cache_dir) / f"{cache_key(samples, cfg, backbone_digest, views, device)}.pt"
+    # Rank 0 reads the cache and sends what it found: other nodes may not see its disk.
+    feats = ranks.broadcast(_read_cached(path, len(samples), views) if ranks.is_main() else None)
+    if feats is not None:
+        return feats, True
+    feats = extract_features(backbone, samples, cfg, views, device, verbose, desc)
+    if ranks.is_main():
+        with atomic_path(path) as tmp:
+            torch.save(feats, tmp)
+    return feats, False
+
+
+def _read_cached(path: Path, n: int, views: int) -> torch.Tensor | None:
     if path.is_file():
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(feats, torch.Tensor) and feats.shape[:2] == (len(samples), views):
-                return feats, True
+            if isinstance(feats, torch.Tensor) and feats.shape[:2] == (n, views):
+                return feats
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
             pass
-    feats = extract_features(backbone, samples, cfg, views, device, verbose, desc)
-    with atomic_path(path) as tmp:
-        torch.save(feats, tmp)
-    return feats, False
+    return None

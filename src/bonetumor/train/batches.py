@@ -26,6 +26,7 @@ from bonetumor.data.readers import load_tensor
 from bonetumor.data.studies import Sample
 from bonetumor.data.transforms import create_resize, create_transforms
 from bonetumor.model.checkpoint import weights_digest
+from bonetumor.runtime import distributed as ranks
 from bonetumor.runtime.features import cached_features
 
 
@@ -106,12 +107,16 @@ class BatchSource:
     valid: torch.utils.data.DataLoader
     generator: torch.Generator
     summary: str | None = None  # a line saying how features were made, for the log
+    trained: nn.Module | None = None  # what training steps call, when not ``net`` (its DistributedDataParallel)
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         """Reseed shuffling, augmentation and dropout from (seed, epoch), so that a resumed run
         draws exactly what an uninterrupted one would."""
         self.generator.manual_seed(seed * 100003 + epoch)
-        torch.manual_seed(seed * 100003 + epoch)
+        # Each rank augments and drops out from its own stream (rank 0's is a lone process's).
+        torch.manual_seed(seed * 100003 + epoch + 7919 * ranks.rank())
+        if isinstance(self.train.sampler, torch.utils.data.DistributedSampler):
+            self.train.sampler.set_epoch(epoch)
         if isinstance(self.train.dataset, FeatureDataset):
             self.train.dataset.set_epoch(epoch)
 
@@ -127,12 +132,24 @@ def create_loader(index: DatasetIndex, split: str, cfg: TrainConfig, train: bool
     samples = index.split(split)
     ds = ImageDataset(samples, index.classes, tf, index.options, create_resize(cfg.image_size) if cache else None,
                       lesions=None if lesions is None else [lesions.get(s.ref) for s in samples])
+    ds, sampler = _for_this_rank(ds, train, cfg.seed)
     return torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=train, drop_last=_lone_last(len(ds), cfg.batch_size, train),
-        num_workers=cfg.workers,
+        ds, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=_lone_last(len(sampler or ds), cfg.batch_size, train), num_workers=cfg.workers,
         persistent_workers=cache and cfg.workers > 0,  # each worker keeps its part of the cache
         generator=generator, pin_memory=device.type == "cuda",
     )
+
+
+def _for_this_rank(ds, train: bool, seed: int):
+    """(dataset, sampler) of this rank under torchrun: its part of each epoch's permutation for
+    training (permuted from seed and epoch), its share of the images, in order, for validation;
+    (``ds``, None) in a process on its own."""
+    if not ranks.active():
+        return ds, None
+    if train:
+        return ds, ranks.shard_sampler(ds, seed * 100003)
+    return torch.utils.data.Subset(ds, ranks.shard(len(ds))), None
 
 
 def _lone_last(n: int, batch_size: int, train: bool) -> bool:
@@ -184,9 +201,10 @@ def create_feature_loaders(model: nn.Module, index: DatasetIndex, cfg: TrainConf
         samples = index.split(split)
         feats, hit = cached_features(model.backbone, samples, cfg, views, device, digest, progress, f"{split} features")
         notes.append(f"{split} {len(samples)}x{views}{' (from disk)' if hit else ''}")
-        ds = FeatureDataset(feats, [index.classes.index(s.label) for s in samples], cfg.seed)
-        loaders.append(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=train,
-                                                   drop_last=_lone_last(len(ds), cfg.batch_size, train),
+        ds, sampler = _for_this_rank(FeatureDataset(feats, [index.classes.index(s.label) for s in samples], cfg.seed),
+                                     train, cfg.seed)
+        loaders.append(torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=train and sampler is None,
+                                                   sampler=sampler, drop_last=_lone_last(len(sampler or ds), cfg.batch_size, train),
                                                    generator=generator if train else None))
     summary = (f"frozen backbone: features computed once ({', '.join(notes)} views) in "
                f"{time.perf_counter() - t0:.1f} s; the head trains from them")

@@ -21,14 +21,22 @@ from bonetumor.evaluate.metrics import binary_auc
 from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, score_loader
 from bonetumor.progress import tracked
+from bonetumor.runtime import distributed as ranks
 from bonetumor.runtime.batchnorm import folded_batchnorm
 from bonetumor.runtime.device import release_free_memory, to_device
+from bonetumor.runtime.distributed import init_distributed
 from bonetumor.runtime.forward import Forward
 from bonetumor.runtime.precision import autocast
 from bonetumor.train.batches import BatchSource, create_batch_source
 from bonetumor.train.checkpointer import Checkpointer
 from bonetumor.train.guidance import guided_forward
 from bonetumor.train.ood import fit_ood
+from bonetumor.train.ranks import (
+    data_parallel,
+    merge_predictions,
+    start_ranks,
+    sync_weights,
+)
 from bonetumor.train.setup import TrainingRun, console, start_run
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
@@ -56,13 +64,24 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
         BonetumorError: bad data, options or run folder (a one-line message).
     """
     run = out if isinstance(out, RunDir) else RunDir(out)
-    r = start_run(cfg, run, overwrite, resume, verbose, index)
-    cfg, progress = r.cfg, r.progress
+    if init_distributed(cfg.device):  # one rank of a torchrun job (train/ranks.py)
+        verbose = verbose and ranks.is_main()
+        r = start_ranks(cfg, run, overwrite, resume, verbose, index)
+    else:
+        r = start_run(cfg, run, overwrite, resume, verbose, index)
+    return _train(r, verbose)
+
+
+def _train(r: TrainingRun, verbose: bool) -> FitResult:
+    """The epochs, then the operating point (rank 0 writes; every rank trains)."""
+    cfg, progress, run = r.cfg, r.progress, r.run
     source = create_batch_source(r.model, r.index, cfg, r.device, verbose and console.is_terminal, r.lesions)
+    if ranks.active():
+        source.trained = data_parallel(source.net, r.device, cfg.bn_statistics)
     fields = HISTORY_FIELDS + (["train_outside_lesion"] if r.lesions is not None else [])
     if verbose and source.summary:
         console.print(source.summary)
-    checkpointer = Checkpointer(run, r.model, cfg, r.index.classes, cfg.checkpoint_seconds)
+    checkpointer = Checkpointer(run, r.model, cfg, r.index.classes, cfg.checkpoint_seconds) if ranks.is_main() else None
     best_val = None
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         if progress.stopped:
@@ -81,22 +100,39 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
                "lr": float(f"{lr:.6g}"), "seconds": round(time.perf_counter() - t0, 2)}
         if outside is not None:
             row["train_outside_lesion"] = round(outside, 6)
-        improved = progress.record(row, val.loss)
+        improved = progress.record(*ranks.broadcast((row, val.loss)))  # rank 0's word, on every rank
         best_val = val if improved else best_val
-        checkpointer.epoch_end(epoch, improved, progress.stopped or epoch == cfg.epochs, r.optimizer, r.scaler,
-                               progress.saved())
-        run.write_csv(RunDir.HISTORY, fields, progress.history)
+        if checkpointer is not None:
+            checkpointer.epoch_end(epoch, improved, progress.stopped or epoch == cfg.epochs, r.optimizer, r.scaler,
+                                   progress.saved())
+            run.write_csv(RunDir.HISTORY, fields, progress.history)
         release_free_memory()
         if verbose:
             _print_epoch(row, improved)
     if verbose and progress.stopped:
         console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {progress.best_epoch}")
-    from bonetumor.evaluate.figures import plot_curves  # matplotlib: see evaluate.run
-
-    run.save_figure(RunDir.CURVES, plot_curves(progress.history, progress.best_epoch))
-    if checkpointer.has_best:
-        _set_operating_point(r, source, checkpointer, best_val, verbose)
+    _finish(r, source, checkpointer, best_val, verbose)
     return FitResult(run.path, progress.best_epoch, progress.best_loss, progress.history, progress.stopped)
+
+
+def _finish(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer | None, best_val: Predictions | None,
+            verbose: bool) -> None:
+    """The curves, and the operating point on the best epoch's validation predictions."""
+    progress, run = r.progress, r.run
+    if ranks.broadcast(best_val is None and checkpointer is not None and checkpointer.has_best):
+        # resumed after its best epoch: that epoch's logits, again, from its weights, on every rank
+        r.model.load_state_dict(checkpointer.best_weights() if checkpointer is not None else r.model.state_dict())
+        sync_weights(r.model)
+        best_val = validate(r, source, loss=False)
+    if checkpointer is not None:
+        from bonetumor.evaluate.figures import (
+            plot_curves,  # matplotlib: see evaluate.run
+        )
+
+        run.save_figure(RunDir.CURVES, plot_curves(progress.history, progress.best_epoch))
+        if checkpointer.has_best:
+            _set_operating_point(r, checkpointer, best_val, verbose)
+    ranks.barrier()  # every rank returns once rank 0's files are written
 
 
 def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
@@ -115,11 +151,11 @@ def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train",
                     verbose: bool = True) -> tuple[float, float, float | None]:
     """One pass over the training batches (in the run's precision); returns (mean classification
     loss, accuracy, and for a lesion-guided run the guided images' mean guidance loss)."""
-    net, device, task = source.net, r.device, r.task
+    net, device, task = source.trained or source.net, r.device, r.task
     net.train()
     total, n, correct, outside_sum, n_guided = 0.0, 0, 0, 0.0, 0
     context = autocast(r.cfg.precision, device)
-    batches = tracked(source.train, len(source.train.dataset), desc, size=lambda b: len(b[1]), enabled=verbose)
+    batches = tracked(source.train, len(source.train.sampler), desc, size=lambda b: len(b[1]), enabled=verbose)
     for x, y, _, *masks in batches:
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         with context:
@@ -141,23 +177,21 @@ def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train",
         correct += (task.predicted(logits) == y).sum().item()
         if outside is not None:
             outside_sum, n_guided = outside_sum + outside.sum().item(), n_guided + len(outside)
+    total, n, correct = ranks.all_sum([total, n, correct])  # over every rank's images
     return total / max(n, 1), correct / max(n, 1), outside_sum / n_guided if n_guided else None
 
 
 def validate(r: TrainingRun, source: BatchSource, loss: bool = True) -> Predictions:
-    """The network's predictions (and mean loss) on the validation batches."""
+    """The network's predictions (and mean loss) on the validation batches (under torchrun,
+    every rank's share, merged in the split's order)."""
     with Forward(source.net, r.device, r.cfg.precision) as forward:
-        return score_loader(forward, source.valid, r.task, r.loss_fn if loss else None)
+        return merge_predictions(score_loader(forward, source.valid, r.task, r.loss_fn if loss else None))
 
 
-def _set_operating_point(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer, best_val: Predictions | None,
-                         verbose: bool) -> None:
+def _set_operating_point(r: TrainingRun, checkpointer: Checkpointer, best_val: Predictions, verbose: bool) -> None:
     """Choose the threshold (and temperature) on the best epoch's validation logits and store it
     in best.pt and operating_point.json."""
     cfg = r.cfg
-    if best_val is None:  # resumed after its best epoch: that epoch's logits, again, from its weights
-        r.model.load_state_dict(checkpointer.best_weights())
-        best_val = validate(r, source, loss=False)
     op = operating_point(best_val.logits, best_val.targets, cfg.threshold_rule, cfg.calibrate, cfg.precision)
     fields = {"threshold": float(op["threshold"]), "temperature": float(op.get("temperature", 1.0)),
               "operating_point": op}

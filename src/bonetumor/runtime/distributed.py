@@ -1,0 +1,141 @@
+"""Running as one of several processes: torch.distributed, as ``torchrun`` (or SLURM's ``srun
+torchrun``) starts it.
+
+torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` in
+each process it starts; ``init_distributed`` joins that group (NCCL on CUDA GPUs, gloo on CPUs)
+once per process, and everything else here is a no-op when the process runs alone. What the
+training loop needs from it:
+
+- ``shard_sampler``: torch's ``DistributedSampler``, reseeded per epoch from (seed, epoch), so
+  each rank draws its part of one permutation of the training split;
+- ``shard``: a split's indices ``rank::world`` for evaluation, without the sampler's padding, so
+  that every image is scored exactly once; ``gather`` brings the parts to every rank;
+- ``is_main`` / ``barrier`` / ``broadcast``: rank 0 alone writes files, decisions are its.
+
+Nothing here is a launcher or a collective of its own: torchrun launches, torch.distributed
+communicates.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from bonetumor.errors import BonetumorError
+
+
+def launched() -> bool:
+    """True in a process that torchrun (or an equivalent launcher) started."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_distributed(device_name: str = "auto") -> bool:
+    """Join torchrun's process group when launched by it (once per process); True when this
+    process is one of a group. NCCL when the ranks use CUDA GPUs, else gloo."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not launched():
+        return False
+    if not dist.is_available():
+        raise BonetumorError("this PyTorch build has no torch.distributed; run without torchrun")
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    except Exception as e:  # noqa: BLE001 - a rendezvous failure is one line, not a traceback
+        raise BonetumorError(f"could not join the torchrun process group (rank {os.environ.get('RANK')} of "
+                             f"{os.environ.get('WORLD_SIZE')}, {os.environ.get('MASTER_ADDR')}:"
+                             f"{os.environ.get('MASTER_PORT')}): {e}") from None
+    return True
+
+
+def active() -> bool:
+    """True when this process belongs to a process group (even one of a single rank)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or a process on its own: the one that writes files and prints."""
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's own GPU (``cuda:LOCAL_RANK``) for a CUDA run under torchrun."""
+    if active() and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def barrier() -> None:
+    if active() and world_size() > 1:
+        dist.barrier()
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (any picklable object)."""
+    if not active() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not active() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """The element-wise sum of ``values`` over ranks (float64)."""
+    if not active() or world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard(n: int) -> range:
+    """This rank's indices of ``n`` items (``rank::world``): each item on exactly one rank."""
+    return range(rank(), n, world_size())
+
+
+def shard_sampler(dataset, seed: int) -> torch.utils.data.DistributedSampler:
+    """This rank's part of a shuffled pass over ``dataset``; ``set_epoch(epoch)`` reshuffles
+    from ``seed + epoch``. The last ranks repeat a few images when the split does not divide
+    evenly (torch's padding), so every rank takes the same number of steps."""
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True,
+                                               seed=seed, drop_last=False)
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """Rank 0 runs the block first (creating folders, writing records) while the others wait,
+    then the others run it; yields whether this is rank 0."""
+    if not is_main():
+        barrier()
+    yield is_main()
+    if is_main():
+        barrier()
+
+
+def close_distributed() -> None:
+    """Leave the process group (at the end of a command run under torchrun)."""
+    if active():
+        dist.destroy_process_group()
