@@ -62,7 +62,8 @@ def start_ranks(cfg: TrainConfig, run: RunDir, overwrite: bool, resume: bool, ve
             raise BonetumorError(f"rank 0 stopped: {sent['error']}")
         r = _follow(sent, run)
     sync_weights(r.model)
-    if r.device.type != "cuda" and r.cfg.bn_statistics == "batch" and ranks.world_size() > 1 and verbose:
+    trains_bn = any(p.requires_grad for p in r.model.backbone.parameters())  # a frozen backbone's never trains
+    if r.device.type != "cuda" and r.cfg.bn_statistics == "batch" and trains_bn and ranks.world_size() > 1 and verbose:
         console.print("note: batch norm normalises each rank's batch alone (PyTorch's SyncBatchNorm needs GPUs)")
     return r
 
