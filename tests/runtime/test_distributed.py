@@ -79,3 +79,70 @@ def test_two_ranks_of_16_train_as_one_rank_of_32(ddp_data):
     assert worst < 1e-4
     # rank 0 alone wrote the run: the same records as one process
     assert sorted(p.name for p in (work / "r2").iterdir()) == sorted(p.name for p in (work / "r1").iterdir())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_train_as_two_ranks_on_one(ddp_data):
+    work = ddp_data.parent
+    if not (work / "r2").is_dir():
+        assert torchrun(2, "train", "data", "--config", "cfg.yaml", "--batch-size", "16", "--out", "r2", cwd=work).returncode == 0
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                              "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                              "--rdzv-id", "bonetumor-test", "-m", "bonetumor", "train", "data", "--config", "cfg.yaml",
+                              "--batch-size", "16", "--out", "nodes"],
+                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for node in (0, 1)]
+    outs = [j.communicate(timeout=300) for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert _history(work / "nodes") == {**_history(work / "r2"), "seconds": _history(work / "nodes")["seconds"]}
+    env_record = (work / "nodes" / "environment.json").read_text()
+    assert '"world_size": 2' in env_record and '"backend": "gloo"' in env_record
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_killed_rank_stops_the_job_with_one_line_and_resume_finishes_it_on_one_process(ddp_data):
+    import signal
+    import time
+
+    work = ddp_data.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "bonetumor", "train", "data", "--config", "cfg.yaml", "--epochs", "20",
+                            "--checkpoint-seconds", "0", "--batch-size", "16", "--nproc-per-node", "2", "--out", "killed"],
+                           cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (work / "killed" / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    victim = None
+    for pid in Path("/proc").iterdir():
+        try:
+            environ = (pid / "environ").read_bytes().split(b"\0")
+            cmdline = (pid / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"RANK=1" in environ and b"killed" in cmdline and b"bonetumor" in cmdline:
+            victim = int(pid.name)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 2
+    assert "error: rank 1 of 2 was killed by SIGKILL, so torchrun stopped the job" in err
+    assert "add --resume to continue the run" in err and "Traceback" not in err
+    done = int(_history(work / "killed")["epoch"])  # the first row; the run stopped early in its 20 epochs
+    rows = (work / "killed" / "history.csv").read_text().splitlines()[1:]
+    assert done == 1 and len(rows) < 20
+    # another world size: one process continues the two ranks' run
+    p = subprocess.run([sys.executable, "-m", "bonetumor", "train", "--resume", "--out", "killed", "--epochs", "20"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = (work / "killed" / "history.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 6  # patience 5
+    assert (work / "killed" / "best.pt").exists() and (work / "killed" / "operating_point.json").exists()

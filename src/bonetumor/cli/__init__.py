@@ -88,18 +88,44 @@ def train(
     config: Optional[Path] = typer.Option(None, help="YAML file of options (flags override it)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
     resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
+    nproc_per_node: int = typer.Option(1, help="Train as this many processes on this machine (torchrun, "
+                                       "DistributedDataParallel); --batch-size is per process."),
     options: dict = None,
 ):
     """Train a classifier; writes best.pt, last.pt, history.csv, curves.png and the run record.
     Every option is listed in docs/options.md; a YAML file takes the same names."""
     from bonetumor.config import load_config
-    from bonetumor.runtime.distributed import close_distributed, is_main
+    from bonetumor.runtime.distributed import (
+        close_distributed,
+        is_main,
+        launch,
+        launched,
+    )
     from bonetumor.train import fit
 
+    if nproc_per_node > 1 and not launched():
+        try:
+            launch(nproc_per_node, _without_option(sys.argv[1:], "--nproc-per-node"))
+        except BonetumorError as e:
+            raise BonetumorError(f"{e}; {out_dir} keeps its last checkpoint: add --resume to continue the run") from None
+        return
     res = fit(load_config(config, {"data": data, **options}), out_dir, overwrite=overwrite, resume=resume)
     if is_main():  # under torchrun, one line for the job
         out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
     close_distributed()
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 @app.command()

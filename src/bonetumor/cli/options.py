@@ -62,7 +62,7 @@ PANELS = {
              "modality", "slices", "bit_depth", "zoom", "fmt", "near_threshold", "aggregate", "folds", "eval_dir",
              "explain_dir"),
     "Model": ("method", "target", "layer", "engine", "precision", "compile_mode", "backbone", "epochs", "guided"),
-    "Runtime": ("device", "batch_size", "workers", "host", "port", "token", "max_upload_mb"),
+    "Runtime": ("device", "batch_size", "workers", "host", "port", "token", "max_upload_mb", "nproc_per_node"),
     "Output": ("out_dir", "out_file", "onnx", "overwrite", "resume", "config", "as_json", "strict"),
 }
 SHARED_HELP = {

@@ -54,6 +54,14 @@ def init_distributed(device_name: str = "auto") -> bool:
     return True
 
 
+def describe() -> dict | None:
+    """This job's ranks for the run record (None for a process on its own)."""
+    if not active():
+        return None
+    return {"world_size": world_size(), "backend": dist.get_backend(),
+            "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)) or 1)}
+
+
 def active() -> bool:
     """True when this process belongs to a process group (even one of a single rank)."""
     return dist.is_available() and dist.is_initialized()
@@ -133,6 +141,25 @@ def main_first() -> Iterator[bool]:
     yield is_main()
     if is_main():
         barrier()
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run ``bonetumor *argv`` as ``nproc`` ranks on this machine through torchrun's own launcher
+    (``torch.distributed.run``, ``--standalone``), and wait for them.
+
+    Raises:
+        BonetumorError: a rank stopped (killed, or failed): which one, and how.
+    """
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(["--standalone", "--nproc-per-node", str(nproc), "-m", "bonetumor", *argv])
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()  # the rank that stopped first; the others were stopped for it
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"stopped with exit code {failure.exitcode}")
+        raise BonetumorError(f"rank {rank} of {nproc} {how}, so torchrun stopped the job") from None
 
 
 def close_distributed() -> None:

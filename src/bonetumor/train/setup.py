@@ -31,6 +31,7 @@ from bonetumor.runtime.device import (
     select_device,
     to_device,
 )
+from bonetumor.runtime.distributed import describe as describe_ranks
 from bonetumor.runtime.precision import autocast_dtype, resolve_precision
 from bonetumor.task import Task
 from bonetumor.train.checkpointer import Progress
@@ -195,7 +196,10 @@ def _warn(msg: str, verbose: bool, category: type[Warning] = UserWarning) -> Non
 def write_run_record(run: RunDir, cfg: TrainConfig, index: DatasetIndex, skipped, device: torch.device) -> None:
     """The run's config, environment, data record (with its fingerprint) and splits."""
     run.write_yaml(RunDir.CONFIG, config_to_dict(cfg))
-    run.write_json(RunDir.ENVIRONMENT, environment_info(device))
+    env = environment_info(device)
+    if describe_ranks():  # under torchrun: how many ranks trained it
+        env["distributed"] = describe_ranks()
+    run.write_json(RunDir.ENVIRONMENT, env)
     run.write_json(RunDir.DATA, {
         "layout": index.layout, "root": index.root, "classes": index.classes,
         "positive_class": index.classes[-1] if len(index.classes) == 2 else None,
