@@ -105,7 +105,7 @@ def train(
 
     if nproc_per_node > 1 and not launched():
         try:
-            launch(nproc_per_node, _without_option(sys.argv[1:], "--nproc-per-node"))
+            launch(nproc_per_node, sys.argv[1:])
         except BonetumorError as e:
             raise BonetumorError(f"{e}; {out_dir} keeps its last checkpoint: add --resume to continue the run") from None
         return
@@ -113,19 +113,6 @@ def train(
     if is_main():  # under torchrun, one line for the job
         out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
     close_distributed()
-
-
-def _without_option(argv: list[str], flag: str) -> list[str]:
-    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
 
 
 @app.command()

@@ -144,8 +144,8 @@ def main_first() -> Iterator[bool]:
 
 
 def launch(nproc: int, argv: list[str]) -> None:
-    """Run ``bonetumor *argv`` as ``nproc`` ranks on this machine through torchrun's own launcher
-    (``torch.distributed.run``, ``--standalone``), and wait for them.
+    """Run ``bonetumor *argv`` (less its ``--nproc-per-node``) as ``nproc`` ranks on this machine
+    through torchrun's own launcher (``torch.distributed.run``, ``--standalone``), and wait.
 
     Raises:
         BonetumorError: a rank stopped (killed, or failed): which one, and how.
@@ -153,6 +153,7 @@ def launch(nproc: int, argv: list[str]) -> None:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    argv = _without_option(argv, "--nproc-per-node")
     try:
         torchrun.main(["--standalone", "--nproc-per-node", str(nproc), "-m", "bonetumor", *argv])
     except ChildFailedError as e:
@@ -160,6 +161,19 @@ def launch(nproc: int, argv: list[str]) -> None:
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"stopped with exit code {failure.exitcode}")
         raise BonetumorError(f"rank {rank} of {nproc} {how}, so torchrun stopped the job") from None
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def close_distributed() -> None:
