@@ -34,6 +34,7 @@ from bonetumor.errors import BadImageError, BonetumorError
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from bonetumor.model.ood import flagged, inference_module
 from bonetumor.progress import tracked
+from bonetumor.runtime import distributed as ranks
 from bonetumor.runtime.device import select_device, to_device
 from bonetumor.runtime.engines import Engine
 from bonetumor.runtime.forward import Forward
@@ -221,14 +222,23 @@ def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
                   prefetch: bool = False, options: ReadOptions | None = None,
                   what: str | None = None) -> list[dict]:
     """``prediction_rows`` for ``samples`` in their order, with a row naming each unreadable
-    file (``skip_bad``) where it stood (see ``score_batches`` for the arguments)."""
-    rows: list[dict] = []
-    for done, logits, distances, bad in score_batches(ck, samples, device, batch_size, precision, run, skip_bad,
+    file (``skip_bad``) where it stood (see ``score_batches`` for the arguments). Under
+    torchrun each rank scores its share (``rank::world``) and every rank gets all the rows."""
+    ids = list(ranks.shard(len(samples)))
+    mine = samples if len(ids) == len(samples) else [samples[i] for i in ids]
+    numbered: list[tuple[int, dict]] = []
+    start = 0  # batches cover consecutive samples: the unreadable ones are those not scored
+    for done, logits, distances, bad in score_batches(ck, mine, device, batch_size, precision, run, skip_bad,
                                                       workers, prefetch, options, what):
-        rows += bad
+        end = start + len(done) + len(bad)
+        numbered += zip((i for i in range(start, end) if i not in set(done)), bad)
         if logits is not None:
-            rows += prediction_rows(ck, [samples[i] for i in done], ck.task.probabilities(logits), distances)
-    return rows
+            numbered += zip(done, prediction_rows(ck, [mine[i] for i in done], ck.task.probabilities(logits), distances))
+        start = end
+    numbered = [(ids[i], row) for i, row in numbered]
+    if ranks.world_size() > 1:
+        numbered = [pair for part in ranks.gather(numbered) for pair in part]
+    return [row for _, row in sorted(numbered, key=lambda pair: pair[0])]
 
 
 def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int,
@@ -236,7 +246,16 @@ def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: tor
     """The model's probabilities (at its own precision) for labelled ``samples``, in their order,
     with their targets."""
     index = {c: i for i, c in enumerate(ck.classes)}
-    scored = list(score_batches(ck, samples, device, batch_size, workers=workers, what=what))
+    if ranks.world_size() > 1:  # under torchrun: each rank its share, every rank all of them, in order
+        ids = list(ranks.shard(len(samples)))
+        part = list(score_batches(ck, [samples[i] for i in ids], device, batch_size, workers=workers,
+                                  what=what if ranks.is_main() else None))
+        scored = [(ids[j], x[k:k + 1], None if d is None else d[k:k + 1]) for done, x, d, _ in part
+                  for k, j in enumerate(done)]
+        scored = sorted((t for got in ranks.gather(scored) for t in got), key=lambda t: t[0])
+        scored = [([i], x, d, []) for i, x, d in scored]
+    else:
+        scored = list(score_batches(ck, samples, device, batch_size, workers=workers, what=what))
     out = torch.cat([x for _, x, _, _ in scored]) if scored else torch.zeros(0, ck.task.n_outputs)
     distances = [d for _, _, d, _ in scored]
     return Predictions(ck.task, ck.task.probabilities(out).numpy(), np.array([index[s.label] for s in samples], dtype=int),

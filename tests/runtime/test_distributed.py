@@ -146,3 +146,32 @@ def test_a_killed_rank_stops_the_job_with_one_line_and_resume_finishes_it_on_one
     rows = (work / "killed" / "history.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 6  # patience 5
     assert (work / "killed" / "best.pt").exists() and (work / "killed" / "operating_point.json").exists()
+
+
+def test_sharded_evaluate_and_predict_write_exactly_what_one_process_writes(tiny_run, tiny_data, tmp_path):
+    import shutil
+
+    ck = tiny_run / "best.pt"
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "test" / "cancer" / "zz_broken.png").write_text("not an image")  # predict keeps a row where it stood
+    files = [str(data / "test" / "cancer"), str(data / "test" / "normal")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", [sys.executable, "-m", "bonetumor"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                    "-m", "bonetumor"])):
+        for args in (["evaluate", str(ck), str(tiny_data), "--out", f"eval_{name}", "--device", "cpu"],
+                     ["predict", str(ck), *files, "--out", f"pred_{name}", "--skip-bad-files", "--device", "cpu"]):
+            p = subprocess.run(launcher + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+            if name == "two" and args[0] == "evaluate":
+                assert p.stdout.count("ROC-AUC") == (tmp_path / "one_stdout.txt").read_text().count("ROC-AUC")
+            if name == "one" and args[0] == "evaluate":
+                (tmp_path / "one_stdout.txt").write_text(p.stdout)
+    one, two = tmp_path / "eval_one", tmp_path / "eval_two"
+    assert (two / "predictions.csv").read_text() == (one / "predictions.csv").read_text()
+    assert (two / "metrics.json").read_text() == (one / "metrics.json").read_text()
+    assert (two / "classification_report.txt").read_text() == (one / "classification_report.txt").read_text()
+    rows = (tmp_path / "pred_two" / "predictions.csv").read_text()
+    assert rows == (tmp_path / "pred_one" / "predictions.csv").read_text()
+    assert rows.count("\n") == 10 and "zz_broken.png" in rows  # header, 8 images and the broken file's row

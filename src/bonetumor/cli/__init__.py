@@ -169,7 +169,8 @@ def evaluate(
     m = run_eval(checkpoint, data, out_dir, split, manifest=manifest, device=device, batch_size=batch_size,
                  workers=workers, overwrite=overwrite, skip_bad_files=skip_bad_files, class_map=parse_class_map(class_map),
                  external=external, exclude_near_duplicates_of=exclude_near_duplicates_of)
-    show_evaluation(m, out_dir)
+    if m is not None:  # None on the other ranks of a torchrun job
+        show_evaluation(m, out_dir)
 
 
 @app.command()
@@ -235,12 +236,17 @@ def predict(
     aggregated score per volume or DICOM series."""
     from bonetumor.files import RunDir
     from bonetumor.predict import predict_studies, write_predictions
+    from bonetumor.runtime.distributed import close_distributed, join
 
-    run = RunDir.create(out_dir, overwrite=overwrite, inputs=[checkpoint, *files]) if out_dir is not None else None
+    main = join(device)  # under torchrun: each rank scores its share, rank 0 writes and prints
+    run = RunDir.create(out_dir, overwrite=overwrite, inputs=[checkpoint, *files]) if out_dir and main else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
                                     precision, compile_mode, workers)
+    close_distributed()
     if run is not None:
         write_predictions(run, rows, studies)
+    if not main:
+        return
     if as_json:
         for r in rows + studies:
             sys.stdout.write(json.dumps(r) + "\n")

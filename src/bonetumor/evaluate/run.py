@@ -20,6 +20,7 @@ from bonetumor.files import RunDir
 from bonetumor.inference import Predictions, open_model, predict_samples
 from bonetumor.model.checkpoint import LoadedCheckpoint
 from bonetumor.model.ood import OOD_FIELDS, flagged
+from bonetumor.runtime import distributed as ranks
 
 
 def parse_class_map(text: str | None) -> dict[str, str] | None:
@@ -95,13 +96,15 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
             images that copy one of that split's (``excluding_copies``).
 
     Returns:
-        The metrics dict (also in metrics.json).
+        The metrics dict (also in metrics.json); None on ranks other than 0 under torchrun.
     """
     split = {"val": "valid", "validation": "valid"}.get(split, split)
     if split not in ("train", "valid", "test", "all"):
         raise BonetumorError(f"--split must be train, valid, test or all, not {split!r}")
     inputs = [checkpoint, data, manifest]
+    main = ranks.join(device)  # under torchrun each rank scores its share; rank 0 writes
     RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
+    ranks.barrier()  # every rank has checked the folder before rank 0 makes it
     ck, dev = open_model(checkpoint, device)
     all_samples, samples, dropped = _select(data, manifest, ck, split, class_map, Path(checkpoint).parent)
     if not samples:
@@ -109,7 +112,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
         raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
                              f"{exclude_near_duplicates_of} split")
-    run = RunDir.create(out, overwrite=overwrite, inputs=inputs)
+    run = RunDir.create(out, overwrite=overwrite, inputs=inputs) if main else None
     samples, skipped = check_files(samples, skip_bad_files, options=ck.read_options)
     preds = predict_samples(ck, samples, dev, batch_size or ck.config.batch_size, workers, what="evaluate")
     # Intervals resample patients (or, without ids, whole volumes/series): their images are not independent.
@@ -124,13 +127,21 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
         m["class_map"], m["dropped_classes"] = class_map, dropped
     _notes(m, preds, ck, split)
     _lookup_figures(m, all_samples, samples, preds, ck, groups, n_boot, baseline, exclude_near_duplicates_of)
+    ranks.close_distributed()
+    if run is not None:
+        _write(run, m, samples, preds, ck, f"{split}, external" if external else split, groups, n_boot)
+    return m if run is not None else None
+
+
+def _write(run: RunDir, m: dict, samples: list, preds: Predictions, ck: LoadedCheckpoint, title: str,
+           groups: list | None, n_boot: int) -> None:
+    """metrics.json, the classification report, predictions.csv and the figures."""
     report = m.pop("classification_report")
     run.write_json(RunDir.METRICS, m)
     run.write_text(RunDir.CLASSIFICATION_REPORT, report)
     _write_predictions(run, samples, preds, ck)
-    _write_figures(run, preds, m, ck, f"{split}, external" if external else split, groups, n_boot)
+    _write_figures(run, preds, m, ck, title, groups, n_boot)
     m["classification_report"] = report
-    return m
 
 
 def _notes(m: dict, preds: Predictions, ck: LoadedCheckpoint, split: str) -> None:

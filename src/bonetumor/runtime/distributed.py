@@ -62,6 +62,13 @@ def describe() -> dict | None:
             "nodes": int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)) or 1)}
 
 
+def join(device_name: str = "auto") -> bool:
+    """``init_distributed`` for a command that may run under torchrun; True on the rank that
+    writes and prints (rank 0, or a process on its own)."""
+    init_distributed(device_name)
+    return is_main()
+
+
 def active() -> bool:
     """True when this process belongs to a process group (even one of a single rank)."""
     return dist.is_available() and dist.is_initialized()
