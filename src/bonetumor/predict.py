@@ -29,6 +29,7 @@ from bonetumor.inference import (
 from bonetumor.model.checkpoint import checkpoint_config
 from bonetumor.model.export import has_cached_export
 from bonetumor.model.ood import OOD_FIELDS, inference_module
+from bonetumor.runtime import distributed as ranks
 from bonetumor.runtime import engines
 from bonetumor.runtime.device import select_device
 from bonetumor.runtime.engines import Engine
@@ -113,7 +114,8 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     if auto:
         engine, samples = _resolve_auto(checkpoint, paths, device, window)
     try:
-        ck, dev = open_model(checkpoint, device, engine, check="deferred")
+        with ranks.main_first():  # under torchrun rank 0 exports a checkpoint once; the others find it cached
+            ck, dev = open_model(checkpoint, device, engine, check="deferred")
     except BonetumorError as e:
         if not (auto and engine is Engine.OPENVINO and samples is not None):  # only auto's export of a checkpoint falls back
             raise
