@@ -226,19 +226,19 @@ def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
     torchrun each rank scores its share (``rank::world``) and every rank gets all the rows."""
     ids = list(ranks.shard(len(samples)))
     mine = samples if len(ids) == len(samples) else [samples[i] for i in ids]
-    numbered: list[tuple[int, dict]] = []
+    rows: list[dict | None] = [None] * len(mine)
     start = 0  # batches cover consecutive samples: the unreadable ones are those not scored
     for done, logits, distances, bad in score_batches(ck, mine, device, batch_size, precision, run, skip_bad,
                                                       workers, prefetch, options, what):
         end = start + len(done) + len(bad)
-        numbered += zip((i for i in range(start, end) if i not in set(done)), bad)
+        scored = set(done)
+        for i, row in zip((i for i in range(start, end) if i not in scored), bad):
+            rows[i] = row
         if logits is not None:
-            numbered += zip(done, prediction_rows(ck, [mine[i] for i in done], ck.task.probabilities(logits), distances))
+            for i, row in zip(done, prediction_rows(ck, [mine[i] for i in done], ck.task.probabilities(logits), distances)):
+                rows[i] = row
         start = end
-    numbered = [(ids[i], row) for i, row in numbered]
-    if ranks.world_size() > 1:
-        numbered = [pair for part in ranks.gather(numbered) for pair in part]
-    return [row for _, row in sorted(numbered, key=lambda pair: pair[0])]
+    return ranks.gather_in_order(ids, rows) if ranks.world_size() > 1 else rows
 
 
 def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch.device, batch_size: int,
@@ -250,10 +250,8 @@ def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: tor
         ids = list(ranks.shard(len(samples)))
         part = list(score_batches(ck, [samples[i] for i in ids], device, batch_size, workers=workers,
                                   what=what if ranks.is_main() else None))
-        scored = [(ids[j], x[k:k + 1], None if d is None else d[k:k + 1]) for done, x, d, _ in part
-                  for k, j in enumerate(done)]
-        scored = sorted((t for got in ranks.gather(scored) for t in got), key=lambda t: t[0])
-        scored = [([i], x, d, []) for i, x, d in scored]
+        mine = [(x[k:k + 1], None if d is None else d[k:k + 1]) for _, x, d, _ in part for k in range(len(x))]
+        scored = [([], x, d, []) for x, d in ranks.gather_in_order(ids, mine)]
     else:
         scored = list(score_batches(ck, samples, device, batch_size, workers=workers, what=what))
     out = torch.cat([x for _, x, _, _ in scored]) if scored else torch.zeros(0, ck.task.n_outputs)

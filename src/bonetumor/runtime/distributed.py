@@ -117,6 +117,13 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def gather_in_order(ids: Sequence[int], items: Sequence[Any]) -> list[Any]:
+    """Every rank's ``items`` (item k at global index ``ids[k]``) as one list in index order,
+    on every rank: how each rank's share of a split comes back whole."""
+    pairs = [pair for part in gather(list(zip(ids, items))) for pair in part]
+    return [item for _, item in sorted(pairs, key=lambda pair: pair[0])]
+
+
 def all_sum(values: Sequence[float]) -> list[float]:
     """The element-wise sum of ``values`` over ranks (float64)."""
     if not active() or world_size() == 1:

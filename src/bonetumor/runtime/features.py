@@ -84,14 +84,8 @@ def extract_features(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: 
         return _extract(backbone, samples, cfg, views, device, verbose, desc)
     ids = ranks.shard(len(samples))
     part = _extract(backbone, [samples[i] for i in ids], cfg, views, device, verbose and ranks.is_main(), desc, ids)
-    parts = ranks.gather((list(ids), part))
-    out = None
-    for got_ids, feats in parts:
-        if out is None:
-            out = torch.zeros(len(samples), views, feats.shape[-1])
-        if len(got_ids):
-            out[list(got_ids)] = feats
-    return out
+    feats = ranks.gather_in_order(ids, list(part))
+    return torch.stack(feats) if feats else part
 
 
 def _extract(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: TrainConfig, views: int,
@@ -103,17 +97,9 @@ def _extract(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: TrainCon
     with Forward(backbone, device, cfg.precision, run) as forward:
         for x in tracked(loader, len(samples) * views, desc, "image views", size=len, enabled=verbose):
             out.append(forward(to_device(x, device)).cpu())
-    if not out:  # no samples (a rank's empty share): the width from one dummy pass is not worth it
-        return torch.zeros(0, views, _width(backbone))
+    if not out:  # no samples (a rank's empty share)
+        return torch.zeros(0, views, 0)
     return torch.cat(out).reshape(len(samples), views, -1)
-
-
-def _width(backbone: torch.nn.Module) -> int:
-    """The pooled feature width of ``backbone`` (its last parameter with channels)."""
-    for p in reversed(list(backbone.parameters())):
-        if p.dim() == 1:
-            return p.shape[0]
-    return 0
 
 
 def cached_features(backbone: torch.nn.Module, samples: Sequence[Sample], cfg: TrainConfig, views: int,

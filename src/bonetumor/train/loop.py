@@ -121,8 +121,9 @@ def _finish(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer | No
     progress, run = r.progress, r.run
     if ranks.broadcast(best_val is None and checkpointer is not None and checkpointer.has_best):
         # resumed after its best epoch: that epoch's logits, again, from its weights, on every rank
-        r.model.load_state_dict(checkpointer.best_weights() if checkpointer is not None else r.model.state_dict())
-        sync_weights(r.model)
+        if checkpointer is not None:
+            r.model.load_state_dict(checkpointer.best_weights())
+        sync_weights(r.model)  # the other ranks take rank 0's best weights
         best_val = validate(r, source, loss=False)
     if checkpointer is not None:
         from bonetumor.evaluate.figures import (
