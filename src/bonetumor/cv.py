@@ -30,6 +30,7 @@ from bonetumor.evaluate.metrics import (
 )
 from bonetumor.files import RunDir
 from bonetumor.inference import open_model, predict_samples
+from bonetumor.runtime import distributed as ranks
 from bonetumor.train import console, fit, prepare_data
 
 FOLD_METRICS = ("roc_auc", "pr_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece")
@@ -45,20 +46,33 @@ def fold_indices(index: DatasetIndex, folds: int, seed: int) -> tuple[list, np.n
 
 
 def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite: bool = False, verbose: bool = True,
-                   n_boot: int = N_BOOT) -> dict:
+                   n_boot: int = N_BOOT) -> dict | None:
     """Train ``folds`` models and write ``out/fold_K/`` runs, ``oof_predictions.csv``,
     ``cv_folds.csv`` and ``cv.json`` (per-fold metrics, their mean and sd, pooled out-of-fold
-    metrics with patient-level CIs)."""
+    metrics with patient-level CIs).
+
+    Under torchrun every rank trains each fold (DistributedDataParallel, as ``train``) and
+    predicts its share of the held-out fold; rank 0 finds the data, writes and returns the
+    result (None on the other ranks)."""
     cfg.validate()
-    root = RunDir.create(out, overwrite=overwrite, inputs=cfg.inputs)
-    index = prepare_data(cfg)
+    main = ranks.join(cfg.device)
+    verbose = verbose and main
+    RunDir(out).refuse_existing(overwrite, inputs=cfg.inputs)
+    ranks.barrier()  # every rank has checked the folder before rank 0 makes it
+    root = RunDir.create(out, overwrite=overwrite, inputs=cfg.inputs) if main else RunDir(out, recording=False)
+    # rank 0 finds the data (--split-by cluster reads every image) and sends it, without the scan
+    index = ranks.made_by_main(lambda: prepare_data(cfg), lambda index: dataclasses.replace(index, facts=None))
     pool, fold = fold_indices(index, folds, cfg.seed)
-    root.write_yaml(RunDir.CONFIG, config_to_dict(cfg))
+    if main:
+        root.write_yaml(RunDir.CONFIG, config_to_dict(cfg))
     rows, per_fold = [], []
     for k in range(folds):
         rows_k, summary = _run_fold(cfg, index, pool, fold, k, folds, root, overwrite, verbose)
         rows += rows_k
         per_fold.append(summary)
+    ranks.close_distributed()
+    if not main:
+        return None
     result = _summarise(index, pool, per_fold, rows, folds, n_boot)
     prob_cols = [c for c in rows[0] if c == "probability" or c.startswith("p_")]
     root.write_csv(RunDir.OOF, ["path", "label", "patient_id", "fold", *prob_cols, "prediction"], rows)

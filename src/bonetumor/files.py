@@ -246,8 +246,11 @@ class RunDir:
     LOCALIZATION, LOCALIZATION_TABLE = "localization.json", "localization.csv"
     MAPS, PANELS = "maps", "panels"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, recording: bool = True):
+        """``recording=False``: files are saved without being noted in the folder's record (a
+        torchrun rank beside rank 0, which records them all once they are gathered)."""
         self.path = Path(path)
+        self.recording = recording
         self.written: list[str] = []
         self._recorded: set[str] = set()
 
@@ -322,8 +325,7 @@ class RunDir:
         ``fsync=False`` skips forcing the bytes to disk, for many small files that can be remade."""
         with atomic_path(self.path / name, fsync=fsync) as tmp:
             write(tmp)
-        if name not in self._recorded:
-            self.claim(name)
+        self.claim(name)
         self.written.append(name)
         return self.path / name
 
@@ -331,8 +333,10 @@ class RunDir:
         """Note in the folder's record that bonetumor wrote ``name`` (a file, or with a trailing
         "/" a whole subfolder), so that ``--overwrite`` removes it. A folder without a record
         (one that ``create`` did not make) keeps none."""
+        if name in self._recorded:
+            return
         self._recorded.add(name)
-        if (self.path / MARKER).is_file():
+        if self.recording and (self.path / MARKER).is_file():
             with open(self.path / MARKER, "a", encoding="utf-8") as f:
                 f.write(json.dumps(name) + "\n")
 

@@ -78,7 +78,7 @@ def open_model(path: str | Path, device: str = "auto", engine: str | Engine = En
         raise BonetumorError("--engine auto is resolved before a model is opened")
     if str(path).lower().endswith(".onnx"):
         raise BonetumorError(f"{path}: an ONNX file; pass --engine onnx or --engine openvino")
-    dev = select_device(device)
+    dev = ranks.local_device(select_device(device))  # under torchrun, this rank's GPU
     return load_checkpoint(path, dev, check), dev
 
 

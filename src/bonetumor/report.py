@@ -120,8 +120,9 @@ def _data_section(run: Path, cfg: dict) -> str:
         out.append(f"<p>Possible shortcuts (a property that alone separates the classes): "
                    f"{html.escape(', '.join(flagged)) if flagged else 'none flagged'}.</p>")
         for split, b in audit.get("memorisation_baseline", {}).items():
-            out.append(f"<p>1-nearest-neighbour look-up on training thumbnails, {split}: accuracy {sig3(b['accuracy'])}, "
-                       f"ROC-AUC {sig3(b['roc_auc'])}.</p>")
+            part = f" (a random {b['n']:,} of its {b['n_held']:,} images)" if b.get("n_held") else ""
+            out.append(f"<p>1-nearest-neighbour look-up on training thumbnails, {split}{part}: accuracy "
+                       f"{sig3(b['accuracy'])}, ROC-AUC {sig3(b['roc_auc'])}.</p>")
     return "".join(out)
 
 

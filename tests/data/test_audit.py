@@ -124,6 +124,29 @@ def test_memorisation_baseline_matches_scikit_learn():
     assert c["accuracy"] == 1.0 and c["roc_auc"] == 1.0
 
 
+def test_the_look_up_baseline_scores_a_seeded_sample_of_a_large_split():
+    """Beyond ``max_held`` held-out images, a seeded random sample of that many is scored (the
+    cost then grows with the training split alone), and the figure says so."""
+    from types import SimpleNamespace
+
+    from bonetumor.data.audit import split_baseline
+    from bonetumor.data.studies import Sample
+
+    rng = np.random.default_rng(2)
+    def part(n):
+        facts = [SimpleNamespace(thumb=rng.integers(0, 256, 64).astype(np.uint8), error=None) for _ in range(n)]
+        return [Sample(path=f"{k}.png", label=str(rng.choice(["cancer", "normal"]))) for k in range(n)], facts
+    train, held = part(60), part(50)
+    whole = split_baseline(*train, *held, ["normal", "cancer"], max_held=50)
+    assert whole["n"] == 50 and "n_held" not in whole
+    some = split_baseline(*train, *held, ["normal", "cancer"], max_held=20, seed=3)
+    assert some["n"] == 20 and some["n_held"] == 50
+    keep = np.sort(np.random.default_rng(3).choice(50, 20, replace=False))
+    ref = split_baseline(*train, [held[0][k] for k in keep], [held[1][k] for k in keep], ["normal", "cancer"])
+    assert (some["accuracy"], some["roc_auc"]) == (ref["accuracy"], ref["roc_auc"])
+    assert split_baseline(*train, *held, ["normal", "cancer"], max_held=20, seed=3) == some  # seeded
+
+
 def test_unreadable_files_are_listed_not_fatal(clean):
     bad = clean.root / "train" / "cancer" / "P0000_s0.png"
     bad.write_bytes(b"not an image")

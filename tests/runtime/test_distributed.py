@@ -175,3 +175,98 @@ def test_sharded_evaluate_and_predict_write_exactly_what_one_process_writes(tiny
     rows = (tmp_path / "pred_two" / "predictions.csv").read_text()
     assert rows == (tmp_path / "pred_one" / "predictions.csv").read_text()
     assert rows.count("\n") == 10 and "zz_broken.png" in rows  # header, 8 images and the broken file's row
+
+
+def test_sharded_explain_writes_what_one_process_writes(tiny_run, tiny_data, tmp_path):
+    """Two ranks explain 2-D images and a volume (kept whole on one rank) into the files one
+    process writes: the same rows in the same order, the same map and panel names, maps equal
+    within float32 rounding (each rank's batches hold other images), and every file recorded."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from bonetumor.files import recorded_names
+
+    vol = np.random.default_rng(0).random((32, 32, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "vol.nii.gz")
+    files = [str(tiny_data / "test" / "cancer"), str(tmp_path / "vol.nii.gz"), str(tiny_data / "test" / "normal")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["explain", str(tiny_run / "best.pt"), *files, "--batch-size", "3", "--top-slices", "2", "--device", "cpu"]
+    for name, launcher in (("one", [sys.executable, "-m", "bonetumor"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                    "-m", "bonetumor"])):
+        p = subprocess.run(launcher + args + ["--out", name], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("images explained") == 1  # rank 0 alone reports
+    one, two = (json.loads((tmp_path / n / "explain.json").read_text()) for n in ("one", "two"))
+    assert len(one["images"]) == len(two["images"]) == 8 + 2
+    for a, b in zip(one["images"], two["images"]):
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, abs=1e-5) if isinstance(v, float) else b[k] == v, k
+        ma, mb = np.load(tmp_path / "one" / a["map"]), np.load(tmp_path / "two" / b["map"])
+        assert np.abs(ma - mb).max() < 1e-5
+    assert [r["slice"] for r in two["images"] if r["study"]] == [r["slice"] for r in one["images"] if r["study"]]
+    for k in ("deletion", "insertion"):
+        assert two["faithfulness"][k]["n"] == one["faithfulness"][k]["n"] == 10
+        assert two["faithfulness"][k]["value"] == pytest.approx(one["faithfulness"][k]["value"], abs=1e-5)
+    written = {str(q.relative_to(tmp_path / "two")) for q in (tmp_path / "two").rglob("*.*") if q.is_file()}
+    assert written - {".bonetumor"} <= set(recorded_names(tmp_path / "two"))
+    assert sum(n.startswith("maps/") for n in written) == 10
+
+
+def test_cv_with_nproc_per_node_writes_what_one_process_writes(ddp_data):
+    """``cv --nproc-per-node 2`` (the launcher started for you): the same folds and the same
+    held-out rows, in the same order, as one process. At a learning rate of 1e-12 training leaves
+    the shared initial weights as they were, so the two runs' probabilities agree to 1e-6 whatever
+    the batches (within one step of the 6 written decimals); that the two ranks' steps equal one process's is the first test's."""
+    import csv
+    import json
+
+    work = ddp_data.parent
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
+        cmd = [sys.executable, "-m", "bonetumor", "cv", "data", "--config", "cfg.yaml", "--folds", "2", "--lr", "1e-12",
+               "--out", f"cv_{name}", *extra]
+        p = subprocess.run(cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("pooled out-of-fold ROC-AUC") == 1  # rank 0 alone reports
+        with open(work / f"cv_{name}" / "oof_predictions.csv") as f:
+            runs[name] = list(csv.DictReader(f))
+        assert (work / f"cv_{name}" / "fold_2" / "best.pt").is_file()
+    one, two = runs["one"], runs["two"]
+    assert len(one) == len(two) == 76  # train and valid pooled; the given test split left out
+    for a, b in zip(one, two):
+        assert (a["path"], a["label"], a["fold"]) == (b["path"], b["label"], b["fold"])
+        assert abs(float(a["probability"]) - float(b["probability"])) <= 2e-6  # 6 decimals written
+    env = json.loads((work / "cv_two" / "fold_1" / "environment.json").read_text())
+    assert env["distributed"]["world_size"] == 2
+
+
+def test_a_lesion_guided_run_trains_under_torchrun(ddp_data):
+    """``--lesion-masks`` with two ranks: the Grad-CAM term goes through DistributedDataParallel
+    (its gradient is taken at an activation, the weights' once by backward), and the epoch's
+    share of the maps outside the lesions is summed over both ranks' images. At a learning rate
+    of 1e-9 the weights stay as initialised, so that share is the one process's to 1e-5."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    work = ddp_data.parent
+    for k, img in enumerate(sorted((ddp_data / "train" / "cancer").glob("*.png"))):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4 + k % 16:14 + k % 16, 8:20] = 255
+        (work / "masks" / "train" / "cancer").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(work / "masks" / "train" / "cancer" / img.name)
+    outside = {}
+    for nproc, batch in ((1, "32"), (2, "16")):
+        p = torchrun(nproc, "train", "data", "--config", "cfg.yaml", "--batch-size", batch, "--lr", "1e-9",
+                     "--lesion-masks", "masks", "--out", f"guided{nproc}", cwd=work)
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(work / f"guided{nproc}" / "history.csv") as f:
+            outside[nproc] = float(next(csv.DictReader(f))["train_outside_lesion"])
+    assert 0 < outside[1] < 2
+    assert outside[2] == pytest.approx(outside[1], abs=1e-5)

@@ -95,24 +95,19 @@ def train(
     """Train a classifier; writes best.pt, last.pt, history.csv, curves.png and the run record.
     Every option is listed in docs/options.md; a YAML file takes the same names."""
     from bonetumor.config import load_config
-    from bonetumor.runtime.distributed import (
-        close_distributed,
-        is_main,
-        launch,
-        launched,
-    )
+    from bonetumor.runtime import distributed as ranks
     from bonetumor.train import fit
 
-    if nproc_per_node > 1 and not launched():
+    if nproc_per_node > 1 and not ranks.launched():
         try:
-            launch(nproc_per_node, sys.argv[1:])
+            ranks.launch(nproc_per_node, sys.argv[1:])
         except BonetumorError as e:
             raise BonetumorError(f"{e}; {out_dir} keeps its last checkpoint: add --resume to continue the run") from None
         return
     res = fit(load_config(config, {"data": data, **options}), out_dir, overwrite=overwrite, resume=resume)
-    if is_main():  # under torchrun, one line for the job
+    if ranks.is_main():  # under torchrun, one line for the job
         out.print(f"best epoch {res.best_epoch} (val_loss {res.best_val_loss:.4f}); run folder: {res.run_dir}")
-    close_distributed()
+    ranks.close_distributed()
 
 
 @app.command()
@@ -124,6 +119,7 @@ def cv(
     folds: int = typer.Option(5, help="Number of folds (stratified, grouped by patient)."),
     config: Optional[Path] = typer.Option(None, help="YAML file of training options (as for train)."),
     overwrite: bool = typer.Option(False),
+    nproc_per_node: int = typer.Option(1, help="Train each fold as this many processes (as for train)."),
     options: dict = None,
 ):
     """Cross-validation: one model per fold, out-of-fold predictions, per-fold table and mean ± sd.
@@ -131,12 +127,13 @@ def cv(
     from bonetumor.cli.show import show_cv
     from bonetumor.config import load_config
     from bonetumor.cv import cross_validate
-    from bonetumor.runtime.distributed import launched
+    from bonetumor.runtime.distributed import launch, launched
 
-    if launched():
-        raise BonetumorError("cv does not run under torchrun yet: run it as one process (train runs under torchrun)")
+    if nproc_per_node > 1 and not launched():
+        return launch(nproc_per_node, sys.argv[1:])
     r = cross_validate(load_config(config, {"data": data, **options}), out_dir, folds, overwrite=overwrite)
-    show_cv(r, folds, out_dir)
+    if r is not None:  # None on the other ranks of a torchrun job
+        show_cv(r, folds, out_dir)
 
 
 @app.command()
@@ -274,16 +271,15 @@ def explain(
     overwrite: bool = typer.Option(False),
 ):
     """Heatmaps (image | heatmap | overlay panels, raw .npy maps, index.html), scored against lesions."""
-    from bonetumor.cli.show import show_explain, show_margins
+    from bonetumor.cli.show import show_explained
     from bonetumor.explain.run import explain as run_explain
 
     if top_slices < 1:
         raise BonetumorError(f"--top-slices must be at least 1, not {top_slices}")
     r = run_explain(checkpoint, files, out_dir, method, target, layer, masks, boxes, manifest, device, batch_size,
                     overwrite=overwrite, top_slices=top_slices)
-    show_explain(r, method)
-    show_margins(r.margins)
-    out.print(f"{len(r.rows)} images explained; open {out_dir / 'index.html'}")
+    if r is not None:  # None on the other ranks of a torchrun job: rank 0 reports
+        show_explained(r, method)
 
 
 @app.command()

@@ -53,7 +53,8 @@ def show_metrics(m: dict) -> None:
                   f"images like the training data: about {o['expected_rate']:.0%})")
     b = m.get("memorisation_baseline")
     if b:
-        out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails: accuracy {sig3(b['accuracy'])}, "
+        part = f" (a random {b['n']:,} of {b['n_held']:,} images)" if b.get("n_held") else ""
+        out.print(f"beside it, 1-nearest-neighbour look-up on training thumbnails{part}: accuracy {sig3(b['accuracy'])}, "
                   f"ROC-AUC {sig3(b['roc_auc'])} (when close to the model's, the split measures memory, not learning)")
 
 
@@ -98,6 +99,13 @@ def show_explain(r, method: str) -> None:
         out.print(f"faithfulness on {r.faithfulness['deletion']['n']} images: deletion AUC "
                   f"{r.faithfulness['deletion']['value']:.3f} (lower is better), insertion AUC "
                   f"{r.faithfulness['insertion']['value']:.3f} (higher is better)")
+
+
+def show_explained(r, method: str) -> None:
+    """``explain``'s tables, its margins line and where its pages are."""
+    show_explain(r, method)
+    show_margins(r.margins)
+    out.print(f"{len(r.rows)} images explained; open {r.out / 'index.html'}")
 
 
 def show_audit(r: dict, out_dir: Path | None) -> None:

@@ -43,6 +43,7 @@ from bonetumor.files import RunDir
 
 AUC_FLAG = 0.2  # flag a numeric shortcut when |AUC - 0.5| >= this (AUC >= 0.7 or <= 0.3)
 TVD_FLAG = 0.2  # flag a categorical shortcut when the class distributions differ this much
+BASELINE_MAX_HELD = 5000  # held-out images the look-up baseline scores (a seeded sample beyond)
 
 
 def _duplicates(samples, facts, splits, pairs) -> dict:
@@ -264,15 +265,23 @@ def leakage_summary(report: dict) -> str:
 
 
 def split_baseline(train: Sequence[Sample], ft: list[ImageFacts], held: Sequence[Sample], fh: list[ImageFacts],
-                   classes: list[str]) -> dict | None:
+                   classes: list[str], max_held: int = BASELINE_MAX_HELD, seed: int = 0) -> dict | None:
     """The 1-NN memorisation baseline for ``held`` images, fitted on the ``train`` images
-    (facts from ``scan``), or None when either side has no readable image."""
+    (facts from ``scan``), or None when either side has no readable image.
+
+    Exact 1-NN costs (training images) x (held-out images); beyond ``max_held`` readable
+    held-out images it scores a seeded random sample of that many, so the cost grows linearly
+    with the data (``n`` says how many were scored, ``n_held`` how many there were)."""
     tr = [(f.thumb, s.label) for f, s in zip(ft, train) if f.error is None]
     he = [(f.thumb, s.label) for f, s in zip(fh, held) if f.error is None]
     if not tr or not he:
         return None
-    return memorisation_baseline(np.stack([t for t, _ in tr]), [lab for _, lab in tr],
-                                 np.stack([t for t, _ in he]), [lab for _, lab in he], classes)
+    n_held = len(he)
+    if n_held > max_held:
+        he = [he[k] for k in np.sort(np.random.default_rng(seed).choice(n_held, max_held, replace=False))]
+    out = memorisation_baseline(np.stack([t for t, _ in tr]).astype(np.float32) / 255, [lab for _, lab in tr],
+                                np.stack([t for t, _ in he]).astype(np.float32) / 255, [lab for _, lab in he], classes)
+    return {**out, "n_held": n_held} if n_held > max_held else out
 
 
 def copies_of(held: Sequence[Sample], fh: list[ImageFacts], ref: Sequence[Sample], fr: list[ImageFacts],

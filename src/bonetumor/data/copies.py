@@ -79,24 +79,53 @@ def cluster_rows(samples: Sequence, pairs: Sequence[tuple[int, int, str, int | N
 
 def near_pairs(fa: list, fb: list, threshold: int, same: bool) -> list[tuple[int, int]]:
     """Index pairs (i in fa, j in fb) of near copies: 64-bit pHashes within ``threshold`` bits
-    and thumbnails correlated at least NEAR_CORRELATION. ``same``: fa is fb, pairs with i < j."""
+    and thumbnails correlated at least NEAR_CORRELATION. ``same``: fa is fb, pairs with i < j.
+
+    The hashes go into faiss's multi-index hash (four tables of 16 bits): two hashes within
+    ``threshold`` bits differ by at most ``threshold // 4`` bits in one of their four quarters
+    (pigeonhole), so probing each quarter with that many flipped bits finds every pair, exactly
+    as comparing all pairs would, while the work grows with the images and their near pairs
+    rather than with the square of the images."""
     if not fa or not fb:
         return []
-    a = np.array([f.phash for f in fa], dtype=np.uint64)
-    b = np.array([f.phash for f in fb], dtype=np.uint64)
-    out = []
-    for start in range(0, len(a), 512):
-        ii, jj = np.nonzero(np.bitwise_count(a[start:start + 512, None] ^ b[None, :]) <= threshold)
-        for i, j in zip(ii + start, jj):
-            if (not same or i < j) and _correlation(fa[i].thumb, fb[j].thumb) >= NEAR_CORRELATION:
-                out.append((int(i), int(j)))
+    import faiss
+
+    a, b = _codes(fa), _codes(fb)
+    index = faiss.IndexBinaryMultiHash(64, 4, 16)
+    index.nflip = threshold // 4
+    index.add(b)
+    qi, qj = [], []
+    for start in range(0, len(a), 16384):  # bounded result buffers
+        lims, _, ids = index.range_search(a[start:start + 16384], threshold + 1)  # faiss: distance < radius
+        qi.append(np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64)))
+        qj.append(ids.astype(np.int64))
+    i, j = np.concatenate(qi), np.concatenate(qj)
+    if same:
+        i, j = i[i < j], j[i < j]
+    keep = _correlations(fa, fb, i, j) >= NEAR_CORRELATION
+    order = np.lexsort((j[keep], i[keep]))
+    return [(int(x), int(y)) for x, y in zip(i[keep][order], j[keep][order])]
+
+
+def _codes(facts: list) -> np.ndarray:
+    """The facts' pHashes as faiss's binary codes (n x 8 bytes)."""
+    return np.array([f.phash for f in facts], dtype=np.uint64).view(np.uint8).reshape(-1, 8)
+
+
+def _correlations(fa: list, fb: list, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Pearson correlation of the thumbnails of each pair (fa[i], fb[j]), in bounded chunks (a
+    constant thumbnail correlates 1 with another constant one, 0 with anything else)."""
+    out = np.empty(len(i), dtype=np.float64)
+    for start in range(0, len(i), chunk):
+        x = np.stack([fa[k].thumb for k in i[start:start + chunk]]).astype(np.float64)
+        y = np.stack([fb[k].thumb for k in j[start:start + chunk]]).astype(np.float64)
+        x -= x.mean(1, keepdims=True)
+        y -= y.mean(1, keepdims=True)
+        nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        both = (nx > 0) & (ny > 0)
+        r = np.where(both, (x * y).sum(1) / np.where(both, nx * ny, 1), (nx == ny).astype(np.float64))
+        out[start:start + len(r)] = r
     return out
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float(na == nb)
 
 
 def all_near_pairs(facts: list, threshold: int) -> list[tuple[int, int]]:

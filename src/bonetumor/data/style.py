@@ -20,6 +20,7 @@ from bonetumor.data.confounds import CONFOUND_AUC, cv_auc, cv_folds
 
 STYLE_FEATURES = ("log_width", "log_height", "aspect", "band_p05", "band_p50", "band_p95", "dark_band", "band_noise",
                   "jpeg_quality", "bright_corners", "colour")
+STYLE_TREE_SAMPLES = 20000
 BAND = 0.1  # the outer band whose darkness and contrast describe framing and padding
 # The IJG (libjpeg) luminance table at quality 50: encoders scale it by quality; the scale a file's
 # table shows gives its quality back. Pillow reads the tables but does not estimate the quality.
@@ -84,7 +85,10 @@ def style_confound(vectors: Sequence[np.ndarray], labels: Sequence[str], classes
     assign, rows = _clusters(x, y, seed, k=int(min(8, max(2, len(y) // 25))))
     # A forest: no scaling assumptions, non-linear (one class from two sites at both ends of a feature),
     # and, unlike histogram boosting with its 20-image leaves, it learns from a few dozen images too.
-    model = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed)
+    # Beyond STYLE_TREE_SAMPLES images each tree sees a bootstrap sample of a fixed size (a share of
+    # its training fold), so fitting the forest stops growing with the data; below, every image.
+    model = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed,
+                                   max_samples=STYLE_TREE_SAMPLES / len(y) if len(y) > STYLE_TREE_SAMPLES else None)
     auc = cv_auc(model, x, y, groups, classes, seed)
     for row in rows:  # what each cluster looks like, in the features' own units
         members = np.stack(vectors)[assign == row["cluster"]]

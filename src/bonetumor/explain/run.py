@@ -8,6 +8,7 @@ only its ``top_slices`` highest-scoring slices are explained.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from bonetumor.inference import explained_batches
 from bonetumor.model.backbones import BACKBONES
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from bonetumor.progress import tracked
+from bonetumor.runtime import distributed as ranks
 from bonetumor.runtime.device import select_device
 
 SCORES = ("pointing", "energy", "iou_top15")
@@ -77,48 +79,86 @@ def _summary(rows: list[dict], prefix: str) -> dict:
 def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, method: str = "gradcam", target: str = "predicted",
             layer: str | None = None, masks=None, boxes=None, manifest=None, device: str = "auto",
             batch_size: int = 16, faithfulness_samples: int = 32, max_panels: int | None = None,
-            overwrite: bool = False, top_slices: int = 3) -> ExplainResult:
+            overwrite: bool = False, top_slices: int = 3) -> ExplainResult | None:
     """Write a panel (image | heatmap | overlay), the raw map (.npy) per image and ``index.html``;
     with ground truth also ``localization.json``/``.csv``; deletion/insertion AUC on a sample.
     Volumes and series: the ``top_slices`` slices with the highest positive-class score.
+
+    Under torchrun each rank explains its share (whole volumes) and writes its maps and panels;
+    rank 0 writes the tables and returns the result (None on the other ranks).
     """
     paths = list(paths)  # read twice: checked against the output folder, then expanded
     inputs = [checkpoint, *paths, manifest, masks, boxes]
+    main = ranks.join(device)
     RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
+    ranks.barrier()  # every rank has checked the folder before rank 0 makes it
     if isinstance(checkpoint, LoadedCheckpoint):  # a caller explaining several groups loads it once
         ck, dev = checkpoint, next(checkpoint.model.parameters()).device
     else:
-        dev = select_device(device)
+        dev = ranks.local_device(select_device(device))
         ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
     layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
     grid, warning = model_grid(ck, layer)
-    samples = expand_inputs(paths, ck.read_options)
     listed = read_manifest(Path(manifest)) if manifest else None
-    if listed is not None:  # its labels are the truth of the images it lists
-        labels = {str(Path(s.path).resolve()): s.label for s in listed}
-        samples = [replace(s, label=labels.get(str(Path(s.path).resolve()), s.label)) for s in samples]
-    # Volumes explain only their top slices, so their count is known only as they are read.
-    total = None if any(s.study for s in samples) else len(samples)
-    batches = tracked(explained_batches(ck, samples, top_slices, dev, batch_size), total, "explain",
-                      size=lambda b: len(b[1]))
+    samples = _with_truth(expand_inputs(paths, ck.read_options), listed)
+    mine, ids = share_of_images(samples, top_slices)
     lookup = mask_lookup(masks, boxes, manifest, listed)
-    run = RunDir.create(out, overwrite=overwrite, inputs=inputs)
-    run.folder(RunDir.MAPS)
-    run.folder(RunDir.PANELS)
-    rows, faith = [], {"deletion": [], "insertion": []}
+    with ranks.main_first():
+        run = RunDir.create(out, overwrite=overwrite, inputs=inputs) if main else RunDir(out, recording=False)
+        run.folder(RunDir.MAPS)
+        run.folder(RunDir.PANELS)
+    # Volumes explain only their top slices, so their count is known only as they are read.
+    batches = tracked(explained_batches(ck, mine, top_slices, dev, batch_size),
+                      None if any(s.study for s in mine) else len(mine), "explain",
+                      size=lambda b: len(b[1]), enabled=main)
+    rows, faith = [], []
     for start, chunk, x in batches:
         res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold, ck.precision_on(dev))
-        if len(faith["deletion"]) < faithfulness_samples:
-            k = faithfulness_samples - len(faith["deletion"])
+        n = ids[start:start + len(chunk)]  # the images' numbers in the whole job
+        k = sum(g < faithfulness_samples for g in n)  # the job's first images, wherever they are explained
+        if k:
             d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k], task=ck.task)
-            faith["deletion"] += d.tolist()
-            faith["insertion"] += i.tolist()
-        for j, (f, image) in enumerate(chunk):
-            rows.append(_one_image(j + start, f, image, res, j, ck, lookup, run, max_panels))
+            faith += list(zip(d.tolist(), i.tolist()))
+        rows += [_one_image(g, f, image, res, j, ck, lookup, run, max_panels) for j, (g, (f, image)) in enumerate(zip(n, chunk))]
+    if ranks.world_size() > 1:
+        faith = ranks.gather_in_order([g for g in ids if g < faithfulness_samples][:len(faith)], faith)
+        rows = ranks.gather_in_order(ids[:len(rows)], rows)
+    ranks.close_distributed()
+    if not main:
+        return None
+    for r in rows:  # the other ranks' files too, so that --overwrite removes them
+        run.claim(r["map"])
+        if r["panel"]:
+            run.claim(r["panel"])
     result = ExplainResult(run.path, rows, grid=grid, warning=warning)
-    result.faithfulness = {k: bootstrap_ci(v) for k, v in faith.items()}
+    result.faithfulness = {k: bootstrap_ci([f[c] for f in faith]) for c, k in enumerate(("deletion", "insertion"))}
     _write_tables(run, result, method, target, layer, ck.classes[-1])
     return result
+
+
+def _with_truth(samples: list[Sample], listed: list[Sample] | None) -> list[Sample]:
+    """``samples`` with the labels a manifest's rows (``listed``) give them: their truth."""
+    if listed is None:
+        return samples
+    labels = {str(Path(s.path).resolve()): s.label for s in listed}
+    return [replace(s, label=labels.get(str(Path(s.path).resolve()), s.label)) for s in samples]
+
+
+def share_of_images(samples: list[Sample], top_slices: int) -> tuple[list[Sample], list[int]]:
+    """(this rank's samples, the number in the whole job of each image they explain): a 2-D image
+    explains one image and a volume or series its ``top_slices`` best slices (all of a smaller
+    one), so the numbers, and the file names made from them, are known before any image is read.
+    Ranks take whole units ``rank::world``; a process on its own takes everything."""
+    units: list[list[Sample]] = []
+    for study, group in groupby(samples, key=lambda s: s.study):  # as inference.explained_images groups them
+        units += [[s] for s in group] if study is None else [list(group)]
+    counts = [1 if u[0].study is None else min(len(u), top_slices) for u in units]
+    starts = np.cumsum([0, *counts])
+    mine, ids = [], []
+    for u in ranks.shard(len(units)):
+        mine += units[u]
+        ids += range(int(starts[u]), int(starts[u + 1]))
+    return mine, ids
 
 
 def _one_image(n: int, f: Sample, original: torch.Tensor, res, j: int, ck, lookup, run: RunDir, max_panels) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,25 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def made_by_main(make: Callable[[], Any], sent: Callable[[Any], Any] = lambda value: value) -> Any:
+    """``make()`` on rank 0, and on every other rank ``sent(that value)``, broadcast (what they
+    need of it). A BonetumorError on rank 0 stops the other ranks too, with its line."""
+    if not active() or world_size() == 1:
+        return make()
+    if is_main():
+        try:
+            value = make()
+        except BonetumorError as e:
+            broadcast({"error": str(e)})
+            raise
+        broadcast({"value": sent(value)})
+        return value
+    got = broadcast(None)
+    if "error" in got:
+        raise BonetumorError(f"rank 0 stopped: {got['error']}")
+    return got["value"]
 
 
 def gather(obj: Any) -> list[Any]:

@@ -86,10 +86,13 @@ def guided_images(y: torch.Tensor, masks: torch.Tensor, task: Task) -> torch.Ten
 
 def guided_forward(net: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor,
                    task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The logits of ``net`` (a ``Classifier``) for ``x``, and per guided image the true class's
-    Grad-CAM's ``outside_share`` (None when the batch has no guided image)."""
-    layer = BACKBONES[net.backbone_name]["cam_layer"]
-    with capture_activation(net, layer) as store:
+    """The logits of ``net`` (a ``Classifier``, or one wrapped in DistributedDataParallel) for
+    ``x``, and per guided image the true class's Grad-CAM's ``outside_share`` (None when the
+    batch has no guided image). Under DDP the map's gradient is taken with respect to an
+    activation, not the weights, so the weights' gradients still come once, from ``backward``."""
+    inner = getattr(net, "module", net)
+    layer = BACKBONES[inner.backbone_name]["cam_layer"]
+    with capture_activation(inner, layer) as store:
         logits = net(x)
     keep = guided_images(y, masks, task)
     if not bool(keep.any()):

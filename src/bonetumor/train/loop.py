@@ -178,7 +178,7 @@ def train_one_epoch(r: TrainingRun, source: BatchSource, desc: str = "train",
         correct += (task.predicted(logits) == y).sum().item()
         if outside is not None:
             outside_sum, n_guided = outside_sum + outside.sum().item(), n_guided + len(outside)
-    total, n, correct = ranks.all_sum([total, n, correct])  # over every rank's images
+    total, n, correct, outside_sum, n_guided = ranks.all_sum([total, n, correct, outside_sum, n_guided])  # all ranks
     return total / max(n, 1), correct / max(n, 1), outside_sum / n_guided if n_guided else None
 
 

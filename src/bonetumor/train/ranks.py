@@ -25,7 +25,6 @@ from torch import nn
 
 from bonetumor.config import TrainConfig
 from bonetumor.data.layouts import DatasetIndex
-from bonetumor.errors import BonetumorError
 from bonetumor.files import RunDir
 from bonetumor.inference import Predictions
 from bonetumor.model.backbones import create_model
@@ -45,22 +44,13 @@ from bonetumor.train.setup import (
 def start_ranks(cfg: TrainConfig, run: RunDir, overwrite: bool, resume: bool, verbose: bool,
                 index: DatasetIndex | None) -> TrainingRun:
     """``start_run`` on rank 0; on every other rank the same run, from what rank 0 sends."""
-    if cfg.lesion_masks:
-        raise BonetumorError("--lesion-masks does not run under torchrun yet: train lesion-guided runs in one process")
-    if ranks.is_main():
-        try:
-            r = start_run(cfg, run, overwrite, resume, verbose, index)
-        except BonetumorError as e:
-            ranks.broadcast({"error": str(e)})
-            raise
-        ranks.broadcast({"cfg": r.cfg, "index": replace(r.index, facts=None), "progress": r.progress,
-                         "optimizer": r.optimizer.state_dict() if r.progress.epoch else None,
-                         "scaler": r.scaler.state_dict() if r.scaler is not None else None})
-    else:
-        sent = ranks.broadcast(None)
-        if "error" in sent:
-            raise BonetumorError(f"rank 0 stopped: {sent['error']}")
-        r = _follow(sent, run)
+    r = ranks.made_by_main(lambda: start_run(cfg, run, overwrite, resume, verbose, index),
+                           lambda r: {"cfg": r.cfg, "index": replace(r.index, facts=None), "progress": r.progress,
+                                      "optimizer": r.optimizer.state_dict() if r.progress.epoch else None,
+                                      "scaler": r.scaler.state_dict() if r.scaler is not None else None,
+                                      "lesions": r.lesions})
+    if not ranks.is_main():
+        r = _follow(r, run)
     sync_weights(r.model)
     trains_bn = any(p.requires_grad for p in r.model.backbone.parameters())  # a frozen backbone's never trains
     if r.device.type != "cuda" and r.cfg.bn_statistics == "batch" and trains_bn and ranks.world_size() > 1 and verbose:
@@ -87,7 +77,7 @@ def _follow(sent: dict, run: RunDir) -> TrainingRun:
     if scaler is not None and sent["scaler"]:
         scaler.load_state_dict(sent["scaler"])
     return TrainingRun(cfg, run, device, index, task, model, optimizer, scaler, create_loss(index, cfg, device, task),
-                       sent["progress"], None)
+                       sent["progress"], sent["lesions"])
 
 
 def sync_weights(model: nn.Module) -> None:
