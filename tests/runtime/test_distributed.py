@@ -216,6 +216,7 @@ def test_sharded_explain_writes_what_one_process_writes(tiny_run, tiny_data, tmp
     assert sum(n.startswith("maps/") for n in written) == 10
 
 
+@pytest.mark.slow
 def test_cv_with_nproc_per_node_writes_what_one_process_writes(ddp_data):
     """``cv --nproc-per-node 2`` (the launcher started for you): the same folds and the same
     held-out rows, in the same order, as one process. At a learning rate of 1e-12 training leaves
@@ -245,6 +246,7 @@ def test_cv_with_nproc_per_node_writes_what_one_process_writes(ddp_data):
     assert env["distributed"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_lesion_guided_run_trains_under_torchrun(ddp_data):
     """``--lesion-masks`` with two ranks: the Grad-CAM term goes through DistributedDataParallel
     (its gradient is taken at an activation, the weights' once by backward), and the epoch's
