@@ -170,3 +170,21 @@ def test_the_refusal_offers_resume_only_to_training(tmp_path, tiny_data):
         RunDir.create(tmp_path / "e")
     with pytest.raises(BonetumorError, match="pass --overwrite to replace it or --resume to continue"):
         fit(tiny_config(tiny_data), tmp_path / "e", verbose=False)
+
+
+def test_a_command_stopped_by_a_bad_file_leaves_no_folder_that_refuses_its_rerun(tiny_run, tiny_data, tmp_path):
+    """predict makes its folder before it reads the images: one that stopped on a broken file
+    holds bonetumor's record alone, so the same command with the file fixed needs no --overwrite;
+    a folder with a recorded file is still refused."""
+    files = tmp_path / "files"
+    shutil.copytree(tiny_data / "test" / "cancer", files)
+    (files / "zz_broken.png").write_text("not an image")
+    code, said = _cli("predict", tiny_run / "best.pt", files, "--out", tmp_path / "p", "--device", "cpu")
+    assert code == 2 and "zz_broken.png: not an image file" in said
+    assert _files(tmp_path / "p") == [MARKER] and recorded_names(tmp_path / "p") == []
+    (files / "zz_broken.png").unlink()
+    code, said = _cli("predict", tiny_run / "best.pt", files, "--out", tmp_path / "p", "--device", "cpu")
+    assert code == 0, said
+    assert recorded_names(tmp_path / "p") == ["predictions.csv"]
+    code, said = _cli("predict", tiny_run / "best.pt", files, "--out", tmp_path / "p", "--device", "cpu")
+    assert code == 2 and "already exists; pass --overwrite" in said

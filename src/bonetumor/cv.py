@@ -54,15 +54,16 @@ def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite:
     Under torchrun every rank trains each fold (DistributedDataParallel, as ``train``) and
     predicts its share of the held-out fold; rank 0 finds the data, writes and returns the
     result (None on the other ranks)."""
-    cfg.validate()
     main = ranks.join(cfg.device)
     verbose = verbose and main
-    RunDir(out).refuse_existing(overwrite, inputs=cfg.inputs)
-    ranks.barrier()  # every rank has checked the folder before rank 0 makes it
-    root = RunDir.create(out, overwrite=overwrite, inputs=cfg.inputs) if main else RunDir(out, recording=False)
+    with ranks.together():  # bad options stop every rank of a torchrun job, with one line
+        cfg.validate()
+        RunDir(out).refuse_existing(overwrite, inputs=cfg.inputs)
     # rank 0 finds the data (--split-by cluster reads every image) and sends it, without the scan
     index = ranks.made_by_main(lambda: prepare_data(cfg), lambda index: dataclasses.replace(index, facts=None))
-    pool, fold = fold_indices(index, folds, cfg.seed)
+    with ranks.together():
+        pool, fold = fold_indices(index, folds, cfg.seed)
+    root = ranks.output_folder(out, overwrite, cfg.inputs)  # once the data are found: bad data leave no folder
     if main:
         root.write_yaml(RunDir.CONFIG, config_to_dict(cfg))
     rows, per_fold = [], []

@@ -27,3 +27,8 @@ class LeakageWarning(UserWarning):
 
 class ConfoundWarning(UserWarning):
     """Something other than the image content (file names, image style) predicts the label."""
+
+
+class RankStopped(BonetumorError):
+    """This rank of a torchrun job stopped because another rank failed: rank 0 prints that
+    rank's line, so this one ends without a word of its own."""

@@ -299,7 +299,9 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise BonetumorError(f"{p} exists and is not a folder")
         refuse_holding_inputs(p, inputs)
-        if not (p.is_dir() and any(p.iterdir())) or resume:
+        # A folder bonetumor made for a command that then stopped on bad input holds its record
+        # alone: no run to keep, so the command run again may use it.
+        if not (p.is_dir() and any(f.name != MARKER for f in p.iterdir()) or recorded_names(p)) or resume:
             return
         if not overwrite:
             raise BonetumorError(f"{p} already exists; pass --overwrite to replace it"

@@ -228,16 +228,18 @@ def score_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
     mine = samples if len(ids) == len(samples) else [samples[i] for i in ids]
     rows: list[dict | None] = [None] * len(mine)
     start = 0  # batches cover consecutive samples: the unreadable ones are those not scored
-    for done, logits, distances, bad in score_batches(ck, mine, device, batch_size, precision, run, skip_bad,
-                                                      workers, prefetch, options, what):
-        end = start + len(done) + len(bad)
-        scored = set(done)
-        for i, row in zip((i for i in range(start, end) if i not in scored), bad):
-            rows[i] = row
-        if logits is not None:
-            for i, row in zip(done, prediction_rows(ck, [mine[i] for i in done], ck.task.probabilities(logits), distances)):
+    with ranks.together():  # an unreadable file on one rank stops them all, with its line once
+        for done, logits, distances, bad in score_batches(ck, mine, device, batch_size, precision, run, skip_bad,
+                                                          workers, prefetch, options, what):
+            end = start + len(done) + len(bad)
+            scored = set(done)
+            for i, row in zip((i for i in range(start, end) if i not in scored), bad):
                 rows[i] = row
-        start = end
+            if logits is not None:
+                for i, row in zip(done, prediction_rows(ck, [mine[i] for i in done], ck.task.probabilities(logits),
+                                                        distances)):
+                    rows[i] = row
+            start = end
     return ranks.gather_in_order(ids, rows) if ranks.world_size() > 1 else rows
 
 
@@ -248,8 +250,9 @@ def predict_samples(ck: LoadedCheckpoint, samples: Sequence[Sample], device: tor
     index = {c: i for i, c in enumerate(ck.classes)}
     if ranks.world_size() > 1:  # under torchrun: each rank its share, every rank all of them, in order
         ids = list(ranks.shard(len(samples)))
-        part = list(score_batches(ck, [samples[i] for i in ids], device, batch_size, workers=workers,
-                                  what=what if ranks.is_main() else None))
+        with ranks.together():
+            part = list(score_batches(ck, [samples[i] for i in ids], device, batch_size, workers=workers,
+                                      what=what if ranks.is_main() else None))
         mine = [(x[k:k + 1], None if d is None else d[k:k + 1]) for _, x, d, _ in part for k in range(len(x))]
         scored = [([], x, d, []) for x, d in ranks.gather_in_order(ids, mine)]
     else:
@@ -308,13 +311,21 @@ def explained_images(ck: LoadedCheckpoint, samples: Sequence[Sample], k: int, de
                      batch_size: int) -> Iterator[Decoded]:
     """Every 2-D image of ``samples`` and, of each study with more than ``k`` slices, its ``k``
     highest-scoring slices, in the order of ``samples``, each with its decoded image."""
-    for study, run in groupby(samples, key=lambda s: s.study):
-        group = list(run)
-        if study is None or len(group) <= k:
-            for s in group:
+    for unit in image_units(samples):
+        if unit[0].study is None or len(unit) <= k:
+            for s in unit:
                 yield s, load_tensor(s.path, s.frame, ck.read_options, rgb=False)
         else:
-            yield from top_slices(ck, group, k, device, batch_size)[0]
+            yield from top_slices(ck, unit, k, device, batch_size)[0]
+
+
+def image_units(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """``samples`` as ``explained_images`` takes them: each 2-D image alone, and each volume or
+    series (its consecutive slices) whole."""
+    units: list[list[Sample]] = []
+    for study, group in groupby(samples, key=lambda s: s.study):
+        units += [[s] for s in group] if study is None else [list(group)]
+    return units
 
 
 def top_slices(ck: LoadedCheckpoint, slices: Sequence[Sample], k: int, device: torch.device,

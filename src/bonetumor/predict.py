@@ -105,14 +105,15 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
                     compile_mode: str = "auto", workers: int | None = None) -> tuple[list[dict], list[dict]]:
     """``predict``'s rows and, for the volumes and series among ``paths``, one row per study
     (see ``study_scores``; none when ``aggregate`` is None)."""
-    if aggregate is not None:
-        parse_aggregate(aggregate)
-    if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
-        raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
-    engine, samples = Engine.parse(engine), None
-    auto = engine is Engine.AUTO
-    if auto:
-        engine, samples = _resolve_auto(checkpoint, paths, device, window)
+    with ranks.together():  # every rank checks the options and inputs: bad input stops the job with one line
+        if aggregate is not None:
+            parse_aggregate(aggregate)
+        if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
+            raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
+        engine, samples = Engine.parse(engine), None
+        auto = engine is Engine.AUTO
+        if auto:
+            engine, samples = _resolve_auto(checkpoint, paths, device, window)
     try:
         with ranks.main_first():  # under torchrun rank 0 exports a checkpoint once; the others find it cached
             ck, dev = open_model(checkpoint, device, engine, check="deferred")
@@ -127,12 +128,13 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
     batch_size = batch_size or default_batch_size(dev)
     workers = default_workers(dev) if workers is None else workers
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
-    samples = expand_inputs(paths, options) if samples is None else samples
     if precision == "auto":  # the old name of the model's own
         precision = "model"
-    if precision not in ("model", "fp32", "bf16", "fp16") or (engine is Engine.OPENVINO and precision == "fp16"):
-        raise BonetumorError(f"--precision must be model, fp32, bf16{'' if engine is Engine.OPENVINO else ' or fp16'} "
-                             f"with engine {engine.value}, not {precision!r}")
+    with ranks.together():
+        samples = expand_inputs(paths, options) if samples is None else samples
+        if precision not in ("model", "fp32", "bf16", "fp16") or (engine is Engine.OPENVINO and precision == "fp16"):
+            raise BonetumorError(f"--precision must be model, fp32, bf16{'' if engine is Engine.OPENVINO else ' or fp16'} "
+                                 f"with engine {engine.value}, not {precision!r}")
     if engine is Engine.ONNX:
         precision = "fp32"  # ONNX Runtime runs fp32
     elif precision == "model":

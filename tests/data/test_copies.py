@@ -76,3 +76,26 @@ def test_empty_and_constant_thumbnails():
     assert near_pairs([], facts, NEAR_THRESHOLD, False) == []
     # two constant thumbnails are the same picture; a constant against a gradient is not
     assert near_pairs(facts, facts, NEAR_THRESHOLD, True) == [(0, 1)]
+
+
+def test_a_cluster_split_and_its_audit_search_the_scan_once(tmp_path, monkeypatch):
+    """``--split-by cluster`` groups the copies and the audit then counts them: one search of
+    the scan serves both, and the pairs it gives again are the pairs a fresh search finds."""
+    from dataclasses import replace
+
+    from bonetumor.data import copies
+    from bonetumor.data.audit import run_audit
+    from bonetumor.data.synth import create_synthetic_dataset
+
+    calls = []
+    search = copies.near_pairs
+    monkeypatch.setattr(copies, "near_pairs", lambda *a, **k: calls.append(1) or search(*a, **k))
+    data = create_synthetic_dataset(tmp_path / "d", n_patients=6, size=32, seed=2)
+    run_audit(str(data.root), split_by="cluster", baseline=False)
+    assert len(calls) == 1
+    facts = _planted(8, np.random.default_rng(1))
+    first = copies.all_near_pairs(facts, NEAR_THRESHOLD)
+    assert copies.all_near_pairs(list(facts), NEAR_THRESHOLD) == first and len(calls) == 2  # the same facts: kept
+    assert copies.all_near_pairs([replace(f) for f in facts], NEAR_THRESHOLD) == first and len(calls) == 3  # others
+    assert copies.all_near_pairs(facts[::-1], NEAR_THRESHOLD) != first and len(calls) == 4  # another order: searched
+    assert len(first) >= 8

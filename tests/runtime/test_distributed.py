@@ -272,3 +272,38 @@ def test_a_lesion_guided_run_trains_under_torchrun(ddp_data):
             outside[nproc] = float(next(csv.DictReader(f))["train_outside_lesion"])
     assert 0 < outside[1] < 2
     assert outside[2] == pytest.approx(outside[1], abs=1e-5)
+
+
+def test_bad_input_stops_every_rank_with_one_line_from_rank_0(ddp_data, tmp_path):
+    """A broken image found by one rank stops the whole job with the one line a lone process
+    prints: through ``--nproc-per-node`` nothing else (torchrun's own log lines held back, no run
+    folder left), and under plain torchrun rank 0 says rank 1's error while neither rank dies in
+    a collective (gloo's "Connection closed by peer") nor prints a traceback of its own."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ddp_data, data)
+    (data / "train" / "cancer" / "zz_broken.png").write_text("not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "bonetumor", "train", "data", "--config", str(ddp_data.parent / "cfg.yaml"),
+                        "--nproc-per-node", "2", "--out", "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    line = "error: data/train/cancer/zz_broken.png: not an image file (unrecognised format)"
+    assert p.returncode == 2
+    assert p.stdout == "" and p.stderr.startswith(line) and p.stderr.count("\n") == 1, p.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+    # explain shares the files rank::world: rank 0 takes a_good.png, rank 1 b_broken.png
+    files = tmp_path / "files"
+    files.mkdir()
+    shutil.copy(ddp_data / "test" / "cancer" / "cancer_0.png", files / "a_good.png")
+    (files / "b_broken.png").write_text("not an image")
+    shutil.copy(ddp_data.parent / "cfg.yaml", tmp_path / "cfg.yaml")
+    p = subprocess.run([sys.executable, "-m", "bonetumor", "train", "data", "--config", "cfg.yaml", "--skip-bad-files",
+                        "--epochs", "1", "--out", "ok"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(2, "explain", "ok/best.pt", "files", "--out", "maps", cwd=tmp_path)
+    said = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert [x for x in said.splitlines() if x.startswith("error:")] == [
+        "error: files/b_broken.png: not an image file (unrecognised format)"]
+    assert "Connection closed" not in said and "bonetumor/" not in said  # no frame of ours in a traceback

@@ -1,8 +1,8 @@
 """Command line: one thin function per command over the Python API.
 
-A BonetumorError becomes one line on stderr and exit code 2, never a traceback. The options of
-``train`` and ``cv`` are made from the config schema (options.py); what commands print is in
-show.py. Heavy modules are imported inside each command, so that ``--help`` stays quick.
+A BonetumorError becomes one line on stderr and exit code 2, never a traceback (friendly.py).
+The options of ``train`` and ``cv`` are made from the config schema (options.py); what commands
+print is in show.py. Heavy modules are imported inside each command, so that ``--help`` stays quick.
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from functools import wraps
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
+from bonetumor.cli.friendly import friendly
 from bonetumor.cli.options import tidy_panels, with_config_options
-from bonetumor.cli.show import err, out
+from bonetumor.cli.show import out
 from bonetumor.config import WINDOW_DEFAULT, WINDOW_HELP
 from bonetumor.data.synth import FORMATS, MODALITIES
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, RankStopped
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, evaluate and explain CNN classifiers of bone-tumour images.")
@@ -44,23 +44,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
-def _friendly(fn: Callable) -> Callable:
-    """Turn user-fixable errors into one line and exit code 2."""
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BonetumorError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-    return wrapper
-
-
 @app.command()
-@_friendly
+@friendly
 def synth(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to create."),
     n_patients: int = typer.Option(100, help="Synthetic patients (half with cancer)."),
@@ -80,7 +65,7 @@ def synth(
 
 
 @app.command()
-@_friendly
+@friendly
 @with_config_options
 def train(
     data: Optional[str] = typer.Argument(None, help="Data folder (any supported layout)."),
@@ -101,6 +86,8 @@ def train(
     if nproc_per_node > 1 and not ranks.launched():
         try:
             ranks.launch(nproc_per_node, sys.argv[1:])
+        except RankStopped:
+            raise
         except BonetumorError as e:
             raise BonetumorError(f"{e}; {out_dir} keeps its last checkpoint: add --resume to continue the run") from None
         return
@@ -111,7 +98,7 @@ def train(
 
 
 @app.command()
-@_friendly
+@friendly
 @with_config_options
 def cv(
     data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
@@ -137,7 +124,7 @@ def cv(
 
 
 @app.command()
-@_friendly
+@friendly
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
     data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
@@ -171,7 +158,7 @@ def evaluate(
 
 
 @app.command()
-@_friendly
+@friendly
 def audit(
     data: Optional[str] = typer.Argument(None, help="Data folder (same layout rules as train)."),
     manifest: Optional[str] = typer.Option(None, help="CSV with path,label[,patient_id][,split]."),
@@ -206,7 +193,7 @@ def audit(
 
 
 @app.command()
-@_friendly
+@friendly
 def predict(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
     files: List[str] = typer.Argument(..., help="Image files, DICOM files or series folders, NIfTI volumes, folders."),
@@ -233,10 +220,11 @@ def predict(
     aggregated score per volume or DICOM series."""
     from bonetumor.files import RunDir
     from bonetumor.predict import predict_studies, write_predictions
-    from bonetumor.runtime.distributed import close_distributed, join
+    from bonetumor.runtime.distributed import close_distributed, join, together
 
     main = join(device)  # under torchrun: each rank scores its share, rank 0 writes and prints
-    run = RunDir.create(out_dir, overwrite=overwrite, inputs=[checkpoint, *files]) if out_dir and main else None
+    with together():
+        run = RunDir.create(out_dir, overwrite=overwrite, inputs=[checkpoint, *files]) if out_dir and main else None
     rows, studies = predict_studies(checkpoint, files, aggregate, device, batch_size, window, skip_bad_files, engine,
                                     precision, compile_mode, workers)
     close_distributed()
@@ -254,7 +242,7 @@ def predict(
 
 
 @app.command()
-@_friendly
+@friendly
 def explain(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
     files: List[str] = typer.Argument(..., help="Image files or folders."),
@@ -283,7 +271,7 @@ def explain(
 
 
 @app.command()
-@_friendly
+@friendly
 def report(
     run: Path = typer.Argument(..., help="Run folder (holds best.pt, config.yaml)."),
     eval_dir: Optional[List[Path]] = typer.Option(None, "--eval", help="Folder written by evaluate; repeat it to add "
@@ -303,7 +291,7 @@ def report(
 
 
 @app.command()
-@_friendly
+@friendly
 def demo(
     out_dir: Path = typer.Option(Path("demo_output"), "--out", help="Folder for data, run and evaluation."),
     overwrite: bool = typer.Option(False),
@@ -330,7 +318,7 @@ def demo(
 
 
 @app.command()
-@_friendly
+@friendly
 def export(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
     onnx: Path = typer.Option(..., "--onnx", help="The .onnx file to write."),
@@ -345,7 +333,7 @@ def export(
 
 
 @app.command()
-@_friendly
+@friendly
 def serve(
     checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --token."),
@@ -377,7 +365,7 @@ def serve(
 
 
 @app.command("fetch-weights")
-@_friendly
+@friendly
 def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, densenet121 or efficientnet_b0.")):
     """Download ImageNet weights into torch's cache (run on a connected machine)."""
     from bonetumor.model.backbones import fetch_imagenet_weights

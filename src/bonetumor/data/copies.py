@@ -10,6 +10,7 @@ not all k(k-1)/2. Clusters are the connected components of all pairs (scipy's cs
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import Sequence
 
@@ -128,8 +129,20 @@ def _correlations(fa: list, fb: list, i: np.ndarray, j: np.ndarray, chunk: int =
     return out
 
 
+# The last search's facts (weakly: a scan is not kept alive for this), threshold and pairs.
+# ``--split-by cluster`` groups copies, then the audit counts them, in the same scan.
+_last_search: dict = {}
+
+
 def all_near_pairs(facts: list, threshold: int) -> list[tuple[int, int]]:
     """Every near-copy pair (i < j, indices into ``facts``) among the readable images, found once
-    and then read by the duplicate and the label-conflict counts."""
+    and then read by the duplicate and the label-conflict counts, and by cluster splitting; asked
+    again for the same facts in the same order, the pairs already found."""
+    seen = _last_search.get("facts")
+    if (_last_search.get("threshold") == threshold and seen is not None and len(seen) == len(facts)
+            and all(ref() is f for ref, f in zip(seen, facts))):
+        return list(_last_search["pairs"])
     ok = [i for i, f in enumerate(facts) if f.error is None]
-    return [(ok[i], ok[j]) for i, j in near_pairs([facts[i] for i in ok], [facts[i] for i in ok], threshold, True)]
+    pairs = [(ok[i], ok[j]) for i, j in near_pairs([facts[i] for i in ok], [facts[i] for i in ok], threshold, True)]
+    _last_search.update(facts=[weakref.ref(f) for f in facts], threshold=threshold, pairs=pairs)
+    return list(pairs)

@@ -269,16 +269,8 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
     Raises:
         BadImageError: a file cannot be read and ``skip_bad`` is False (one line naming it).
     """
-    def probe(s: Sample) -> str | None:
-        try:
-            read_image(s.path, s.frame, options)
-        except BadImageError as e:
-            return e.problem
-        return None
-
     if problems is None:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-            problems = list(tracked(ex.map(probe, samples), len(samples), "checking images"))
+        problems = image_problems(samples, workers, options)
     listed = listing_problems(samples)
     good, bad = [], []
     for i, (s, prob) in enumerate(zip(samples, problems)):
@@ -290,6 +282,20 @@ def check_files(samples: Sequence[Sample], skip_bad: bool, workers: int = 4,
         else:
             raise BadImageError(s.ref, f"{prob} (pass --skip-bad-files to skip such files)")
     return good, bad
+
+
+def image_problems(samples: Sequence[Sample], workers: int = 4, options: ReadOptions | None = None,
+                   progress: bool = True) -> list[str | None]:
+    """Each sample's problem as an image (None when it decodes), decoding every one once."""
+    def probe(s: Sample) -> str | None:
+        try:
+            read_image(s.path, s.frame, options)
+        except BadImageError as e:
+            return e.problem
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        return list(tracked(ex.map(probe, samples), len(samples), "checking images", enabled=progress))
 
 
 def listing_problems(samples: Sequence[Sample]) -> dict[int, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bonetumor.data.grouping import split_samples
-from bonetumor.data.layouts import check_files, discover
+from bonetumor.data.layouts import check_files, discover, image_problems
 from bonetumor.data.splits import with_splits
 from bonetumor.errors import BonetumorError
 from bonetumor.evaluate.metrics import N_BOOT, compute_metrics, roc_band
@@ -103,17 +103,21 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
         raise BonetumorError(f"--split must be train, valid, test or all, not {split!r}")
     inputs = [checkpoint, data, manifest]
     main = ranks.join(device)  # under torchrun each rank scores its share; rank 0 writes
-    RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
-    ranks.barrier()  # every rank has checked the folder before rank 0 makes it
-    ck, dev = open_model(checkpoint, device)
-    all_samples, samples, dropped = _select(data, manifest, ck, split, class_map, Path(checkpoint).parent)
-    if not samples:
-        raise BonetumorError(f"{data or manifest}: no images in the {split} split")
-    if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
-        raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
-                             f"{exclude_near_duplicates_of} split")
-    run = RunDir.create(out, overwrite=overwrite, inputs=inputs) if main else None
-    samples, skipped = check_files(samples, skip_bad_files, options=ck.read_options)
+    with ranks.together():  # every rank checks the inputs: bad input stops the job with one line
+        RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
+        ck, dev = open_model(checkpoint, device)
+        all_samples, samples, dropped = _select(data, manifest, ck, split, class_map, Path(checkpoint).parent)
+        if not samples:
+            raise BonetumorError(f"{data or manifest}: no images in the {split} split")
+        if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
+            raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
+                                 f"{exclude_near_duplicates_of} split")
+        ids = ranks.shard(len(samples))  # each rank decodes its share once
+        mine = image_problems([samples[i] for i in ids], options=ck.read_options, progress=main)
+    problems = ranks.gather_in_order(ids, mine)
+    with ranks.together():
+        samples, skipped = check_files(samples, skip_bad_files, problems=problems)
+    run = ranks.output_folder(out, overwrite, inputs)  # once the inputs are known good: bad ones leave no folder
     preds = predict_samples(ck, samples, dev, batch_size or ck.config.batch_size, workers, what="evaluate")
     # Intervals resample patients (or, without ids, whole volumes/series): their images are not independent.
     groups = [s.patient_id or s.study for s in samples] if all(s.patient_id or s.study for s in samples) else None
@@ -128,9 +132,9 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     _notes(m, preds, ck, split)
     _lookup_figures(m, all_samples, samples, preds, ck, groups, n_boot, baseline, exclude_near_duplicates_of)
     ranks.close_distributed()
-    if run is not None:
+    if main:
         _write(run, m, samples, preds, ck, f"{split}, external" if external else split, groups, n_boot)
-    return m if run is not None else None
+    return m if main else None
 
 
 def _write(run: RunDir, m: dict, samples: list, preds: Predictions, ck: LoadedCheckpoint, title: str,

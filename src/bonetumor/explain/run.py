@@ -8,7 +8,6 @@ only its ``top_slices`` highest-scoring slices are explained.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from bonetumor.explain.scores import (
     localization_scores,
 )
 from bonetumor.files import RunDir
-from bonetumor.inference import explained_batches
+from bonetumor.inference import explained_batches, image_units
 from bonetumor.model.backbones import BACKBONES
 from bonetumor.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from bonetumor.progress import tracked
@@ -90,36 +89,37 @@ def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, m
     paths = list(paths)  # read twice: checked against the output folder, then expanded
     inputs = [checkpoint, *paths, manifest, masks, boxes]
     main = ranks.join(device)
-    RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
-    ranks.barrier()  # every rank has checked the folder before rank 0 makes it
-    if isinstance(checkpoint, LoadedCheckpoint):  # a caller explaining several groups loads it once
-        ck, dev = checkpoint, next(checkpoint.model.parameters()).device
-    else:
-        dev = ranks.local_device(select_device(device))
-        ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
-    layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
-    grid, warning = model_grid(ck, layer)
-    listed = read_manifest(Path(manifest)) if manifest else None
-    samples = _with_truth(expand_inputs(paths, ck.read_options), listed)
-    mine, ids = share_of_images(samples, top_slices)
-    lookup = mask_lookup(masks, boxes, manifest, listed)
-    with ranks.main_first():
-        run = RunDir.create(out, overwrite=overwrite, inputs=inputs) if main else RunDir(out, recording=False)
-        run.folder(RunDir.MAPS)
-        run.folder(RunDir.PANELS)
+    with ranks.together():  # every rank checks the inputs: bad input stops the job with one line
+        RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
+        if isinstance(checkpoint, LoadedCheckpoint):  # a caller explaining several groups loads it once
+            ck, dev = checkpoint, next(checkpoint.model.parameters()).device
+        else:
+            dev = ranks.local_device(select_device(device))
+            ck = load_checkpoint(checkpoint, dev)  # Grad-CAM needs the PyTorch model's gradients
+        layer = layer or BACKBONES[ck.config.backbone]["cam_layer"]
+        grid, warning = model_grid(ck, layer)
+        listed = read_manifest(Path(manifest)) if manifest else None
+        samples = _with_truth(expand_inputs(paths, ck.read_options), listed)
+        mine, ids = share_of_images(samples, top_slices)
+        lookup = mask_lookup(masks, boxes, manifest, listed)
+    run = ranks.output_folder(out, overwrite, inputs)
+    run.folder(RunDir.MAPS)
+    run.folder(RunDir.PANELS)
     # Volumes explain only their top slices, so their count is known only as they are read.
     batches = tracked(explained_batches(ck, mine, top_slices, dev, batch_size),
                       None if any(s.study for s in mine) else len(mine), "explain",
                       size=lambda b: len(b[1]), enabled=main)
     rows, faith = [], []
-    for start, chunk, x in batches:
-        res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold, ck.precision_on(dev))
-        n = ids[start:start + len(chunk)]  # the images' numbers in the whole job
-        k = sum(g < faithfulness_samples for g in n)  # the job's first images, wherever they are explained
-        if k:
-            d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k], task=ck.task)
-            faith += list(zip(d.tolist(), i.tolist()))
-        rows += [_one_image(g, f, image, res, j, ck, lookup, run, max_panels) for j, (g, (f, image)) in enumerate(zip(n, chunk))]
+    with ranks.together():  # an unreadable image on one rank stops them all
+        for start, chunk, x in batches:
+            res = compute_cams(ck.model, x, layer, method, target, ck.classes, ck.threshold, ck.precision_on(dev))
+            n = ids[start:start + len(chunk)]  # the images' numbers in the whole job
+            k = sum(g < faithfulness_samples for g in n)  # the job's first images, wherever they are explained
+            if k:
+                d, i = deletion_insertion(ck.model, x[:k], res.maps[:k], res.target_index[:k], task=ck.task)
+                faith += list(zip(d.tolist(), i.tolist()))
+            rows += [_one_image(g, f, image, res, j, ck, lookup, run, max_panels)
+                     for j, (g, (f, image)) in enumerate(zip(n, chunk))]
     if ranks.world_size() > 1:
         faith = ranks.gather_in_order([g for g in ids if g < faithfulness_samples][:len(faith)], faith)
         rows = ranks.gather_in_order(ids[:len(rows)], rows)
@@ -149,9 +149,7 @@ def share_of_images(samples: list[Sample], top_slices: int) -> tuple[list[Sample
     explains one image and a volume or series its ``top_slices`` best slices (all of a smaller
     one), so the numbers, and the file names made from them, are known before any image is read.
     Ranks take whole units ``rank::world``; a process on its own takes everything."""
-    units: list[list[Sample]] = []
-    for study, group in groupby(samples, key=lambda s: s.study):  # as inference.explained_images groups them
-        units += [[s] for s in group] if study is None else [list(group)]
+    units = image_units(samples)
     counts = [1 if u[0].study is None else min(len(u), top_slices) for u in units]
     starts = np.cumsum([0, *counts])
     mine, ids = [], []

@@ -10,7 +10,8 @@ training loop needs from it:
   each rank draws its part of one permutation of the training split;
 - ``shard``: a split's indices ``rank::world`` for evaluation, without the sampler's padding, so
   that every image is scored exactly once; ``gather`` brings the parts to every rank;
-- ``is_main`` / ``barrier`` / ``broadcast``: rank 0 alone writes files, decisions are its.
+- ``is_main`` / ``barrier`` / ``broadcast``: rank 0 alone writes files, decisions are its;
+- ``together``: bad input found by any rank stops every rank, with one line from rank 0.
 
 Nothing here is a launcher or a collective of its own: torchrun launches, torch.distributed
 communicates.
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from bonetumor.errors import BonetumorError
+from bonetumor.errors import BonetumorError, RankStopped
+from bonetumor.files import RunDir
 
 
 def launched() -> bool:
@@ -110,21 +113,48 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 
 def made_by_main(make: Callable[[], Any], sent: Callable[[Any], Any] = lambda value: value) -> Any:
     """``make()`` on rank 0, and on every other rank ``sent(that value)``, broadcast (what they
-    need of it). A BonetumorError on rank 0 stops the other ranks too, with its line."""
-    if not active() or world_size() == 1:
-        return make()
-    if is_main():
-        try:
+    need of it). A BonetumorError on rank 0 stops the other ranks too (see ``together``)."""
+    value = None
+    with together():
+        if is_main():
             value = make()
-        except BonetumorError as e:
-            broadcast({"error": str(e)})
+    got = broadcast(sent(value) if is_main() and world_size() > 1 else None)
+    return value if is_main() else got
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """A block that every rank runs with no collective inside it (reading inputs, checking the
+    output folder): a BonetumorError on any rank ends the block on every rank, rank 0 raising
+    the first failing rank's error, to be printed once, and the others ``RankStopped``. Ranks
+    that stopped apart would leave the rest waiting in the next collective (or dying with
+    gloo's "connection closed"), and each would print its own line. Alone: a plain block."""
+    error = None
+    try:
+        yield
+    except BonetumorError as e:
+        if not active() or world_size() == 1:
             raise
-        broadcast({"value": sent(value)})
-        return value
-    got = broadcast(None)
-    if "error" in got:
-        raise BonetumorError(f"rank 0 stopped: {got['error']}")
-    return got["value"]
+        error = e
+    _agree(error)
+
+
+def _agree(error: BonetumorError | None) -> None:
+    """Every rank's outcome of a block, on every rank; raise as ``together`` says."""
+    if not active() or world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    said = gather(None if error is None else (isinstance(error, RankStopped), str(error)))
+    # a rank's own error before one that only passes another's on; else in rank order
+    failed = [line for _, line in sorted((s for s in said if s is not None), key=lambda s: s[0])]
+    if not failed:
+        return
+    if not is_main():
+        raise RankStopped(failed[0])
+    if error is not None and not isinstance(error, RankStopped):
+        raise error
+    raise BonetumorError(failed[0]) from None
 
 
 def gather(obj: Any) -> list[Any]:
@@ -167,13 +197,26 @@ def shard_sampler(dataset, seed: int) -> torch.utils.data.DistributedSampler:
 
 @contextmanager
 def main_first() -> Iterator[bool]:
-    """Rank 0 runs the block first (creating folders, writing records) while the others wait,
-    then the others run it; yields whether this is rank 0."""
+    """Rank 0 runs the block first (creating folders, exporting a model) while the others wait,
+    then the others run it; yields whether this is rank 0. A BonetumorError in rank 0's block
+    stops the others before theirs (see ``together``)."""
     if not is_main():
-        barrier()
-    yield is_main()
-    if is_main():
-        barrier()
+        _agree(None)  # rank 0's block has ended, well or not
+        yield False
+        return
+    error = None
+    try:
+        yield True
+    except BonetumorError as e:
+        error = e
+    _agree(error)
+
+
+def output_folder(out: str | Path, overwrite: bool = False, inputs: Iterable = ()) -> RunDir:
+    """A command's output folder (``RunDir.create``): rank 0 makes it and records what is written
+    there, then the other ranks of a torchrun job write their share into it unrecorded."""
+    with main_first() as main:
+        return RunDir.create(out, overwrite=overwrite, inputs=inputs) if main else RunDir(out, recording=False)
 
 
 def launch(nproc: int, argv: list[str]) -> None:
@@ -181,19 +224,40 @@ def launch(nproc: int, argv: list[str]) -> None:
     through torchrun's own launcher (``torch.distributed.run``, ``--standalone``), and wait.
 
     Raises:
-        BonetumorError: a rank stopped (killed, or failed): which one, and how.
+        RankStopped: a rank stopped on bad input (exit code 2), and rank 0 has printed why.
+        BonetumorError: a rank was killed or crashed: which one, and how.
     """
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = _without_option(argv, "--nproc-per-node")
+    with _quiet_torchrun():
+        try:
+            torchrun.main(["--standalone", "--nproc-per-node", str(nproc), "-m", "bonetumor", *argv])
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()  # the rank that stopped first; the others were stopped for it
+            if failure.exitcode == 2:  # the CLI's exit code for bad input, whose line is already out
+                raise RankStopped(f"rank {rank} of {nproc} stopped on bad input") from None
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"stopped with exit code {failure.exitcode}")
+            raise BonetumorError(f"rank {rank} of {nproc} {how}, so torchrun stopped the job") from None
+
+
+@contextmanager
+def _quiet_torchrun() -> Iterator[None]:
+    """torchrun's launcher logs its set-up (OMP_NUM_THREADS) and a failed rank's exit in lines
+    of its own; ``launch`` says what matters in one line instead, so they are held back."""
+    import logging
+
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.startswith("torch.distributed")]
+    before = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
     try:
-        torchrun.main(["--standalone", "--nproc-per-node", str(nproc), "-m", "bonetumor", *argv])
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()  # the rank that stopped first; the others were stopped for it
-        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-               else f"stopped with exit code {failure.exitcode}")
-        raise BonetumorError(f"rank {rank} of {nproc} {how}, so torchrun stopped the job") from None
+        yield
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _without_option(argv: list[str], flag: str) -> list[str]:
