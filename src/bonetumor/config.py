@@ -153,6 +153,11 @@ class TrainConfig:
     checkpoint_seconds: float = option(30.0, help="Write best.pt/last.pt when this many seconds have passed since the "
                                        "last write, and at the end (0 = every epoch).", group="output",
                                        rule="0 or more", check=lambda v: v >= 0)
+    tracker: str = option("auto", help="Experiment tracking: mlflow, tensorboard, none, or auto (mlflow when "
+                          "MLFLOW_TRACKING_URI is set, else none).", group="output",
+                          choices=("auto", "none", "mlflow", "tensorboard"))
+    tracking_uri: str | None = option(help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the "
+                                      "folder that holds the run folder.", group="output")
 
     @property
     def read_options(self) -> ReadOptions:

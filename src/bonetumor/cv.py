@@ -79,6 +79,7 @@ def cross_validate(cfg: TrainConfig, out: str | Path, folds: int = 5, overwrite:
     root.write_csv(RunDir.OOF, ["path", "label", "patient_id", "fold", *prob_cols, "prediction"], rows)
     root.write_csv(RunDir.CV_FOLDS, ["fold", "n", "threshold", "best_epoch", *result["mean_sd"]], per_fold)
     root.write_json(RunDir.CV, result)
+    _track(cfg, root, result, folds)
     return result
 
 
@@ -122,3 +123,34 @@ def _summarise(index: DatasetIndex, pool: list, per_fold: list[dict], rows: list
     pooled = {k: full[k] for k in ("n", "roc_auc", "pr_auc", "brier", "ece", "interval") if k in full}
     return {"folds": folds, "n_images": len(pool), "left_out_test_images": len(index.samples) - len(pool),
             "split_level": index.split_level, "per_fold": per_fold, "mean_sd": summary, "pooled_out_of_fold": pooled}
+
+
+def _track(cfg: TrainConfig, root: RunDir, result: dict, folds: int) -> None:
+    """With ``--tracker``: a run for the cross-validation (its summary and tables) in the folds'
+    own store, each fold's run shown under it."""
+    import yaml
+
+    from bonetumor.tracking import claim_logs, create_tracker, flat_metrics
+    from bonetumor.tracking.mlflow_store import default_uri
+    from bonetumor.train.tracked import experiment_name
+
+    tracker = create_tracker(cfg.tracker, root.path, cfg.tracking_uri or default_uri(root / "fold_1"))
+    if tracker is None:
+        return
+    values = config_to_dict(cfg)
+    tracker.start({"experiment": experiment_name(cfg), "run_name": root.path.name, "tags": {"cv_folds": str(folds)},
+                   "params": {k: "" if v is None else v for k, v in {**values, "folds": folds}.items()},
+                   "config": yaml.safe_dump(values, sort_keys=False)})
+    tracker.log_metrics(flat_metrics(result["pooled_out_of_fold"], "cv/pooled")
+                        | {f"cv/{k}_{s}": v[s] for k, v in result["mean_sd"].items() for s in ("mean", "sd") if v[s] == v[s]})
+    for name in (RunDir.CV, RunDir.CV_FOLDS, RunDir.OOF):
+        tracker.log_file(root / name)
+    for k in range(folds):
+        child = RunDir(root / f"fold_{k + 1}").read_json(RunDir.TRACKING)
+        if child:
+            tracker.adopt(child)
+    tracker.close()
+    record = tracker.ready_record()
+    if record:
+        root.write_json(RunDir.TRACKING, record)
+    claim_logs(root)

@@ -236,6 +236,7 @@ class RunDir:
     HISTORY, CURVES = "history.csv", "curves.png"
     PRECISION, OPERATING_POINT, OOD = "precision.json", "operating_point.json", "ood.json"
     REPORT = "report.html"
+    TRACKING, VAL_ROC, VAL_CONFUSION = "tracking.json", "val_roc.png", "val_confusion.png"  # with --tracker
     # An evaluation (and cross-validation's and prediction's tables)
     METRICS, CLASSIFICATION_REPORT, PREDICTIONS = "metrics.json", "classification_report.txt", "predictions.csv"
     ROC, PR, RELIABILITY, SCORES, CONFUSION = "roc.png", "pr.png", "reliability.png", "scores.png", "confusion_matrix.png"

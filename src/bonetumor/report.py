@@ -364,4 +364,10 @@ def build_report(run: str | Path, eval_dir: str | Path | None = None, explain_di
             f"folder and its evaluation.</p>{body}</main></body></html>")
     path = Path(out) if out else run / RunDir.REPORT
     RunDir(path.parent).write_text(path.name, page)
+    from bonetumor.tracking import reopen
+
+    tracker = reopen(run)  # a run tracked in MLflow keeps its report too
+    if tracker is not None:
+        tracker.log_file(path, "report")
+        tracker.close()
     return path

@@ -18,6 +18,7 @@ import typer
 from bonetumor.cli.friendly import friendly
 from bonetumor.cli.options import tidy_panels, with_config_options
 from bonetumor.cli.show import out
+from bonetumor.cli.tuning import lr_find_command
 from bonetumor.config import WINDOW_DEFAULT, WINDOW_HELP
 from bonetumor.data.synth import FORMATS, MODALITIES
 from bonetumor.errors import BonetumorError, RankStopped
@@ -372,6 +373,7 @@ def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, dense
 
     out.print(f"ImageNet weights for {backbone}: {fetch_imagenet_weights(backbone)}")
 
+app.command("lr-find")(lr_find_command)
 tidy_panels(app)
 
 

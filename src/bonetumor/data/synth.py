@@ -369,3 +369,19 @@ def create_synthetic_dataset(
     atomic_write_csv(manifest, ["path", "label", "patient_id", "split", "mask_path"], rows)
     n_images = len(rows) if fmt == "png" else len(rows) * slices_per_patient
     return SynthResult(root=root, manifest=manifest, n_images=n_images, n_patients=n_patients)
+
+
+def create_brightness_dataset(root: str | Path, n_train: int = 32, n_valid: int = 8, size: int = 32,
+                              seed: int = 0) -> Path:
+    """A problem a CNN learns from random init within a few steps: grey images in
+    ``{train,valid}/{cancer,normal}/``, cancer brighter (level 150 vs 100, noise sd 40); ``n_*``
+    images per class. For checking what learns, not a model of anything (``lr-find``'s tests)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        for label, level in (("cancer", 150), ("normal", 100)):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                im = np.clip(rng.normal(level, 40, (size, size)), 0, 255).astype(np.uint8)
+                write_png(root / split / label / f"{label}_{i}.png", im / 255.0)
+    return root

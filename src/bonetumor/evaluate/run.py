@@ -112,9 +112,8 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
         if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):
             raise BonetumorError(f"--exclude-near-duplicates-of {exclude_near_duplicates_of}: the data has no "
                                  f"{exclude_near_duplicates_of} split")
-        ids = ranks.shard(len(samples))  # each rank decodes its share once
-        mine = image_problems([samples[i] for i in ids], options=ck.read_options, progress=main)
-    problems = ranks.gather_in_order(ids, mine)
+        mine = image_problems([samples[i] for i in ranks.shard(len(samples))], options=ck.read_options, progress=main)
+    problems = ranks.gather_in_order(ranks.shard(len(samples)), mine)  # each rank decoded its share once
     with ranks.together():
         samples, skipped = check_files(samples, skip_bad_files, problems=problems)
     run = ranks.output_folder(out, overwrite, inputs)  # once the inputs are known good: bad ones leave no folder
@@ -134,7 +133,20 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     ranks.close_distributed()
     if main:
         _write(run, m, samples, preds, ck, f"{split}, external" if external else split, groups, n_boot)
+        _track(Path(checkpoint).parent, run, m, split, external, str(data or manifest))
     return m if main else None
+
+
+def _track(model_run: Path, run: RunDir, m: dict, split: str, external: bool, data: str) -> None:
+    """The metrics, figures and tables, added to the tracked run that trained the model: under
+    the split's name, or ``external_<folder>`` for another data set, tagged external."""
+    from bonetumor.tracking import add_results, flat_metrics
+
+    label = f"external_{run.path.name}" if external else split
+    numbers = flat_metrics(m, label) | flat_metrics(m.get("ood") or {}, f"{label}/unlike_training")
+    tags = {f"evaluation.{label}.data": data} | ({"external_evaluation": "true"} if external else {})
+    add_results(model_run, run, label, numbers, images=(RunDir.ROC, RunDir.CONFUSION, RunDir.PR, RunDir.RELIABILITY),
+                files=(RunDir.METRICS, RunDir.CLASSIFICATION_REPORT, RunDir.PREDICTIONS), tags=tags)
 
 
 def _write(run: RunDir, m: dict, samples: list, preds: Predictions, ck: LoadedCheckpoint, title: str,

@@ -133,7 +133,26 @@ def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, m
     result = ExplainResult(run.path, rows, grid=grid, warning=warning)
     result.faithfulness = {k: bootstrap_ci([f[c] for f in faith]) for c, k in enumerate(("deletion", "insertion"))}
     _write_tables(run, result, method, target, layer, ck.classes[-1])
+    _track(checkpoint, run, result)
     return result
+
+
+def _track(checkpoint, run: RunDir, result: ExplainResult, panels: int = 4) -> None:
+    """The maps' scores and the first few panels, added to the tracked run that trained the model
+    (a checkpoint file's folder)."""
+    from bonetumor.tracking import add_results, flat_metrics
+
+    if isinstance(checkpoint, LoadedCheckpoint):
+        return
+
+    label = f"explain_{run.path.name}"
+    numbers = flat_metrics(result.faithfulness or {}, label) | flat_metrics(result.margins or {}, f"{label}/margins")
+    if result.localization:
+        numbers |= flat_metrics(result.localization["cam"], f"{label}/cam")
+        numbers |= flat_metrics(result.localization["baseline_centred_gaussian"], f"{label}/centred_baseline")
+    shown = [r["panel"] for r in result.rows if r["panel"]][:panels]
+    add_results(Path(checkpoint).parent, run, label, numbers, images=shown,
+                files=(RunDir.EXPLAIN, RunDir.LOCALIZATION, RunDir.INDEX))
 
 
 def _with_truth(samples: list[Sample], listed: list[Sample] | None) -> list[Sample]:

@@ -38,6 +38,7 @@ from bonetumor.train.ranks import (
     sync_weights,
 )
 from bonetumor.train.setup import TrainingRun, console, start_run
+from bonetumor.train.tracked import RunTracker, tracking
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "lr", "seconds"]
 
@@ -73,15 +74,28 @@ def fit(cfg: TrainConfig, out: str | Path | RunDir, overwrite: bool = False, res
 
 
 def _train(r: TrainingRun, verbose: bool) -> FitResult:
-    """The epochs, then the operating point (rank 0 writes; every rank trains)."""
+    """The epochs, then the operating point (rank 0 writes and tracks; every rank trains)."""
     cfg, progress, run = r.cfg, r.progress, r.run
     source = create_batch_source(r.model, r.index, cfg, r.device, verbose and console.is_terminal, r.lesions)
     if ranks.active():
         source.trained = data_parallel(source.net, r.device, cfg.bn_statistics)
-    fields = HISTORY_FIELDS + (["train_outside_lesion"] if r.lesions is not None else [])
     if verbose and source.summary:
         console.print(source.summary)
     checkpointer = Checkpointer(run, r.model, cfg, r.index.classes, cfg.checkpoint_seconds) if ranks.is_main() else None
+    with tracking(cfg, run, progress.epoch > 0, len(r.index.split("train")), ranks.is_main()) as tracker:
+        best_val = _epochs(r, source, checkpointer, tracker, verbose)
+        best_val = _finish(r, source, checkpointer, best_val, verbose)
+        if tracker is not None:
+            tracker.finish(best_val, r.index.classes)
+    return FitResult(run.path, progress.best_epoch, progress.best_loss, progress.history, progress.stopped)
+
+
+def _epochs(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer | None, tracker: RunTracker | None,
+            verbose: bool) -> Predictions | None:
+    """Train until the last epoch or early stopping; the best epoch's validation predictions
+    (None when no epoch of this process improved on a resumed run's best)."""
+    cfg, progress, run = r.cfg, r.progress, r.run
+    fields = HISTORY_FIELDS + (["train_outside_lesion"] if r.lesions is not None else [])
     best_val = None
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         if progress.stopped:
@@ -106,18 +120,19 @@ def _train(r: TrainingRun, verbose: bool) -> FitResult:
             checkpointer.epoch_end(epoch, improved, progress.stopped or epoch == cfg.epochs, r.optimizer, r.scaler,
                                    progress.saved())
             run.write_csv(RunDir.HISTORY, fields, progress.history)
+        if tracker is not None:
+            tracker.epoch(row)
         release_free_memory()
         if verbose:
             _print_epoch(row, improved)
     if verbose and progress.stopped:
         console.print(f"early stopping: no val_loss improvement for {cfg.patience} epochs; best epoch {progress.best_epoch}")
-    _finish(r, source, checkpointer, best_val, verbose)
-    return FitResult(run.path, progress.best_epoch, progress.best_loss, progress.history, progress.stopped)
+    return best_val
 
 
 def _finish(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer | None, best_val: Predictions | None,
-            verbose: bool) -> None:
-    """The curves, and the operating point on the best epoch's validation predictions."""
+            verbose: bool) -> Predictions | None:
+    """The curves, and the operating point on the best epoch's validation predictions (returned)."""
     progress, run = r.progress, r.run
     if ranks.broadcast(best_val is None and checkpointer is not None and checkpointer.has_best):
         # resumed after its best epoch: that epoch's logits, again, from its weights, on every rank
@@ -134,6 +149,7 @@ def _finish(r: TrainingRun, source: BatchSource, checkpointer: Checkpointer | No
         if checkpointer.has_best:
             _set_operating_point(r, checkpointer, best_val, verbose)
     ranks.barrier()  # every rank returns once rank 0's files are written
+    return best_val
 
 
 def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
