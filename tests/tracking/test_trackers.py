@@ -108,3 +108,17 @@ def test_no_tracker_unless_asked_or_mlflow_tracking_uri_is_set(tiny_data, tmp_pa
     fit(tiny_config(tiny_data, epochs=1), tmp_path / "run", verbose=False)
     record = json.loads((tmp_path / "run" / "tracking.json").read_text())
     assert record["tracking_uri"] == f"sqlite:///{tmp_path / 'lab.db'}"
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_any_work(tiny_data, tmp_path, monkeypatch):
+    import importlib.util
+
+    from bonetumor.errors import BonetumorError
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find(name, *a))
+    with pytest.raises(BonetumorError, match=r"--tracker mlflow needs the mlflow package: pip install 'bonetumor\[tracking\]'"):
+        fit(tiny_config(tiny_data, tracker="mlflow"), tmp_path / "run", verbose=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(BonetumorError, match="--tracker must be auto, none, mlflow or tensorboard, not 'wandb'"):
+        fit(tiny_config(tiny_data, tracker="wandb"), tmp_path / "run", verbose=False)

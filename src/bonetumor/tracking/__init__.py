@@ -18,7 +18,7 @@ from bonetumor.tracking.base import Background, Tracker, TrackingWarning
 TRACKERS = ("auto", "none", "mlflow", "tensorboard")
 RECORD = "tracking.json"
 
-__all__ = ["Background", "RECORD", "TRACKERS", "Tracker", "TrackingWarning", "claim_logs", "create_tracker", "reopen",
+__all__ = ["Background", "RECORD", "TRACKERS", "Tracker", "TrackingWarning", "check_tracker", "claim_logs", "create_tracker", "reopen",
            "resolve_tracker"]
 
 
@@ -38,6 +38,13 @@ def _check_installed(name: str) -> None:
     if find_spec(module) is None:
         raise BonetumorError(f"--tracker {name} needs the {module} package: pip install 'bonetumor[tracking]' "
                              f"(or pip install {module}), or use --tracker none")
+
+
+def check_tracker(name: str) -> None:
+    """Raise, before any work, when ``name`` is no tracker or its package is not installed."""
+    name = resolve_tracker(name)
+    if name != "none":
+        _check_installed(name)
 
 
 def create_tracker(name: str, run_path: Path, uri: str | None = None) -> Background | None:

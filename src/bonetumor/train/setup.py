@@ -34,6 +34,7 @@ from bonetumor.runtime.device import (
 from bonetumor.runtime.distributed import describe as describe_ranks
 from bonetumor.runtime.precision import autocast_dtype, resolve_precision
 from bonetumor.task import Task
+from bonetumor.tracking import check_tracker
 from bonetumor.train.checkpointer import Progress
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -268,6 +269,7 @@ def start_run(cfg: TrainConfig, run: RunDir, overwrite: bool = False, resume: bo
     if resume:
         cfg, state = _resumed_config(cfg, run)
     cfg.validate()
+    check_tracker(cfg.tracker)  # a missing MLflow says so before the data are read, not after the features
     # Resolved before anything is saved, so the run records (and --resume keeps) what it trained with.
     cfg = replace(cfg, bn_statistics=resolve_bn_statistics(cfg.bn_statistics, cfg.weights),
                   freeze=resolve_freeze(cfg.freeze, cfg.weights))
