@@ -1,7 +1,7 @@
 """What the DistributedDataParallel path costs on one device: one rank under torchrun against a
 plain process, training the same model on the same data.
 
-    python benchmarks/ddp_overhead.py [--device cuda] [--patients 250] [--size 224] [--epochs 3] [--reps 2]
+    python benchmarks/ddp_overhead.py [--device cuda] [--patients 250] [--size 224] [--epochs 3] [--reps 2] [--workers 0]
 
 Both runs are the command a user runs: ``bonetumor train`` and ``torchrun --standalone
 --nproc-per-node 1 -m bonetumor train``, which wraps the network in DDP (its gradient buckets and
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="data-loading workers per rank (a GPU needs several)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.device.startswith("cuda"):
@@ -50,7 +51,7 @@ def main() -> None:
     n_train = len(list((work / "data" / "train").rglob("*.png")))
     common = ["train", "data", "--image-size", str(args.size), "--epochs", str(args.epochs), "--weights", "none",
               "--freeze", "none", "--no-audit", "--ood-quantile", "0", "--device", args.device,
-              "--batch-size", str(args.batch_size), "--checkpoint-seconds", "1000000", "--overwrite"]
+              "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--checkpoint-seconds", "1000000", "--overwrite"]
     threads = os.cpu_count() or 2
     speed: dict[str, list[float]] = {"plain": [], "ddp_one_rank": []}
     for rep in range(args.reps):
@@ -61,6 +62,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in speed.items()}
     out = {"benchmark": "ddp_overhead", "date": time.strftime("%Y-%m-%d"), "device": args.device,
            "data": {"train_images": n_train, "size": args.size}, "epochs": args.epochs, "batch_size": args.batch_size,
+           "workers": args.workers,
            "train_images_per_second": speed, "median": med,
            "ddp_over_plain": round(med["ddp_one_rank"] / med["plain"], 3)}
     path = Path(args.out or f"benchmarks/results/ddp_overhead_{args.device.split(':')[0]}.json")

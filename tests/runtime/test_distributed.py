@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_image
 
 from bonetumor.model.serialization import read_checkpoint_file
@@ -74,9 +75,14 @@ def test_two_ranks_of_16_train_as_one_rank_of_32(ddp_data):
         assert float(two[key]) == pytest.approx(float(one[key]), rel=1e-5, abs=1e-6), key
     a, b = read_checkpoint_file(work / "r1" / "best.pt")["model"], read_checkpoint_file(work / "r2" / "best.pt")["model"]
     assert a.keys() == b.keys()
-    # Two Adam steps at lr 1e-3 move each weight by up to 2e-3: the ranks agree to a tenth of one step.
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
-    assert worst < 1e-4
+    # Two Adam steps at lr 1e-3 move each weight by up to 2e-3. All but 1 in 10,000 weights agree
+    # to 1e-6; a weight whose gradient is near zero has an Adam step (m / sqrt(v)) that fp32
+    # summation order can swing, so the worst may differ by up to a quarter of that move (seen:
+    # 1.2e-4 on an AVX-512 CPU, 13 of 24 million weights past 1e-5). Without DDP's averaging,
+    # most weights differ by a whole step.
+    diffs = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a if a[k].is_floating_point()])
+    assert float((diffs > 1e-6).double().mean()) < 1e-4
+    assert float(diffs.max()) < 5e-4
     # rank 0 alone wrote the run: the same records as one process
     assert sorted(p.name for p in (work / "r2").iterdir()) == sorted(p.name for p in (work / "r1").iterdir())
 

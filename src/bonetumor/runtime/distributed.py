@@ -177,7 +177,9 @@ def all_sum(values: Sequence[float]) -> list[float]:
     """The element-wise sum of ``values`` over ranks (float64)."""
     if not active() or world_size() == 1:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors (this rank's device, set at joining); gloo CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
