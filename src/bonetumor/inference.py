@@ -69,6 +69,15 @@ def open_model(path: str | Path, device: str = "auto", engine: str | Engine = En
     .pt checkpoint), or onnx / openvino (an exported .onnx, or a checkpoint exported first, once,
     into the export cache), which run on the CPU. ``check``: as for ``load_checkpoint``."""
     engine = Engine.parse(engine)
+    if Path(path).is_dir():  # a quantised model folder: it runs in OpenVINO alone
+        from bonetumor.model.quantized import is_quantized, load_quantized
+
+        if not is_quantized(path):
+            raise BonetumorError(f"{path}: a folder, not a model; pass a checkpoint (.pt), an export (.onnx) or a "
+                                 "folder written by bonetumor quantize")
+        if engine is Engine.ONNX:
+            raise BonetumorError(f"{path}: a quantised model runs in OpenVINO; pass --engine openvino (or auto)")
+        return load_quantized(path), torch.device("cpu")
     if engine.exported:
         from bonetumor.model.export import cached_export, load_onnx, load_openvino
 

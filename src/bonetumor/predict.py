@@ -111,6 +111,9 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         if batch_size is not None and batch_size < 1 or workers is not None and workers < 0:
             raise BonetumorError(f"--batch-size must be 1 or more and --workers 0 or more, not {batch_size} and {workers}")
         engine, samples = Engine.parse(engine), None
+        if precision == "int8" and not Path(checkpoint).is_dir():
+            raise BonetumorError(f"--precision int8 needs a quantised model: run bonetumor quantize {checkpoint} "
+                                 "--calibration DATA --out FOLDER, then pass FOLDER")
         auto = engine is Engine.AUTO
         if auto:
             engine, samples = _resolve_auto(checkpoint, paths, device, window)
@@ -125,6 +128,8 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
                       RuntimeWarning, stacklevel=2)
         engine = Engine.TORCH
         ck, dev = open_model(checkpoint, device, engine, check="deferred")
+    if ck.raw.get("fixed_precision"):
+        engine = Engine.OPENVINO  # a quantised folder, whatever --engine said: it runs there alone
     batch_size = batch_size or default_batch_size(dev)
     workers = default_workers(dev) if workers is None else workers
     options = ck.read_options if window is None else replace(ck.read_options, window=window)
@@ -132,10 +137,17 @@ def predict_studies(checkpoint: str | Path, paths: Sequence[str | Path], aggrega
         precision = "model"
     with ranks.together():
         samples = expand_inputs(paths, options) if samples is None else samples
-        if precision not in ("model", "fp32", "bf16", "fp16") or (engine is Engine.OPENVINO and precision == "fp16"):
+        fixed = ck.raw.get("fixed_precision")  # a quantised model's
+        if fixed and precision not in ("model", "int8", fixed):
+            raise BonetumorError(f"--precision {precision}: {checkpoint} is a quantised model ({fixed}); for "
+                                 f"{precision}, pass the checkpoint it was made from")
+        if not fixed and (precision not in ("model", "fp32", "bf16", "fp16")
+                          or engine is Engine.OPENVINO and precision == "fp16"):
             raise BonetumorError(f"--precision must be model, fp32, bf16{'' if engine is Engine.OPENVINO else ' or fp16'} "
                                  f"with engine {engine.value}, not {precision!r}")
-    if engine is Engine.ONNX:
+    if fixed:
+        precision = fixed
+    elif engine is Engine.ONNX:
         precision = "fp32"  # ONNX Runtime runs fp32
     elif precision == "model":
         precision = ck.precision_on(dev)
@@ -153,6 +165,8 @@ def _resolve_auto(checkpoint: str | Path, paths: Sequence[str | Path], device: s
     """(engine, the slices to predict or None) for ``--engine auto``: an exported file in
     OpenVINO (else ONNX Runtime); a checkpoint as ``choose_engine`` says, its slices counted with
     the checkpoint's read options, read without building the PyTorch model the choice may not need."""
+    if Path(checkpoint).is_dir():  # a quantised model folder (else open_model says what it is not)
+        return Engine.OPENVINO, None
     if str(checkpoint).lower().endswith(".onnx"):
         return (Engine.OPENVINO if find_spec("openvino") is not None else Engine.ONNX), None
     if engines.choose_engine(select_device(device), engines.AUTO_OPENVINO_MIN_IMAGES) is Engine.TORCH:

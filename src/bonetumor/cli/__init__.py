@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 
+from bonetumor.cli.deploy import quantize_command
 from bonetumor.cli.friendly import friendly
 from bonetumor.cli.options import tidy_panels, with_config_options
 from bonetumor.cli.show import out
@@ -196,7 +197,7 @@ def audit(
 @app.command()
 @friendly
 def predict(
-    checkpoint: Path = typer.Argument(..., help="RUN/best.pt"),
+    checkpoint: Path = typer.Argument(..., help="RUN/best.pt, a model.onnx, or a folder from quantize."),
     files: List[str] = typer.Argument(..., help="Image files, DICOM files or series folders, NIfTI volumes, folders."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines (images, then studies) instead of tables."),
     aggregate: str = typer.Option("topk:3", help="Study score from its slices: max, mean or topk:K (mean of the K highest)."),
@@ -209,7 +210,8 @@ def predict(
                                "on a CPU). The last two run a model.onnx from export, or export RUN/best.pt first (~7 s, "
                                "once: kept in ~/.cache/bonetumor/exports or $BONETUMOR_CACHE_DIR)."),
     precision: str = typer.Option("model", help="model (the precision chosen and checked on validation at training, "
-                                  "where this device runs it natively, else fp32), or fp32, bf16 or fp16 to force one."),
+                                  "where this device runs it natively, else fp32), or fp32, bf16 or fp16 to force one; "
+                                  "int8: a folder from quantize."),
     compile_mode: str = typer.Option("auto", "--compile", help="torch.compile the model: auto (from 5,000 images on, "
                                      "where its compile time pays), on or off."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -374,6 +376,7 @@ def fetch_weights(backbone: str = typer.Option("resnet50", help="resnet50, dense
     out.print(f"ImageNet weights for {backbone}: {fetch_imagenet_weights(backbone)}")
 
 app.command("lr-find")(lr_find_command)
+app.command("quantize")(quantize_command)
 tidy_panels(app)
 
 

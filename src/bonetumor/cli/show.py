@@ -105,6 +105,8 @@ def show_explained(r, method: str) -> None:
     """``explain``'s tables, its margins line and where its pages are."""
     show_explain(r, method)
     show_margins(r.margins)
+    if r.note:
+        out.print(f"note: {r.note}")
     out.print(f"{len(r.rows)} images explained; open {r.out / 'index.html'}")
 
 

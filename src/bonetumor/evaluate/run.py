@@ -36,7 +36,7 @@ def parse_class_map(text: str | None) -> dict[str, str] | None:
     return out
 
 
-def _select(data, manifest, ck, split: str, class_map: dict[str, str] | None, run_dir: Path | None = None):
+def select_samples(data, manifest, ck, split: str, class_map: dict[str, str] | None, run_dir: Path | None = None):
     """(all samples with splits, the samples to evaluate, classes dropped by the map and their counts)."""
     if class_map:
         bad = sorted(set(class_map.values()) - set(ck.classes))
@@ -106,7 +106,7 @@ def evaluate(checkpoint: str | Path, data: str | None = None, out: str | Path = 
     with ranks.together():  # every rank checks the inputs: bad input stops the job with one line
         RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
         ck, dev = open_model(checkpoint, device)
-        all_samples, samples, dropped = _select(data, manifest, ck, split, class_map, Path(checkpoint).parent)
+        all_samples, samples, dropped = select_samples(data, manifest, ck, split, class_map, Path(checkpoint).parent)
         if not samples:
             raise BonetumorError(f"{data or manifest}: no images in the {split} split")
         if exclude_near_duplicates_of is not None and not any(s.split == exclude_near_duplicates_of for s in all_samples):

@@ -50,6 +50,7 @@ class ExplainResult:
     grid: tuple[int, int] | None = None  # cells of the explained layer's map
     warning: str | None = None  # when that grid is too coarse to localise (``explain.grid``)
     margins: dict | None = None  # the maps' mass in the margins and on markers (``explain.margins``)
+    note: str | None = None  # which model made the maps, when not the one given (a quantised folder's float one)
 
 
 def truth_of(s: Sample, classes: list[str]) -> str | None:
@@ -86,8 +87,8 @@ def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, m
     Under torchrun each rank explains its share (whole volumes) and writes its maps and panels;
     rank 0 writes the tables and returns the result (None on the other ranks).
     """
-    paths = list(paths)  # read twice: checked against the output folder, then expanded
-    inputs = [checkpoint, *paths, manifest, masks, boxes]
+    inputs = [checkpoint, *(paths := list(paths)), manifest, masks, boxes]  # paths: checked, then expanded
+    checkpoint, note = _with_gradients(checkpoint)
     main = ranks.join(device)
     with ranks.together():  # every rank checks the inputs: bad input stops the job with one line
         RunDir(out).refuse_existing(overwrite, inputs=inputs)  # before the model is loaded
@@ -130,11 +131,23 @@ def explain(checkpoint: str | Path | LoadedCheckpoint, paths, out: str | Path, m
         run.claim(r["map"])
         if r["panel"]:
             run.claim(r["panel"])
-    result = ExplainResult(run.path, rows, grid=grid, warning=warning)
+    result = ExplainResult(run.path, rows, grid=grid, warning=warning, note=note)
     result.faithfulness = {k: bootstrap_ci([f[c] for f in faith]) for c, k in enumerate(("deletion", "insertion"))}
     _write_tables(run, result, method, target, layer, ck.classes[-1])
     _track(checkpoint, run, result)
     return result
+
+
+def _with_gradients(checkpoint):
+    """(the model to explain, a note saying so when it is not the one given): a quantised
+    folder's float checkpoint, as Grad-CAM needs gradients, which an int8 model has not."""
+    if isinstance(checkpoint, LoadedCheckpoint) or not Path(checkpoint).is_dir():
+        return checkpoint, None
+    from bonetumor.model.quantized import float_checkpoint
+
+    source = float_checkpoint(checkpoint)
+    return source, (f"Grad-CAM ran on the float checkpoint {source}, which {checkpoint} was quantised from: an int8 "
+                    "model has no gradients; its probabilities differ slightly from these")
 
 
 def _track(checkpoint, run: RunDir, result: ExplainResult, panels: int = 4) -> None:
@@ -230,6 +243,7 @@ def _write_tables(run: RunDir, result: ExplainResult, method: str, target: str, 
         run.write_csv(RunDir.LOCALIZATION_TABLE, keys, scored)
     result.margins = margin_summary(rows)
     run.write_json(RunDir.EXPLAIN, {"method": method, "target": target, "layer": layer, "n_images": len(rows),
+                                    **({"model_note": result.note} if result.note else {}),
                                     "grid": result.grid, "grid_warning": result.warning,
                                     "faithfulness": result.faithfulness, "margins": result.margins, "images": rows})
     run.write_text(RunDir.INDEX, index_page(rows, f"{method} ({target}, {layer})", result.warning))

@@ -157,8 +157,9 @@ class LoadedCheckpoint:
         return Task.of(self.classes)
 
     def precision_on(self, device: torch.device) -> str:
-        """The precision this model runs at on ``device`` (``runtime.precision.model_precision``)."""
-        return model_precision(self.config.precision, device)
+        """The precision this model runs at on ``device`` (``runtime.precision.model_precision``);
+        a quantised model's own (int8, or fp32 where it could not be quantised) anywhere."""
+        return self.raw.get("fixed_precision") or model_precision(self.config.precision, device)
 
     @property
     def ood(self) -> dict | None:

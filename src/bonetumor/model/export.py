@@ -57,7 +57,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, overwrite: bool = False
             "mean": list(ck.mean), "std": list(ck.std), "epoch": ck.epoch, "temperature": float(model.temperature),
             "config": config_to_dict(ck.config), "ood": ck.ood}
     # With the out-of-distribution check, the graph's second output is each image's distance.
-    graph_model = inference_module(model)
+    graph_model = inference_module(model).eval()
     outputs = ["logits", "ood_distance"] if graph_model is not model else ["logits"]
     with atomic_path(out) as tmp:
         staged = tmp.with_name(tmp.name + ".onnx")  # the exporter wants an .onnx name
@@ -161,7 +161,8 @@ def _verify(model: nn.Module, path: Path, size: int) -> dict:
             "max_abs_diff_probability": float((prob(ref) - prob(got)).abs().max()), **diff}
 
 
-def _loaded(runner: nn.Module, meta: dict) -> LoadedCheckpoint:
+def loaded_checkpoint(runner: nn.Module, meta: dict) -> LoadedCheckpoint:
+    """An engine's runner with the facts of its metadata (an export's or a quantised folder's)."""
     return LoadedCheckpoint(runner, config_from_dict(meta["config"]), list(meta["classes"]), int(meta["image_size"]),
                             tuple(meta["mean"]), tuple(meta["std"]), float(meta["threshold"]), int(meta.get("epoch", 0)),
                             meta)
@@ -173,7 +174,7 @@ def load_onnx(path: str | Path, threads: int | None = None) -> LoadedCheckpoint:
     Raises:
         BonetumorError: missing packages, a missing file, or an ONNX file bonetumor did not write.
     """
-    return _loaded(*load_runner(path, Engine.ONNX, threads))
+    return loaded_checkpoint(*load_runner(path, Engine.ONNX, threads))
 
 
 def load_openvino(path: str | Path, threads: int | None = None) -> LoadedCheckpoint:
@@ -182,4 +183,4 @@ def load_openvino(path: str | Path, threads: int | None = None) -> LoadedCheckpo
     Raises:
         BonetumorError: missing packages, a missing file, or an ONNX file bonetumor did not write.
     """
-    return _loaded(*load_runner(path, Engine.OPENVINO, threads))
+    return loaded_checkpoint(*load_runner(path, Engine.OPENVINO, threads))

@@ -136,10 +136,12 @@ class OpenVinoRunner(nn.Module):
 
     input_memory_format = torch.contiguous_format  # what it hands the engine: no conversion
 
-    def __init__(self, core, model, threads: int | None = None, streams: int | None = None):
+    def __init__(self, core, model, threads: int | None = None, streams: int | None = None, hint: str | None = None):
+        """``hint``: the precision of the layers left in float, whatever the autocast (a quantised
+        model's: fp32, its int8 layers being what makes it fast)."""
         super().__init__()
         self.core, self.ov_model, self.threads = core, model, threads
-        self.streams = streams
+        self.streams, self.hint = streams, hint
         self._requests: dict[tuple[str, int], list] = {}
 
     def _request(self, precision: str, n: int) -> list:
@@ -161,7 +163,7 @@ class OpenVinoRunner(nn.Module):
         return self._requests[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        requests = self._request("bf16" if _autocast_bf16() else "f32", len(x))
+        requests = self._request(self.hint or ("bf16" if _autocast_bf16() else "f32"), len(x))
         data = x.detach().float().cpu().contiguous().numpy()
         if len(requests) == 1:
             requests[0].infer({0: data})
@@ -178,7 +180,7 @@ class OpenVinoRunner(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
-def _openvino_core():
+def openvino_core():
     """The process's one OpenVINO Core, kept until exit. Each Core's CPU plugin points the
     calling thread's signal stack (sigaltstack) at memory of its own and, when destroyed, back at
     the stack it found: two Cores destroyed in the order they were made leave it pointing at
@@ -201,7 +203,7 @@ def load_runner(path: str | Path, engine: Engine, threads: int | None = None) ->
         return OnnxRunner(onnx_session(p, threads)), meta
     p, meta = read_meta(path)
     try:
-        core = _openvino_core()
+        core = openvino_core()
     except ImportError:
         raise BonetumorError(OPENVINO_HINT) from None
     try:

@@ -28,6 +28,7 @@ class Precision(str, Enum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"  # a quantised model's own (quantize.py): its engine runs it, no autocast
 
     @classmethod
     def parse(cls, value: "str | Precision", choices: str = "auto, fp32, bf16 or fp16") -> "Precision":
@@ -44,7 +45,8 @@ class Precision(str, Enum):
             return torch.float16 if device.type == "cuda" else None
         if self is Precision.FP16 and device.type != "cuda":
             raise BonetumorError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
-        return {Precision.FP32: None, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}[self]
+        return {Precision.FP32: None, Precision.INT8: None, Precision.BF16: torch.bfloat16,
+                Precision.FP16: torch.float16}[self]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

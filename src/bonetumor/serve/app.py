@@ -82,8 +82,16 @@ class Service:
         self.ck, self.device = open_model(checkpoint, device)
         self.ck.model.eval()
         self.path = Path(checkpoint)
+        # Heatmaps need gradients: a quantised folder's come from the float checkpoint it was made from.
+        self.cam, self.cam_path = self.ck, self.path
+        if self.path.is_dir():
+            from bonetumor.model.checkpoint import load_checkpoint
+            from bonetumor.model.quantized import float_checkpoint
+
+            self.cam_path = float_checkpoint(self.path)
+            self.cam = load_checkpoint(self.cam_path, self.device)
         self.layer = BACKBONES[self.ck.config.backbone]["cam_layer"]
-        self.grid, self.grid_warning = model_grid(self.ck, self.layer)
+        self.grid, self.grid_warning = model_grid(self.cam, self.layer)
         self.lock = threading.Lock()
         self.stop = threading.Event()  # set on SIGTERM: work in progress ends at its next batch
         self.info = self._model_info()
@@ -107,7 +115,10 @@ class Service:
                 "checkpoint": self.path.name, "epoch": ck.epoch, "classes": ck.classes, "positive_class": ck.positive_class,
                 "threshold": ck.threshold, "image_size": ck.image_size, "backbone": ck.config.backbone,
                 "operating_point": ck.raw.get("operating_point"), "heatmap_grid": self.grid,
-                "heatmap_warning": self.grid_warning, "ood": ck.ood}
+                "heatmap_warning": self.grid_warning, "ood": ck.ood, "precision": ck.precision_on(self.device)}
+        if self.cam is not ck:
+            info["heatmaps_from"] = (f"the float checkpoint {self.cam_path.name} it was quantised from (an "
+                                     f"{info['precision']} model has no gradients)")
         run = self.path.parent
         data = _read_json(run / "data.json")
         if data is not None:
@@ -132,7 +143,7 @@ class Service:
         # Few slices: Grad-CAM's own forward pass scores them all. Many: score every slice in
         # batches (not all held in memory), keeping the highest-scoring ones to explain.
         rows, distances = None, None
-        if len(refs) > MAX_HEATMAPS:
+        if len(refs) > MAX_HEATMAPS or self.cam is not ck:  # a quantised model scores; the float one explains
             chosen, probs, distances = top_slices(ck, refs, MAX_HEATMAPS, self.device, batch_size=16,
                                                   before_batch=lambda: self.check(deadline))
             rows = prediction_rows(ck, refs, probs, distances)
@@ -140,12 +151,15 @@ class Service:
             chosen = [(r, load_tensor(r.path, r.frame, opts, rgb=False)) for r in refs]
         self.check(deadline)
         x = model_batch(ck, [image for _, image in chosen], self.device)
-        cams = compute_cams(ck.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold,
-                            ck.precision_on(self.device))
+        cams = compute_cams(self.cam.model, x, self.layer, "gradcam", "predicted", ck.classes, ck.threshold,
+                            self.cam.precision_on(self.device))
         index = {r: k for k, r in enumerate(refs)}
-        chosen_distances = (image_distances(ck.model, x) if distances is None
-                             else distances[[index[r] for r, _ in chosen]])
-        cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu(), chosen_distances)
+        if self.cam is not ck:  # the quantised model's own scores beside the float model's heatmaps
+            cam_rows = [rows[index[r]] for r, _ in chosen]
+        else:
+            chosen_distances = (image_distances(ck.model, x) if distances is None
+                                else distances[[index[r] for r, _ in chosen]])
+            cam_rows = prediction_rows(ck, [r for r, _ in chosen], cams.probs.cpu(), chosen_distances)
         rows = rows or cam_rows
         for k, row in enumerate(rows):  # a series' files are numbered in slice order (as expand_inputs sorts them)
             row.update(slice=(refs[k].frame if refs[k].frame is not None else k) if is_study else None,

@@ -23,7 +23,8 @@ async function loadModel() {
   }
   const m = await r.json();
   $("token-box").hidden = true;
-  $("model").textContent = `Model: ${m.name}, classes ${m.classes.join(" / ")}, operating point ${m.threshold.toFixed(3)}`;
+  const engine = m.heatmaps_from ? `, ${m.precision}; heatmaps from ${m.heatmaps_from}` : "";
+  $("model").textContent = `Model: ${m.name}, classes ${m.classes.join(" / ")}, operating point ${m.threshold.toFixed(3)}${engine}`;
   $("heatmap-warning").hidden = !m.heatmap_warning;
   $("heatmap-warning").textContent = m.heatmap_warning ? `Warning: ${m.heatmap_warning}.` : "";
 }
