@@ -3,6 +3,10 @@ with ``--tracker none``, ``mlflow`` (a new SQLite store beside the run each time
 made on the way) and ``tensorboard``, alternated.
 
     python benchmarks/tracking_overhead.py [--patients 250] [--size 128] [--epochs 20] [--reps 3] [--store new|shared]
+        [--data FOLDER]
+
+``--data``: a labelled folder of the user's (the shared radiographs, say) instead of synthetic
+data: a frozen-backbone run of realistic length (its audit included, as a user's run has it).
 
 ``--store shared``: every MLflow run goes to one store, made by an untimed first run, as a lab's
 runs share one (``new``: a store made on the way by each run, the first run's cost).
@@ -37,18 +41,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--store", choices=("new", "shared"), default="new")
     ap.add_argument("--trackers", default=",".join(TRACKERS))
+    ap.add_argument("--data", default=None, help="a labelled data folder instead of synthetic data")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bonetumor-tracking-"))
-    subprocess.run(BONETUMOR + ["synth", "data", "--n-patients", str(args.patients), "--size", str(args.size)],
-                   cwd=work, check=True, capture_output=True)
-    common = ["train", "data", "--image-size", str(args.size), "--epochs", str(args.epochs), "--patience",
+    synth = ["synth", "data", "--n-patients", str(args.patients), "--size", str(args.size)]
+    if args.data:  # the store's first run (untimed) on a little synthetic data: it only makes the store
+        synth[1], synth[3] = "warm_data", "10"
+    subprocess.run(BONETUMOR + synth, cwd=work, check=True, capture_output=True)
+    data = str(Path(args.data).resolve()) if args.data else "data"
+    common = ["train", data, "--image-size", str(args.size), "--epochs", str(args.epochs), "--patience",
               str(args.epochs), "--weights", "none", "--freeze", "backbone", "--feature-views", "1", "--device", "cpu"]
     trackers = tuple(args.trackers.split(","))
     wall: dict[str, list[float]] = {t: [] for t in trackers}
     epochs: dict[str, list[float]] = {t: [] for t in trackers}
     if args.store == "shared":  # the store made once, untimed
-        subprocess.run(BONETUMOR + common + ["--epochs", "1", "--tracker", "mlflow", "--out", str(work / "shared" / "warm")],
+        warm = common[:1] + ["warm_data" if args.data else data] + common[2:]
+        subprocess.run(BONETUMOR + warm + ["--epochs", "1", "--tracker", "mlflow", "--out", str(work / "shared" / "warm")],
                        cwd=work, check=True, capture_output=True)
     for rep in range(args.reps):
         for tracker in trackers:
@@ -68,7 +77,8 @@ def main() -> None:
     med = {t: statistics.median(v) for t, v in wall.items()}
     per_epoch = {t: statistics.median(v) for t, v in epochs.items()}
     out = {"benchmark": "tracking_overhead", "date": time.strftime("%Y-%m-%d"), "device": "cpu", "store": args.store,
-           "data": {"patients": args.patients, "size": args.size}, "epochs": args.epochs, "reps": args.reps,
+           "data": {"folder": args.data} if args.data else {"patients": args.patients, "size": args.size},
+           "image_size": args.size, "epochs": args.epochs, "reps": args.reps,
            "wall_seconds": wall, "median_wall_seconds": med, "epoch_seconds": epochs, "median_epoch_seconds": per_epoch,
            "wall_over_none": {t: round(med[t] / med["none"], 4) for t in trackers},
            "added_seconds_per_epoch": {t: round(per_epoch[t] - per_epoch["none"], 4) for t in trackers}}
