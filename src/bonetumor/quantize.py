@@ -110,9 +110,12 @@ def quantize_checkpoint(checkpoint: str | Path, calibration: str | Path, out: st
     # A fixed batch of one for NNCF, which validates what it compiles: see the module's docstring.
     float_model.reshape({float_model.inputs[0]: [1, 3, ck.image_size, ck.image_size]})
     valid_xy = (_read(ck, valid[0]), valid[1]) if valid is not None else None
-    model, precision, note = _quantize(nncf, float_model, calib_x, valid_xy, (max_drop, max_float_layers, min_agreement), ck)
+    checked = valid_xy if valid_xy is not None else (calib_x, None)
+    reference = _run(float_model, checked[0], ck)  # the float model's answers: once, for control and check
+    control = (max_drop, max_float_layers, min_agreement, reference[0])
+    model, precision, note = _quantize(nncf, float_model, calib_x, valid_xy, control, ck)
     seconds = time.perf_counter() - t0
-    check = _compare(float_model, model, valid_xy if valid_xy is not None else (calib_x, None), ck)
+    check = _compare(reference, model, checked, ck)
     run = RunDir.create(out, overwrite=overwrite, inputs=[checkpoint, calibration, validation, manifest])
     meta = {"format": QUANTIZED_FORMAT, "precision": precision, **({"fallback": note} if precision != "int8" else {}),
             "source": {"path": os.path.relpath(Path(checkpoint).resolve(), run.path.resolve()),
@@ -121,14 +124,19 @@ def quantize_checkpoint(checkpoint: str | Path, calibration: str | Path, out: st
             "std": list(ck.std), "epoch": ck.epoch, "config": config_to_dict(ck.config), "ood": ck.ood,
             **({"operating_point": ck.raw["operating_point"]} if "operating_point" in ck.raw else {}),
             "calibration": {"data": str(calibration), "images": len(calib), "seed": seed},
-            "accuracy_control": {"max_drop": max_drop, "min_agreement": min_agreement,
-                                 "max_float_layers": max_float_layers,
-                                 "met": bool(check.get("roc_auc_drop", 0.0) <= max_drop
-                                             and check["label_agreement"] >= min_agreement)}
-            if max_drop is not None else None, "layers": _layers(model),
+            "accuracy_control": _control_record(control, check), "layers": _layers(model),
             "check": check, "seconds": round(seconds, 2), "versions": _versions()}
     _save(ov, run, model, meta)
     return meta
+
+
+def _control_record(control: tuple, check: dict) -> dict | None:
+    """The accuracy control's limits and whether the check met them (None without control)."""
+    max_drop, max_float_layers, min_agreement, _ = control
+    if max_drop is None:
+        return None
+    met = check.get("roc_auc_drop", 0.0) <= max_drop and check["label_agreement"] >= min_agreement
+    return {"max_drop": max_drop, "min_agreement": min_agreement, "max_float_layers": max_float_layers, "met": bool(met)}
 
 
 def _versions() -> dict:
@@ -217,11 +225,12 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def _run_nncf(nncf, model, calibration, valid_xy, max_drop, max_float_layers, min_agreement, ck, options):
+def _run_nncf(nncf, model, calibration, valid_xy, max_drop, max_float_layers, min_agreement, float_probs, ck,
+              options):
     if max_drop is None:
         return nncf.quantize(model, calibration, **options)
     xs, targets = valid_xy
-    float_labels = _labels(_run(model, xs, ck)[0], ck)
+    float_labels = _labels(float_probs, ck)
     items = [(x[i : i + 1], y[i : i + 1], f[i : i + 1])
              for x, y, f in zip(xs, _split(targets, xs), _split(float_labels, xs)) for i in range(len(x))]
     validation = nncf.Dataset(items, lambda item: item[0])  # (inputs, targets, the float model's labels)
@@ -288,13 +297,13 @@ def _run(model, xs: list[np.ndarray], ck) -> tuple[np.ndarray, np.ndarray | None
     return _probabilities(torch.cat([o[0] for o in outs]).numpy(), ck), torch.cat([o[1] for o in outs]).numpy()
 
 
-def _compare(float_model, model, xy, ck) -> dict:
+def _compare(reference, model, xy, ck) -> dict:
     """The int8 model against the float one (both in OpenVINO, fp32 elsewhere) on validation
     images (or, without, the calibration images): ROC-AUCs, label agreement at the stored
     threshold, the largest probability difference, and how often the out-of-distribution check
     (in float, on int8 features, with its stored threshold) flags alike."""
     xs, targets = xy
-    (pf, df), (pq, dq) = _run(float_model, xs, ck), _run(model, xs, ck)
+    (pf, df), (pq, dq) = reference, _run(model, xs, ck)
     out = {"images": int(len(pf)), "on": "validation" if targets is not None else "calibration",
            "label_agreement": float((_labels(pf, ck) == _labels(pq, ck)).mean()),
            "max_abs_diff_probability": float(np.abs(pf - pq).max()),
