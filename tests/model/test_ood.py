@@ -22,6 +22,7 @@ from bonetumor.model.checkpoint import (
     write_checkpoint,
 )
 from bonetumor.model.ood import (
+    DetailStats,
     InputStats,
     WithDistance,
     fit_distance,
@@ -79,6 +80,31 @@ def test_input_statistics_match_a_numpy_computation():
         np.testing.assert_allclose(row, want, atol=2e-5)
 
 
+def test_detail_statistics_match_a_numpy_computation():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    smooth = np.add.outer(np.linspace(0, 1, 40), np.linspace(0, 0.5, 48)) / 1.5
+    smooth[:, 20:] += 0.2  # an edge in a smooth image: detail in few pixels
+    noisy = np.clip(0.5 + 0.1 * rng.normal(size=(40, 48)), 0, 1)  # detail everywhere
+    grey = np.stack([smooth, noisy, np.zeros((40, 48))])  # and a flat image: no division by zero
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = (torch.from_numpy(grey).float()[:, None].expand(-1, 3, -1, -1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    got = DetailStats(mean, std)(x).double().numpy()
+    assert got.shape == (3, 4) and np.isfinite(got).all()
+    for g, row in zip(grey, got):
+        half = g.reshape(20, 2, 24, 2).mean(axis=(1, 3))
+        quarter = half.reshape(10, 2, 12, 2).mean(axis=(1, 3))
+        laps = [np.abs(ndimage.laplace(a))[1:-1, 1:-1] for a in (g, half, quarter)]
+        means = [lap.mean() + 1e-6 for lap in laps]
+        want = [np.mean(laps[0] < means[0] / 2), np.mean(laps[1] < means[1] / 2),
+                np.log(means[1] / means[0]), np.log(means[2] / means[1])]
+        np.testing.assert_allclose(row, want, atol=2e-4)
+    # noise: |Laplacian| near its mean in most pixels and halved by each halving; the smooth image the reverse
+    assert got[1, 0] < 0.4 < 0.9 < got[0, 0]
+    assert got[1, 2] < np.log(0.7) and got[0, 2] > 0
+
+
 def test_stage_features_pool_as_the_backbone_does_and_with_distance_keeps_the_logits():
     model = create_model("resnet50", "none", "none", (), 1).eval()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -100,11 +126,11 @@ def test_stage_features_pool_as_the_backbone_does_and_with_distance_keeps_the_lo
 def test_a_trained_run_stores_the_check_and_predict_reports_it(tiny_run, tiny_data):
     raw = read_checkpoint_file(tiny_run / "best.pt")
     record = json.loads((tiny_run / "ood.json").read_text())
-    assert raw["ood"] == record and record["quantile"] == 0.99 and record["features"] == [89, 256, 512, 1024, 2048]
+    assert raw["ood"] == record and record["quantile"] == 0.99 and record["features"] == [89, 4, 256, 512, 1024, 2048]
     assert record["n_valid"] == 8 and record["threshold"] > 0
     ck = load_checkpoint(tiny_run / "best.pt")
-    assert ck.ood["threshold"] == record["threshold"] and ck.model.ood.n_stages == 5
-    assert ck.model.ood.inputs is not None
+    assert ck.ood["threshold"] == record["threshold"] and ck.model.ood.n_stages == 6
+    assert ck.model.ood.inputs is not None and ck.model.ood.detail is not None
     rows = predict(tiny_run / "best.pt", [tiny_data / "valid"], device="cpu")
     scores = np.array([r["ood_distance"] for r in rows])
     assert all(r["unlike_training"] == (r["ood_distance"] > record["threshold"]) for r in rows)
@@ -121,25 +147,32 @@ def test_a_checkpoint_without_the_check_still_predicts_without_its_fields(tiny_r
     assert len(rows) == 8 and not any("unlike_training" in r for r in rows)
 
 
-def test_a_check_saved_before_the_input_stage_scores_with_its_backbone_stages(tiny_run, tiny_data, tmp_path):
+@pytest.mark.parametrize("dropped", [(0, 1), (1,)], ids=["before-the-input-stages", "before-the-detail-stage"])
+def test_a_check_saved_before_a_stage_scores_with_the_stages_it_has(tiny_run, tiny_data, tmp_path, dropped):
     raw = read_checkpoint_file(tiny_run / "best.pt")
-    weights = {k: v for k, v in raw["model"].items() if not k.startswith("ood.")}
-    for i in range(1, 5):  # the backbone stages, renumbered from 0 as that format wrote them
-        weights[f"ood.means_{i - 1}"] = raw["model"][f"ood.means_{i}"]
-        weights[f"ood.precision_{i - 1}"] = raw["model"][f"ood.precision_{i}"]
-    weights["ood.scales"] = raw["model"]["ood.scales"][1:]
-    write_checkpoint(tmp_path / "four.pt", {**raw, "model": weights})
-    old = {r["path"]: r["ood_distance"] for r in predict(tmp_path / "four.pt", [tiny_data / "valid"], device="cpu")}
+    prefixes = {0: "ood.inputs.", 1: "ood.detail."}
+    weights = {k: v for k, v in raw["model"].items()
+               if not k.startswith(("ood.means_", "ood.precision_", "ood.scales"))
+               and not any(k.startswith(prefixes[d]) for d in dropped)}
+    kept = [i for i in range(6) if i not in dropped]
+    for new_i, i in enumerate(kept):  # the stages renumbered from 0 as that format wrote them
+        weights[f"ood.means_{new_i}"] = raw["model"][f"ood.means_{i}"]
+        weights[f"ood.precision_{new_i}"] = raw["model"][f"ood.precision_{i}"]
+    weights["ood.scales"] = raw["model"]["ood.scales"][kept]
+    write_checkpoint(tmp_path / "old.pt", {**raw, "model": weights})
+    old = {r["path"]: r["ood_distance"] for r in predict(tmp_path / "old.pt", [tiny_data / "valid"], device="cpu")}
     ck = load_checkpoint(tiny_run / "best.pt")
-    assert load_checkpoint(tmp_path / "four.pt").model.ood.inputs is None
+    old_model = load_checkpoint(tmp_path / "old.pt").model
+    assert (old_model.ood.inputs is None) == (0 in dropped) and old_model.ood.detail is None
+    assert old_model.ood.n_stages == len(kept)
     samples = expand_inputs([tiny_data / "valid"], ck.read_options)
     _, raw_x, _ = next(iter(read_batches(samples, 64, ck.image_size, ck.read_options)))
     x = model_input(raw_x, torch.device("cpu"), ck.mean, ck.std)
     samples = [s.path for s in samples]
     with torch.no_grad():
-        _, feats = stage_features(ck.model, x, ck.model.ood.inputs)
+        _, feats = stage_features(ck.model, x, ck.model.ood.pre_stages())
         per_stage = ck.model.ood.stage_distances(feats) / ck.model.ood.scales
-    np.testing.assert_allclose([old[p] for p in samples], per_stage[:, 1:].max(1).values.numpy(), atol=5e-4)  # rows keep 3 decimals
+    np.testing.assert_allclose([old[p] for p in samples], per_stage[:, kept].max(1).values.numpy(), atol=5e-4)  # rows keep 3 decimals
 
 
 def test_a_bad_threshold_is_refused_naming_the_file(tiny_run, tmp_path):

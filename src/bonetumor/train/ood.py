@@ -17,6 +17,7 @@ import torch
 from bonetumor.data.transforms import IMAGENET_MEAN, IMAGENET_STD, create_transforms
 from bonetumor.model.ood import (
     MAX_TRAIN_IMAGES,
+    DetailStats,
     InputStats,
     distance_state,
     distance_threshold,
@@ -37,16 +38,18 @@ def fit_ood(r: TrainingRun) -> tuple[dict, dict]:
     train = r.index.split("train")
     keep = np.sort(rng.choice(len(train), min(len(train), MAX_TRAIN_IMAGES), replace=False))
     labels = np.array([r.index.classes.index(train[i].label) for i in keep])
-    inputs = InputStats(IMAGENET_MEAN, IMAGENET_STD).to(r.device)  # as create_transforms normalises
-    train_feats = _features(r, [train[i] for i in keep], inputs)
-    valid_feats = _features(r, r.index.split("valid"), inputs)
-    detector = fit_distance(train_feats, labels, valid_feats, r.cfg.ood_quantile, inputs.cpu())
+    # both normalise back as create_transforms normalises
+    pre = [InputStats(IMAGENET_MEAN, IMAGENET_STD).to(r.device), DetailStats(IMAGENET_MEAN, IMAGENET_STD).to(r.device)]
+    train_feats = _features(r, [train[i] for i in keep], pre)
+    valid_feats = _features(r, r.index.split("valid"), pre)
+    detector = fit_distance(train_feats, labels, valid_feats, r.cfg.ood_quantile, pre[0].cpu(), pre[1].cpu())
     with torch.no_grad():
         valid = detector([torch.from_numpy(f) for f in valid_feats]).numpy()
         fitted = detector([torch.from_numpy(f) for f in train_feats]).numpy()
     threshold = distance_threshold(valid, r.cfg.ood_quantile)
-    record = {"method": "Mahalanobis distance on the image's own statistics and per backbone stage (shared "
-                        "Ledoit-Wolf covariance, nearest class mean), the largest over its validation quantile",
+    record = {"method": "Mahalanobis distance on the image's own statistics, on how its fine detail is spread and "
+                        "per backbone stage (shared Ledoit-Wolf covariance, nearest class mean), the largest over "
+                        "its validation quantile",
               "features": [int(f.shape[1]) for f in train_feats], "n_train": int(len(keep)), "n_valid": int(len(valid)),
               "quantile": float(r.cfg.ood_quantile), "threshold": threshold,
               "valid_flagged": float(np.mean(valid > threshold)) if len(valid) else float("nan"),
@@ -56,8 +59,8 @@ def fit_ood(r: TrainingRun) -> tuple[dict, dict]:
 
 
 @torch.inference_mode()
-def _features(r: TrainingRun, samples, inputs: InputStats) -> list[np.ndarray]:
-    """Per-stage features of ``samples`` (``stage_features``, ``inputs`` first), read as for
+def _features(r: TrainingRun, samples, pre: list[torch.nn.Module]) -> list[np.ndarray]:
+    """Per-stage features of ``samples`` (``stage_features``, the ``pre`` modules' first), read as for
     validation (no augmentation)."""
     cfg = r.cfg
     tf = create_transforms(False, cfg.image_size)
@@ -69,6 +72,6 @@ def _features(r: TrainingRun, samples, inputs: InputStats) -> list[np.ndarray]:
     with inference_folded(r.model), autocast(cfg.precision, r.device):
         for x, _, _ in loader:
             x = x.to(r.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            _, feats = stage_features(r.model, x, inputs)
+            _, feats = stage_features(r.model, x, pre)
             out.append([f.float().cpu() for f in feats])
     return [torch.cat(stage).numpy() for stage in zip(*out)]
