@@ -72,7 +72,7 @@ class TrainConfig:
                                   rule="in [0, 1)", check=lambda v: 0 <= v < 1)
     split_by: str = option("given", help="given: the data's own splits, the rest split by patient; patient: "
                            "everything re-split, a patient's images together; cluster: also each cluster of copies "
-                           "(exact, near, same export source) in one split.", group="data",
+                           "(exact, near, same export source) and each source group of both classes in one split.", group="data",
                            choices=("given", "patient", "cluster"))
     skip_bad_files: bool = option(False, help="List unreadable files with their problem instead of stopping.",
                                   group="data")

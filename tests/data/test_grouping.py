@@ -72,6 +72,43 @@ def test_a_patients_images_and_a_volumes_slices_are_one_group(tmp_path):
     assert g[0] == g[1] == g[2] and g[3] == g[4] and len({g[0], g[3], g[5]}) == 3
 
 
+def test_a_source_of_both_classes_stays_in_one_split_and_a_one_class_source_does_not():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Facts:  # distinct images: no copy links
+        sha256: str
+        phash: int
+        thumb: np.ndarray
+        error: None = None
+
+    rng = np.random.default_rng(1)
+    samples = [Sample(path=f"site{site}_{k:03d}.png", label=("cancer", "normal")[k % 2])
+               for site in "ABCDEF" for k in range(40)]  # six hospitals' exports, both classes in each
+    samples += [Sample(path=f"IMG{k:07d}.jpg", label="normal") for k in range(60)]  # one class: the source is the class
+    samples += [Sample(path=f"bone-cancer_{k}.jpg", label="cancer") for k in range(60)]
+    samples += [Sample(path=f"scan{k}x.png", label=("cancer", "normal")[k % 2]) for k in range(4)]  # too rare to be a source
+    facts = [Facts(str(k), int(rng.integers(2**62)), rng.random(1024).astype(np.float32)) for k in range(len(samples))]
+    groups = copy_groups(samples, facts)
+    by_name = defaultdict(set)
+    for s, g in zip(samples, groups):
+        by_name[s.path[:5]].add(g)
+    assert all(len(by_name[f"site{site}"]) == 1 for site in "ABCDEF")
+    assert len(set.union(*(by_name[f"site{site}"] for site in "ABCDEF"))) == 6
+    assert len(by_name["IMG00"]) == 60 and len(by_name["bone-"]) == 60  # each image its own group
+    assert len({g for s, g in zip(samples, groups) if s.path.startswith("scan")}) == 4
+    split = assign_splits(apply_split_by(samples, "cluster", facts), 0.15, 0.15, 0)
+    where = defaultdict(set)
+    for s in split:
+        where[s.path[:5]].add(s.split)
+    assert all(len(where[f"site{site}"]) == 1 for site in "ABCDEF")
+    counts = {(s.split, s.label) for s in split}
+    assert counts == {(sp, c) for sp in ("train", "valid", "test") for c in ("cancer", "normal")}  # still stratified
+    # a naming scheme of half the images or more is not a source: no such links in the tiny data
+    uniform = [Sample(path=f"P{k:04d}_s0.png", label=("cancer", "normal")[k % 2]) for k in range(40)]
+    assert len(set(copy_groups(uniform, facts[:40]))) == 40
+
+
 def test_cluster_splits_leave_no_copy_across_splits(leaky):
     given = run_audit(str(leaky), baseline=False)
     assert given["leakage"] and given["copies"]["cross_split_pairs"] == 5

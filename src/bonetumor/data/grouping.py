@@ -7,12 +7,23 @@ copies and an export tool's renamed copies of one source file. Copies on both si
 let a model score by recognising an image it trained on; the audit's look-up baseline shows how
 much (on ``bone-cancer-xray-v1``'s own splits, 56% of the validation images copy a training one).
 
-The groups are the connected components of "same patient", "same volume" and "copy of" links
-(scipy's csgraph); the splitting itself stays scikit-learn's StratifiedGroupKFold (data/splits.py).
+``cluster`` also keeps each source group in one split where that can go with stratification: a
+frequent naming pattern (``confounds.name_pattern``, as the confound audit counts them) that
+holds more than one class, such as one hospital's export, so that validation and test images come
+from sources the model did not train on. A pattern one class holds (>= ``confounds.PURE``) is not
+kept whole: there the source is the class (``bone-cancer-xray-v1``: every one of its frequent
+patterns), so a split keeping it whole could not hold both classes (tried: test would be 3,236
+cancers and 101 normals). That data can only be judged on an external set, as the confound audit
+says. A pattern holding half the images or more is a naming scheme (``P#_s#``), not a source.
+
+The groups are the connected components of "same patient", "same volume", "copy of" and "same
+source" links (scipy's csgraph); the splitting itself stays scikit-learn's StratifiedGroupKFold
+(data/splits.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Sequence
 
@@ -20,10 +31,31 @@ import numpy as np
 
 from bonetumor.data.studies import Sample
 
+SOURCE_MAX_SHARE = 0.5  # a naming pattern of at least this share of the images is a scheme, not a source
+
+
+def source_links(samples: Sequence[Sample]) -> list[tuple[int, int]]:
+    """Links joining the images of each source group that can stay in one split (module docstring):
+    a frequent naming pattern of more than one class and under half of the images."""
+    from bonetumor.data.confounds import PURE, name_pattern
+
+    by_pattern: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_pattern[name_pattern(s.path)].append(i)
+    frequent = max(5, int(0.005 * len(samples)))  # as file_name_confound counts a pattern frequent
+    links = []
+    for members in by_pattern.values():
+        if not frequent <= len(members) < SOURCE_MAX_SHARE * len(samples):
+            continue
+        classes = Counter(samples[i].label for i in members)
+        if len(classes) > 1 and max(classes.values()) / len(members) < PURE:
+            links.extend((members[0], i) for i in members[1:])
+    return links
+
 
 def copy_groups(samples: Sequence[Sample], facts: Sequence) -> np.ndarray:
-    """A group name per sample: linked by patient id, volume or any copy pair (``facts``: the
-    audit's scan of ``samples``)."""
+    """A group name per sample: linked by patient id, volume, any copy pair (``facts``: the
+    audit's scan of ``samples``) or a source group that holds more than one class."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -31,6 +63,7 @@ def copy_groups(samples: Sequence[Sample], facts: Sequence) -> np.ndarray:
     from bonetumor.data.copies import NEAR_THRESHOLD, all_near_pairs, copy_pairs
 
     links = [(i, j) for i, j, _, _ in copy_pairs(samples, facts, all_near_pairs(facts, NEAR_THRESHOLD), source_name)]
+    links += source_links(samples)
     first: dict[str, int] = {}
     for i, s in enumerate(samples):
         for key in (f"patient:{s.patient_id}" if s.patient_id else None, f"study:{s.study}" if s.study else None):
