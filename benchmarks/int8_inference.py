@@ -10,7 +10,7 @@ In one run:
   between two measurements of the machine's bf16 ceiling (benchmarks/ceiling.py); images/s end
   to end (model load, PNG decode and resize included);
 - accuracy: models that learnt (ResNet50 from random init, all layers trained, ``--acc-size`` px,
-  5 epochs; a frozen random backbone at 224 px learns nothing, and ImageNet weights cannot be
+  ``--acc-epochs`` epochs with a cosine schedule; a frozen random backbone at 224 px learns nothing, and ImageNet weights cannot be
   downloaded here), quantised the same way: int8 against the float model (OpenVINO fp32),
   ROC-AUC and label agreement at the stored threshold, on the synthetic test split and, with
   ``--real``, on the shared set's whole validation split (trained on ``--real-train`` of its
@@ -36,7 +36,8 @@ from pathlib import Path
 BONETUMOR = [sys.executable, "-m", "bonetumor"]
 SPEED_TRAIN = ["--image-size", "224", "--weights", "none", "--freeze", "backbone", "--feature-views", "1", "--epochs", "1",
                "--seed", "0", "--no-audit", "--device", "cpu"]
-ACC_TRAIN = ["--weights", "none", "--freeze", "none", "--epochs", "5", "--seed", "0", "--no-audit", "--device", "cpu"]
+ACC_TRAIN = ["--weights", "none", "--freeze", "none", "--lr-schedule", "cosine", "--seed", "0", "--no-audit",
+             "--device", "cpu"]
 
 
 def _run(cmd: list, cwd: Path) -> None:
@@ -101,7 +102,8 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=200, help="synthetic patients (6 slices each)")
     ap.add_argument("--real", default="../shared/data/bone-cancer-xray-v1")
     ap.add_argument("--real-train", type=int, default=1200)
-    ap.add_argument("--acc-size", type=int, default=64)
+    ap.add_argument("--acc-size", type=int, default=96)
+    ap.add_argument("--acc-epochs", type=int, default=12)
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -122,8 +124,8 @@ def main() -> None:
     _run(BONETUMOR + ["train", "data", "--out", "synth_run"] + SPEED_TRAIN, tmp)
     result = {"benchmark": "int8_inference", "date": time.strftime("%Y-%m-%d"), "image_size": 224,
               "quantize_224": _quantize(tmp / "synth_run", tmp / "data", args.samples), "accuracy": {},
-              "accuracy_image_size": args.acc_size}
-    acc = ACC_TRAIN + ["--image-size", str(args.acc_size)]
+              "accuracy_image_size": args.acc_size, "accuracy_epochs": args.acc_epochs}
+    acc = ACC_TRAIN + ["--image-size", str(args.acc_size), "--epochs", str(args.acc_epochs)]
     _run(BONETUMOR + ["train", "data", "--out", "synth_acc"] + acc, tmp)
     result["accuracy"]["synthetic_test"] = {**_accuracy(tmp / "synth_acc", tmp / "data", "test", args.samples)}
     real = Path(args.real)
