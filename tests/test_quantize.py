@@ -107,18 +107,18 @@ def test_too_few_or_unreadable_calibration_images_are_one_line(made, tmp_path):
     assert r.exit_code == 2 and "at least" in r.output
 
 
-def test_a_model_nncf_cannot_take_falls_back_to_the_float_engine(made, tmp_path, monkeypatch):
-    import nncf
+def test_a_model_the_quantiser_cannot_take_falls_back_to_the_float_engine(made, tmp_path, monkeypatch):
+    import onnxruntime.quantization
 
     data, run, _, _ = made
 
-    def refuse(*args, **kwargs):  # NNCF's own refusal of a graph it has no patterns for
-        raise nncf.UnsupportedModelError("cannot quantize this graph")
+    def refuse(*args, **kwargs):  # the quantiser's own refusal of a graph it cannot take
+        raise NotImplementedError("cannot quantize this graph")
 
-    monkeypatch.setattr(nncf, "quantize", refuse)
-    with pytest.warns(RuntimeWarning, match="NNCF could not quantise this model"):
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", refuse)
+    with pytest.warns(RuntimeWarning, match="ONNX Runtime could not quantise this model"):
         record = quantize_checkpoint(run / "best.pt", data, tmp_path / "f", samples=40)
-    assert record["precision"] == "fp32" and "UnsupportedModelError" in record["fallback"]
+    assert record["precision"] == "fp32" and "NotImplementedError" in record["fallback"]
     assert record["layers"]["int8"] == 0
     files = sorted(glob.glob(str(data / "test" / "*" / "*.png")))
     with warnings.catch_warnings():
@@ -128,7 +128,7 @@ def test_a_model_nncf_cannot_take_falls_back_to_the_float_engine(made, tmp_path,
     assert np.abs(_probs(folder) - _probs(same)).max() < 1e-6  # the float engine's own answers
     r = runner.invoke(app, ["quantize", str(run / "best.pt"), "--calibration", str(data), "--out", str(tmp_path / "g"),
                             "--samples", "40"])
-    assert r.exit_code == 0 and "warning: NNCF could not quantise this model" in r.output
+    assert r.exit_code == 0 and "warning: ONNX Runtime could not quantise this model" in r.output
     assert "holds the float model" in r.output
 
 
@@ -153,8 +153,9 @@ def test_accuracy_control_holds_the_drop_or_says_it_did_not(made, tmp_path):
     control, check = record["accuracy_control"], record["check"]
     assert control["max_drop"] == 0.01 and control["max_float_layers"] == 3
     assert control["met"] == (check["roc_auc_drop"] <= 0.01)
-    assert record["layers"]["int8"] < plain["layers"]["int8"] or control["met"]
-    assert record["layers"]["int8"] >= plain["layers"]["int8"] - 3
+    # NNCF's plain model has 53 of its 61 layers in int8 (its ignored scope); at most 3 go back to float
+    assert record["layers"]["convolutions_and_matmuls"] == plain["layers"]["convolutions_and_matmuls"]
+    assert 53 - 3 <= record["layers"]["int8"] <= 53
 
 
 def test_serve_scores_with_int8_and_explains_with_the_float_model(made, tmp_path):

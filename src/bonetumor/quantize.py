@@ -1,17 +1,16 @@
-"""int8 post-training quantisation of a checkpoint for OpenVINO's CPU plugin, with NNCF.
+"""int8 post-training quantisation of a checkpoint for OpenVINO's CPU plugin.
 
-``quantize_checkpoint`` exports the checkpoint (``model.export``), reads it into OpenVINO and
-quantises it with NNCF's post-training quantisation (``nncf.quantize``: activation ranges from
-a few hundred calibration images of the training split, symmetric int8 as VNNI and AMX multiply
-it), or with ``nncf.quantize_with_accuracy_control``, which returns layers to float, most
-harmful first, until the validation ROC-AUC is within ``max_drop`` of the float model's. The
-folder it writes (model/quantized.py) is a model ``predict``, ``evaluate`` and ``serve`` take
-like a checkpoint; Grad-CAM needs gradients and runs on the float checkpoint it names.
+``quantize_checkpoint`` exports the checkpoint (``model.export``) and quantises it with ONNX
+Runtime's static quantiser (quantize_onnx.py: activation ranges from a few hundred calibration
+images of the training split) for OpenVINO to run, or, with ``max_drop``, with NNCF's
+``quantize_with_accuracy_control``, which returns layers to float, most harmful first, until the
+validation ROC-AUC is within ``max_drop`` of the float model's. The folder it writes
+(model/quantized.py) is a model ``predict``, ``evaluate`` and ``serve`` take like a checkpoint;
+Grad-CAM needs gradients and runs on the float checkpoint it names.
 
-Why NNCF rather than ONNX Runtime's static quantisation: OpenVINO already runs the float engines
-here (runtime/engines.py) and runs NNCF's int8 models on VNNI kernels (1.9x its own bf16 speed
-on this project's benchmark CPU), and NNCF has the accuracy-controlled mode, which ONNX Runtime's
-quantiser lacks.
+Why two quantisers: on this project's benchmark models ONNX Runtime's kept the float model's
+labels better than NNCF's post-training quantisation (synthetic test split 100% against 96.7%)
+and OpenVINO runs its model faster (docs/results.md); NNCF alone has the accuracy-controlled mode.
 
 The out-of-distribution check (model/ood.py) stays in float: a few small matrix products with
 precision matrices, where int8 would save nothing and only add error. It reads the int8 model's
@@ -113,7 +112,7 @@ def quantize_checkpoint(checkpoint: str | Path, calibration: str | Path, out: st
     checked = valid_xy if valid_xy is not None else (calib_x, None)
     reference = _run(float_model, checked[0], ck)  # the float model's answers: once, for control and check
     control = (max_drop, max_float_layers, min_agreement, reference[0])
-    model, precision, note = _quantize(nncf, float_model, calib_x, valid_xy, control, ck)
+    model, precision, note = _quantize(nncf, float_model, calib_x, valid_xy, control, ck, cached_export(checkpoint))
     seconds = time.perf_counter() - t0
     check = _compare(reference, model, checked, ck)
     run = RunDir.create(out, overwrite=overwrite, inputs=[checkpoint, calibration, validation, manifest])
@@ -190,8 +189,23 @@ def _ood_only(model) -> list[str]:
     return sorted(ancestors(model.outputs[1].get_node()) - ancestors(model.outputs[0].get_node()))
 
 
-def _quantize(nncf, model, calib_x, valid_xy, control: tuple, ck):
-    """(model, "int8" or "fp32", None | accuracy-control facts | the reason it stayed float)."""
+def _quantize(nncf, model, calib_x, valid_xy, control: tuple, ck, onnx_path: Path):
+    """(model, "int8" or "fp32", None | accuracy-control facts | the reason it stayed float).
+    Without accuracy control ONNX Runtime's quantiser makes the model (quantize_onnx.py: it keeps
+    the float model's labels better here); with it, NNCF's, which can return layers to float."""
+    if control[0] is None:
+        from bonetumor.quantize_onnx import quantize_onnx
+
+        try:
+            with _quiet():
+                quantized = quantize_onnx(onnx_path, calib_x)
+        except Exception as e:  # noqa: BLE001 - a graph the quantiser cannot take falls back to the float engine
+            reason = f"ONNX Runtime could not quantise this model ({type(e).__name__}: {first_line(e, 160)})"
+            warnings.warn(f"{reason}; the folder holds the float model, run in OpenVINO fp32", RuntimeWarning,
+                          stacklevel=3)
+            return model, "fp32", reason
+        quantized.reshape({quantized.inputs[0]: [1, 3, ck.image_size, ck.image_size]})
+        return quantized, "int8", None
     ignored = nncf.IgnoredScope(names=_ood_only(model), validate=False)
     # One image per item: NNCF's statistics (and its subset_size) count items, and some of its
     # algorithms assume a batch of one.
@@ -282,9 +296,25 @@ def _auc(targets: np.ndarray, probs: np.ndarray) -> float:
 def _layers(model) -> dict:
     """How many convolutions and matrix products the model has, and how many take int8 inputs."""
     heavy = [op for op in model.get_ops() if op.get_type_name() in ("Convolution", "MatMul", "GroupConvolution")]
-    fed = [op for op in heavy if any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
-                                     for i in op.inputs())]
+    # NNCF's models feed them through FakeQuantize; a QDQ model's weights come as int8 constants
+    # converted and scaled (Convert -> [Subtract ->] Multiply), its activations through FakeQuantize.
+    fed = [op for op in heavy if any(_int8_source(i.get_source_output().get_node()) for i in op.inputs())]
     return {"convolutions_and_matmuls": len(heavy), "int8": len(fed)}
+
+
+def _int8_source(node, depth: int = 4) -> bool:
+    """Whether ``node`` quantises: a FakeQuantize, or a dequantisation of an int8 constant."""
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind == "Convert":
+        import openvino as ov
+
+        if node.input(0).get_element_type() in (ov.Type.i8, ov.Type.u8):
+            return True
+    if depth and kind in ("Multiply", "Subtract", "Convert", "Reshape", "Transpose"):
+        return any(_int8_source(i.get_source_output().get_node(), depth - 1) for i in node.inputs())
+    return False
 
 
 def _run(model, xs: list[np.ndarray], ck) -> tuple[np.ndarray, np.ndarray | None]:
