@@ -105,14 +105,15 @@ def quantize_checkpoint(checkpoint: str | Path, calibration: str | Path, out: st
                              "--validation DATA (a labelled folder)")
     calib_x = _read(ck, calib)
     t0 = time.perf_counter()
-    float_model = openvino_core().read_model(str(cached_export(checkpoint)))
+    onnx_path = cached_export(checkpoint)
+    float_model = openvino_core().read_model(str(onnx_path))
     # A fixed batch of one for NNCF, which validates what it compiles: see the module's docstring.
     float_model.reshape({float_model.inputs[0]: [1, 3, ck.image_size, ck.image_size]})
     valid_xy = (_read(ck, valid[0]), valid[1]) if valid is not None else None
     checked = valid_xy if valid_xy is not None else (calib_x, None)
     reference = _run(float_model, checked[0], ck)  # the float model's answers: once, for control and check
     control = (max_drop, max_float_layers, min_agreement, reference[0])
-    model, precision, note = _quantize(nncf, float_model, calib_x, valid_xy, control, ck, cached_export(checkpoint))
+    model, precision, note = _quantize(nncf, float_model, calib_x, valid_xy, control, ck, onnx_path)
     seconds = time.perf_counter() - t0
     check = _compare(reference, model, checked, ck)
     run = RunDir.create(out, overwrite=overwrite, inputs=[checkpoint, calibration, validation, manifest])
@@ -200,10 +201,7 @@ def _quantize(nncf, model, calib_x, valid_xy, control: tuple, ck, onnx_path: Pat
             with _quiet():
                 quantized = quantize_onnx(onnx_path, calib_x)
         except Exception as e:  # noqa: BLE001 - a graph the quantiser cannot take falls back to the float engine
-            reason = f"ONNX Runtime could not quantise this model ({type(e).__name__}: {first_line(e, 160)})"
-            warnings.warn(f"{reason}; the folder holds the float model, run in OpenVINO fp32", RuntimeWarning,
-                          stacklevel=3)
-            return model, "fp32", reason
+            return _float_fallback(model, "ONNX Runtime", e)
         quantized.reshape({quantized.inputs[0]: [1, 3, ck.image_size, ck.image_size]})
         return quantized, "int8", None
     ignored = nncf.IgnoredScope(names=_ood_only(model), validate=False)
@@ -218,12 +216,17 @@ def _quantize(nncf, model, calib_x, valid_xy, control: tuple, ck, onnx_path: Pat
     except BonetumorError:
         raise
     except Exception as e:  # noqa: BLE001 - an architecture NNCF cannot take falls back to the float engine
-        reason = f"NNCF could not quantise this model ({type(e).__name__}: {first_line(e, 160)})"
-        warnings.warn(f"{reason}; the folder holds the float model, run in OpenVINO fp32", RuntimeWarning, stacklevel=3)
-        return model, "fp32", reason
+        return _float_fallback(model, "NNCF", e)
     if not _layers(quantized)["int8"]:
         return quantized, "fp32", "accuracy control returned every layer to float"
     return quantized, "int8", None
+
+
+def _float_fallback(model, quantiser: str, error: Exception):
+    """The float model, with a warning that says why (``_quantize``'s answer when quantising failed)."""
+    reason = f"{quantiser} could not quantise this model ({type(error).__name__}: {first_line(error, 160)})"
+    warnings.warn(f"{reason}; the folder holds the float model, run in OpenVINO fp32", RuntimeWarning, stacklevel=4)
+    return model, "fp32", reason
 
 
 @contextmanager

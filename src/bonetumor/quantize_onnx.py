@@ -20,12 +20,9 @@ from pathlib import Path
 import numpy as np
 
 
-def ood_only_nodes(path: str | Path) -> list[str]:
-    """Names of the ONNX nodes that compute only the out-of-distribution output (``ood_distance``):
-    its ancestors that the logits do not need; [] for a model without the check."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+def ood_only_nodes(graph) -> list[str]:
+    """Names of the nodes of an ONNX ``graph`` that compute only the out-of-distribution output
+    (``ood_distance``): its ancestors that the logits do not need; [] for a model without the check."""
     producer = {out: node for node in graph.node for out in node.output}
 
     def ancestors(tensor: str) -> set[str]:
@@ -47,7 +44,7 @@ def ood_only_nodes(path: str | Path) -> list[str]:
 def quantize_onnx(src: str | Path, calib_x: list[np.ndarray]):
     """The OpenVINO model of ``src`` (an exported ONNX file) quantised by ONNX Runtime with the
     calibration batches ``calib_x`` (normalised model inputs)."""
-    import onnxruntime as ort
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -58,7 +55,8 @@ def quantize_onnx(src: str | Path, calib_x: list[np.ndarray]):
 
     from bonetumor.runtime.engines import openvino_core
 
-    name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    graph = onnx.load(str(src), load_external_data=False).graph
+    name = graph.input[0].name
     singles = [x[i : i + 1] for x in calib_x for i in range(len(x))]
 
     class Reader(CalibrationDataReader):
@@ -73,7 +71,7 @@ def quantize_onnx(src: str | Path, calib_x: list[np.ndarray]):
         out = Path(tmp) / "qdq.onnx"
         quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=ood_only_nodes(src))
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=ood_only_nodes(graph))
         model = openvino_core().read_model(str(out))
         # Constants may still point into the file: a copy of the model that owns them.
         return model.clone()

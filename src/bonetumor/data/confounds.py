@@ -34,6 +34,11 @@ def source_name(path: str) -> str | None:
     return m.group(1) if m else None
 
 
+def frequent_at_least(n_images: int) -> int:
+    """How many images a naming pattern needs to count as a source: rarer ones say little."""
+    return max(5, int(0.005 * n_images))
+
+
 def name_pattern(path: str) -> str:
     """A file's naming pattern: the stem (an export tool's kept source name when there is one)
     with hashes and runs of digits collapsed to ``#``: ``IMG0000123.jpg`` -> ``IMG#``."""
@@ -100,7 +105,7 @@ def file_name_confound(samples: Sequence[Sample], classes: list[str], seed: int 
     by_pattern: dict[str, Counter] = defaultdict(Counter)
     for p, y in zip(patterns, labels):
         by_pattern[p][y] += 1
-    frequent = max(5, int(0.005 * len(labelled)))  # rarer patterns say little about a source
+    frequent = frequent_at_least(len(labelled))
     rows = []
     for p, c in sorted(by_pattern.items(), key=lambda kv: -sum(kv[1].values())):
         n = sum(c.values())

@@ -37,12 +37,12 @@ SOURCE_MAX_SHARE = 0.5  # a naming pattern of at least this share of the images 
 def source_links(samples: Sequence[Sample]) -> list[tuple[int, int]]:
     """Links joining the images of each source group that can stay in one split (module docstring):
     a frequent naming pattern of more than one class and under half of the images."""
-    from bonetumor.data.confounds import PURE, name_pattern
+    from bonetumor.data.confounds import PURE, frequent_at_least, name_pattern
 
     by_pattern: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_pattern[name_pattern(s.path)].append(i)
-    frequent = max(5, int(0.005 * len(samples)))  # as file_name_confound counts a pattern frequent
+    frequent = frequent_at_least(len(samples))
     links = []
     for members in by_pattern.values():
         if not frequent <= len(members) < SOURCE_MAX_SHARE * len(samples):
