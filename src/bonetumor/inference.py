@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -196,15 +197,23 @@ def score_batches(ck: LoadedCheckpoint, samples: Sequence[Sample], device: torch
     batches = read_batches(samples, batch_size, ck.image_size, options or ck.read_options, skip_bad, workers, prefetch,
                            pin_memory=device.type == "cuda")
     batches = tracked(batches, len(samples), what or "", size=lambda b: len(b[0]) + len(b[2]), enabled=bool(what))
+    pending: deque = deque()  # one batch ahead: an engine that runs it meanwhile does (``Forward.submit``)
     with Forward(ck.model, device, precision or ck.precision_on(device), run or inference_module(ck.model),
                  ck.task.probabilities, wrapped=run is None) as forward:
         for done, x, bad in batches:
-            if x is None:
-                yield done, None, None, bad
-                continue
-            logits = forward(model_input(x, device, ck.mean, ck.std, memory_format)).cpu()
-            distances = forward.distances.cpu() if forward.distances is not None and ck.ood else None
-            yield done, logits, distances, bad
+            pending.append((done, None if x is None else forward.submit(model_input(x, device, ck.mean, ck.std,
+                                                                                      memory_format)), bad))
+            if len(pending) > 1:
+                yield _finished(*pending.popleft(), bool(ck.ood))
+        while pending:
+            yield _finished(*pending.popleft(), bool(ck.ood))
+
+
+def _finished(done: list[int], outputs: Callable | None, bad: list[dict], ood: bool) -> Scored:
+    if outputs is None:
+        return done, None, None, bad
+    logits, distances = outputs()
+    return done, logits.cpu(), distances.cpu() if distances is not None and ood else None, bad
 
 
 def prediction_rows(ck: LoadedCheckpoint, samples: Sequence[Sample], probs: torch.Tensor,

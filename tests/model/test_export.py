@@ -127,7 +127,25 @@ def test_openvino_runs_bf16_under_a_bf16_autocast_and_compiles_each_shape_once(e
     assert float((fp32 - bf16).abs().max()) <= 0.01
     if cpu_has_fast_bf16():  # bf16 did run: its rounding shows
         assert float((fp32 - bf16).abs().max()) > 0
-    assert set(ck.model._requests) == {("f32", 5), ("bf16", 5), ("bf16", 2)}
+    assert set(ck.model._slots) == {("f32", 5), ("bf16", 5), ("bf16", 2)}
+
+
+def test_openvino_batches_in_flight_together_give_what_one_at_a_time_gives(exported):
+    pytest.importorskip("openvino")
+    import torch
+
+    ck = load_openvino(exported, threads=2)
+    xs = [torch.randn(4, 3, ck.image_size, ck.image_size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    one_at_a_time = [ck.model(x) for x in xs]
+    first, second = ck.model.submit(xs[0]), ck.model.submit(xs[1])  # both running before either is read
+    third = ck.model.submit(xs[2])  # reuses the first's requests: the first's outputs were not read yet
+    got = [second(), third()]
+    for (a, da), (b, db) in zip(got, one_at_a_time[1:]):
+        assert torch.equal(a, b) and torch.equal(da, db)
+    assert not torch.equal(got[0][0], got[1][0])  # two batches, not one read twice
+    assert len(ck.model._slots[("f32", 4)]) == ck.model.IN_FLIGHT
+    with pytest.raises(RuntimeError, match="later batches"):
+        first()  # its requests now hold the third batch: an error, not the third's outputs
 
 
 def test_openvino_splits_even_batches_over_two_streams_with_the_same_outputs(exported):
@@ -138,12 +156,12 @@ def test_openvino_splits_even_batches_over_two_streams_with_the_same_outputs(exp
     x = torch.randn(6, 3, split.image_size, split.image_size, generator=torch.Generator().manual_seed(1))
     whole.model.streams = 1
     (a, da), (b, db) = split.model(x), whole.model(x)
-    assert len(split.model._requests[("f32", 6)]) == 2  # two halves of 3
-    assert len(whole.model._requests[("f32", 6)]) == 1
+    assert len(split.model._slots[("f32", 6)][0][0]) == 2  # two halves of 3
+    assert len(whole.model._slots[("f32", 6)][0][0]) == 1
     assert torch.allclose(a, b, atol=1e-5) and float((a[:3] - a[3:]).abs().max()) > 1e-3  # halves in order
     assert torch.allclose(da, db, rtol=1e-4) and da.shape == (6,)
     split.model(x[:5])
-    assert len(split.model._requests[("f32", 5)]) == 1  # an odd batch runs whole
+    assert len(split.model._slots[("f32", 5)][0][0]) == 1  # an odd batch runs whole
 
 
 def test_models_loaded_and_dropped_in_any_order_leave_signals_safe(exported):

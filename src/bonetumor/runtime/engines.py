@@ -13,6 +13,7 @@ import json
 from enum import Enum
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -132,6 +133,10 @@ class OpenVinoRunner(nn.Module):
     An even batch runs as two halves at once, on two OpenVINO streams (each with half the
     threads), when there are at least two threads, so that no layer waits for the slower of two
     threads. ``streams`` = 1 turns it off.
+
+    ``submit`` starts a batch and returns what waits for its outputs, so that a caller can hand
+    the next batch over before this one ends: OpenVINO's streams then go from one batch to the
+    next with no pause for Python's work between them (``IN_FLIGHT`` batches at most).
     """
 
     input_memory_format = torch.contiguous_format  # what it hands the engine: no conversion
@@ -142,12 +147,16 @@ class OpenVinoRunner(nn.Module):
         super().__init__()
         self.core, self.ov_model, self.threads = core, model, threads
         self.streams, self.hint = streams, hint
-        self._requests: dict[tuple[str, int], list] = {}
+        self._slots: dict[tuple[str, int], list[list]] = {}  # see ``_slot``
 
-    def _request(self, precision: str, n: int) -> list:
-        """The infer requests for a batch of ``n``: one per part of it, on its own stream."""
+    IN_FLIGHT = 2
+
+    def _slot(self, precision: str, n: int) -> list:
+        """[infer requests for a batch of ``n``, one per part of it, each on its own stream; the
+        input they share; batches started on it], the next of ``IN_FLIGHT`` such slots, its last
+        batch waited for."""
         key = (precision, n)
-        if key not in self._requests:
+        if key not in self._slots:
             threads = self.threads or torch.get_num_threads()
             streams = self.streams if self.streams is not None else min(2, threads)
             parts = streams if streams > 1 and n % streams == 0 else 1
@@ -159,24 +168,41 @@ class OpenVinoRunner(nn.Module):
             options.update({"PERFORMANCE_HINT": "LATENCY"} if parts == 1 else
                            {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": parts})
             compiled = self.core.compile_model(model, "CPU", options)
-            self._requests[key] = [compiled.create_infer_request() for _ in range(parts)]
-        return self._requests[key]
+            self._slots[key] = [[[compiled.create_infer_request() for _ in range(parts)], None, 0]
+                                for _ in range(self.IN_FLIGHT)]
+        slots = self._slots[key]
+        slots.append(slot := slots.pop(0))  # in turn
+        for r in slot[0]:  # a batch a caller never waited for ends before its input is replaced
+            r.wait()
+        return slot
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        requests = self._request(self.hint or ("bf16" if _autocast_bf16() else "f32"), len(x))
-        data = x.detach().float().cpu().contiguous().numpy()
-        if len(requests) == 1:
-            requests[0].infer({0: data})
-        else:
-            step = len(x) // len(requests)
-            for i, request in enumerate(requests):
-                request.start_async({0: data[i * step : (i + 1) * step]})
+    def submit(self, x: torch.Tensor) -> Callable[[], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Start ``x`` (in the precision ``forward`` would use) and return what waits for its
+        outputs, as ``forward`` returns them."""
+        slot = self._slot(self.hint or ("bf16" if _autocast_bf16() else "f32"), len(x))
+        requests = slot[0]
+        # Shared with OpenVINO, not copied: the slot keeps it alive until its requests end.
+        slot[1] = data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        slot[2] += 1
+        started = slot[2]
+        step = len(x) // len(requests)
+        for i, request in enumerate(requests):
+            request.start_async({0: data[i * step : (i + 1) * step]}, share_inputs=True)
+
+        def outputs():
+            if slot[2] != started:
+                raise RuntimeError(f"a batch's outputs read after {self.IN_FLIGHT} later batches of its size started")
             for request in requests:
                 request.wait()
-        # An export with the out-of-distribution check has a second output: (logits, distances).
-        out = [torch.from_numpy(np.concatenate([r.get_output_tensor(k).data for r in requests]))
-               for k in range(len(self.ov_model.outputs[:2]))]
-        return out[0] if len(out) == 1 else (out[0], out[1])
+            # An export with the out-of-distribution check has a second output: (logits, distances).
+            out = [torch.from_numpy(np.concatenate([r.get_output_tensor(k).data for r in requests]))
+                   for k in range(len(self.ov_model.outputs[:2]))]
+            return out[0] if len(out) == 1 else (out[0], out[1])
+
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.submit(x)()
 
 
 @functools.lru_cache(maxsize=1)

@@ -129,3 +129,21 @@ class Forward:
         if isinstance(out, tuple):  # (logits, out-of-distribution distances)
             out, self.distances = out[0], out[1].float()
         return out.float()
+
+    def submit(self, x: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+        """Start a batch and return what gives its (float32 logits, out-of-distribution
+        distances or None). An exported model's runner with ``submit`` (OpenVINO's) runs it
+        while the caller prepares the next batch; anything else runs it here, at once."""
+        start = getattr(self.run, "submit", None)
+        if start is None or self.precision == "auto":
+            logits = self(x)
+            distances = self.distances
+            return lambda: (logits, distances)
+        with self._autocast:
+            finish = start(x)
+
+        def outputs() -> tuple[torch.Tensor, torch.Tensor | None]:
+            out = finish()
+            return (out[0].float(), out[1].float()) if isinstance(out, tuple) else (out.float(), None)
+
+        return outputs
