@@ -57,7 +57,7 @@ from bonetumor.model.serialization import file_seal
 from bonetumor.runtime.engines import OpenVinoRunner, openvino_core
 
 MIN_CALIBRATION = 32  # fewer images give activation ranges that one odd image decides
-INSTALL_HINT = "bonetumor quantize needs: pip install 'bonetumor[quantize]' (nncf, openvino, onnx)"
+INSTALL_HINT = "bonetumor quantize needs: pip install 'bonetumor[quantize]' (onnxruntime, openvino, nncf)"
 
 
 def _require():

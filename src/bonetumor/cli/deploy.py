@@ -31,8 +31,9 @@ def quantize_command(
     seed: int = typer.Option(0, help="Seed of the calibration images' draw."),
     overwrite: bool = typer.Option(False),
 ):
-    """int8 post-training quantisation (NNCF) of a checkpoint for OpenVINO on a CPU; predict,
-    evaluate and serve take the folder it writes (Grad-CAM runs on the float checkpoint)."""
+    """int8 post-training quantisation of a checkpoint for OpenVINO on a CPU (ONNX Runtime's
+    quantiser; NNCF's accuracy control with --max-drop); predict, evaluate and serve take the
+    folder it writes (Grad-CAM runs on the float checkpoint)."""
     from bonetumor.quantize import quantize_checkpoint
 
     with warnings.catch_warnings(record=True):  # its fallback warning is printed below, as one line
