@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ceiling import _sync
 
 from bonetumor.model.backbones import create_model
 from bonetumor.runtime.device import select_device, to_device
@@ -36,23 +36,12 @@ from bonetumor.runtime.precision import autocast, autocast_dtype, candidate_prec
 from bonetumor.train.ranks import data_parallel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _join_group_of_one(device: torch.device) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    store = Path(tempfile.mkdtemp(prefix="bonetumor-ddp-step-")) / "store"  # a file rendezvous: no port to find
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=0, world_size=1)
 
 
 def _step(net, optimizer, context, loss_fn, x, y, host_reads: bool) -> None:

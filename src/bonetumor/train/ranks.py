@@ -95,7 +95,8 @@ def data_parallel(net: nn.Module, device: torch.device, bn_statistics: str) -> n
     norm uses batch statistics).
 
     Two of DDP's per-step costs are left out where they do nothing. Its gradients are views of
-    its all-reduce buckets (``gradient_as_bucket_view``), not copied into them and back. Its
+    its all-reduce buckets (``gradient_as_bucket_view``): each is copied into its bucket (the loop
+    sets gradients to None each step) but not back out after the all-reduce. Its
     buffers (batch norm's running statistics) are sent from rank 0 before each forward only
     where the ranks' copies can differ: batch statistics without SyncBatchNorm (CPU ranks), each
     rank's running statistics then following its own batches. SyncBatchNorm updates them from
