@@ -4,6 +4,7 @@ security headers, and a stop within seconds. A real uvicorn server on loopback, 
 
 import contextlib
 import socket
+import threading
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import serving as serve_app
 from fastapi.testclient import TestClient
 
 from bonetumor.data.writers import write_nifti
+from bonetumor.serve import protocol
 from bonetumor.serve.app import create_app
 from bonetumor.serve.guard import ServeLimits
 from bonetumor.serve.run import allowed_hosts
@@ -98,6 +100,41 @@ def test_unauthenticated_and_oversized_bodies_are_refused_before_one_byte_is_rea
                      "Content-Length: 1000000000\r\n\r\n".encode())
         data, waited = _answer(sock)
         assert _status(data) == 413 and b"953.7 MB; the limit is 1 MB" in data and waited < 2
+
+
+def _keep_uploading(sock: socket.socket, seconds: float, ended: list[float]) -> None:
+    """Send chunks of 16 KB for ``seconds``, as curl does with a large file; note when the server stops taking them."""
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            sock.sendall(b"4000\r\n" + b"\0" * 16384 + b"\r\n")
+    except OSError:
+        ended.append(time.perf_counter() - t0)
+
+
+def test_a_client_still_uploading_reads_the_refusal_not_a_connection_reset(tiny_run):
+    # Refused before its body was read, a client that went on sending found the socket closed under
+    # it and got a reset instead of the 401 in roughly one try in five (and "connection reset by
+    # peer" in CI); the server now lingers, so every try reads its answer.
+    with serving(tiny_run, token=TOKEN, max_upload_mb=1) as (port, _):
+        for _ in range(20):
+            sock = _chunked_upload(port, b"", chunks=0)
+            sender = threading.Thread(target=_keep_uploading, args=(sock, 0.2, []))
+            sender.start()
+            data, waited = _answer(sock)
+            sender.join()
+            assert _status(data) == 401 and waited < 2
+
+
+def test_lingering_after_a_refusal_ends_after_its_limit(tiny_run, monkeypatch):
+    monkeypatch.setattr(protocol, "LINGER_S", 1.0)
+    with serving(tiny_run, token=TOKEN) as (port, _):
+        sock, ended = _chunked_upload(port, b"", chunks=0), []
+        sender = threading.Thread(target=_keep_uploading, args=(sock, 10, ended))
+        sender.start()
+        data, _ = _answer(sock)
+        sender.join(10)
+        assert _status(data) == 401 and len(ended) == 1 and 0.7 < ended[0] < 4  # closed after 1 s, not 10
 
 
 def test_connections_beyond_the_cap_get_503_and_are_closed(tiny_run):

@@ -1,11 +1,18 @@
-"""uvicorn's HTTP/1.1 protocol with the two limits it lacks: a deadline for the request line and
-headers, and a cap on open connections.
+"""uvicorn's HTTP/1.1 protocol with the two limits it lacks, a deadline for the request line and
+headers and a cap on open connections, and with a lingering close.
 
 uvicorn times out only idle keep-alive connections *after* a response; a client that connects and
 sends nothing, or half a header line now and then, holds its connection (and a file descriptor)
 for ever, and ``limit_concurrency`` answers 503 only once a request has fully arrived. Neither is
 an ASGI matter (no application code runs before the headers are complete), so both live here, in
 a subclass of the protocol uvicorn itself uses (h11) rather than in a server of our own.
+
+A refusal (401, 413, 408, 503) is sent before the client's body is read, and a socket closed with
+unread bytes in it, or that receives more after it is closed, makes the kernel send a reset, which
+can reach the client before it has read the answer: it sees "connection reset" instead of the 401
+or 413 that says why. So, as Apache and nginx do ("lingering close"), a close first sends the
+answer and the end of the stream, then reads and drops what the client still sends until it
+closes its side, for at most ``LINGER_S``; uvicorn offers no such option.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bonetumor.serve.guard import ServeLimits
 
+LINGER_S = 2.0  # after the answer: how long a client still sending is read (and dropped) before the socket closes
+
 
 def _raw_response(status: int, reason: str, text: str) -> bytes:
     """A complete response written before any request was parsed (h11 cannot answer one it has not read)."""
@@ -25,19 +34,85 @@ def _raw_response(status: int, reason: str, text: str) -> bytes:
             f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
+class _LingeringTransport:
+    """The transport as uvicorn sees it: ``close()`` is ``protocol``'s lingering close, and a
+    lingering connection counts as closing; everything else is passed on."""
+
+    def __init__(self, transport: asyncio.Transport, protocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._protocol.lingering
+
+    def close(self) -> None:
+        self._protocol.close_lingering()
+
+
+class LingeringH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol whose every close is a lingering close (see the module's docstring)."""
+
+    _linger_timer: asyncio.TimerHandle | None = None
+    _peer_done = False  # the client has closed its side: nothing more can arrive
+    _closing_now = False  # the server is stopping: close at once
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._raw = transport
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+
+    @property
+    def lingering(self) -> bool:
+        return self._linger_timer is not None
+
+    def data_received(self, data: bytes) -> None:
+        if not self.lingering:  # once the answer is sent, what the client still sends is dropped unread
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._peer_done = True
+        return super().eof_received()  # falsy: asyncio closes the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lingering:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        self._closing_now = True
+        if self.lingering:
+            self._raw.close()
+        else:
+            super().shutdown()
+
+    def close_lingering(self) -> None:
+        """Send what is buffered and the end of the stream, then read and drop until the
+        client closes its side or ``LINGER_S`` passes; only then close the socket."""
+        raw = self._raw
+        if raw.is_closing() or self.lingering:
+            return
+        if self._peer_done or self._closing_now or not raw.can_write_eof():
+            raw.close()
+            return
+        raw.write_eof()  # after the buffered answer: the client's read ends here
+        raw.resume_reading()  # uvicorn may have paused reading while the body waited
+        self._linger_timer = self.loop.call_later(LINGER_S, raw.close)
+
+
 def create_protocol(limits: ServeLimits) -> type[H11Protocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` enforcing ``limits``' header timeout
     and connection cap."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedH11Protocol(LingeringH11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections:
                 self.logger.warning("refused a connection: %d are open (--max-connections)", len(self.connections) - 1)
-                transport.write(_raw_response(503, "Service Unavailable", "too many open connections; try again\n"))
-                transport.close()
+                self.transport.write(_raw_response(503, "Service Unavailable", "too many open connections; try again\n"))
+                self.transport.close()
                 return
             self._watch_headers()
 
@@ -48,6 +123,10 @@ def create_protocol(limits: ServeLimits) -> type[H11Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_timer()
             super().connection_lost(exc)
+
+        def close_lingering(self) -> None:
+            self._stop_timer()
+            super().close_lingering()
 
         def _watch_headers(self) -> None:
             """Armed while a request's headers are awaited (h11's IDLE: none, or only part, has
