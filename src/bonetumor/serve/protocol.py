@@ -55,7 +55,6 @@ class LingeringH11Protocol(H11Protocol):
     """uvicorn's h11 protocol whose every close is a lingering close (see the module's docstring)."""
 
     _linger_timer: asyncio.TimerHandle | None = None
-    _peer_done = False  # the client has closed its side: nothing more can arrive
     _closing_now = False  # the server is stopping: close at once
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -69,10 +68,6 @@ class LingeringH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.lingering:  # once the answer is sent, what the client still sends is dropped unread
             super().data_received(data)
-
-    def eof_received(self) -> bool | None:
-        self._peer_done = True
-        return super().eof_received()  # falsy: asyncio closes the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lingering:
@@ -90,9 +85,9 @@ class LingeringH11Protocol(H11Protocol):
         """Send what is buffered and the end of the stream, then read and drop until the
         client closes its side or ``LINGER_S`` passes; only then close the socket."""
         raw = self._raw
-        if raw.is_closing() or self.lingering:
+        if raw.is_closing() or self.lingering:  # closing already (asyncio closes it when the client ends its side)
             return
-        if self._peer_done or self._closing_now or not raw.can_write_eof():
+        if self._closing_now or not raw.can_write_eof():
             raw.close()
             return
         raw.write_eof()  # after the buffered answer: the client's read ends here
@@ -123,10 +118,6 @@ def create_protocol(limits: ServeLimits) -> type[H11Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_timer()
             super().connection_lost(exc)
-
-        def close_lingering(self) -> None:
-            self._stop_timer()
-            super().close_lingering()
 
         def _watch_headers(self) -> None:
             """Armed while a request's headers are awaited (h11's IDLE: none, or only part, has
